@@ -1,0 +1,29 @@
+# `make demo` trains the quickstart on the embedded synthetic catalog and prints its evaluation;
+# `make test` runs the test suite. Each creates or refreshes .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_WORKDIR ?= runs/quickstart
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	rm -rf $(DEMO_WORKDIR)
+	$(BIN)/prodclip train --config configs/quickstart.py --workdir $(DEMO_WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

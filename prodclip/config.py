@@ -1,0 +1,296 @@
+"""Experiment configs: python files returning a locked ConfigDict, plus CLI overrides.
+
+A config file defines `get_config(arg: str | None = None) -> ConfigDict`, usually
+by calling `base_config()` and changing fields. The returned config is locked, so
+a misspelled key, in the file or on the command line, is an error that lists the
+valid keys. Overrides use the JAX research convention:
+
+    prodclip train --config configs/quickstart.py --config.train.num_steps=100
+
+`validate(config)` then checks cross-field constraints (patch size divides the
+image size, heads divide the width, ...) before any compute starts.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import pathlib
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid; the message says which and why."""
+
+
+# Tower presets: (width, depth, heads). Any field can still be overridden one by one.
+VIT_PRESETS = {
+    "mu": dict(width=64, depth=2, num_heads=2),
+    "ti": dict(width=192, depth=12, num_heads=3),
+    "s": dict(width=384, depth=12, num_heads=6),
+    "b": dict(width=768, depth=12, num_heads=12),
+    "l": dict(width=1024, depth=24, num_heads=16),
+}
+TEXT_PRESETS = {
+    "mu": dict(width=64, depth=2, num_heads=2),
+    "ti": dict(width=192, depth=12, num_heads=3),
+    "s": dict(width=384, depth=12, num_heads=6),
+    "b": dict(width=512, depth=12, num_heads=8),
+    "l": dict(width=768, depth=12, num_heads=12),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key prodclip understands, with its default. Config files start here."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synthetic"  # synthetic | catalog
+    c.data.seed = 0
+    c.data.image_size = 64
+    c.data.num_train = 20000
+    c.data.num_val = 500
+    c.data.num_test = 1000
+    c.data.num_compositional = 1000
+    # For `catalog`: a parquet/CSV/JSONL file (or TFDS data_dir) per split.
+    c.data.path = ""
+    c.data.train_split = "train"
+    c.data.eval_splits = ("test", "compositional")
+    c.data.image_column = "image"
+    c.data.title_template = "{title}"
+    c.data.id_column = "id"
+    c.data.label_columns = ("category", "colour", "pattern")
+    c.data.resize = "pad"  # pad | crop | stretch: how non-square images reach the model input
+    c.data.augment = True  # random resized crop + flip; colour is never augmented
+    c.data.crop_scale_min = 0.8
+    c.data.flip = True
+    c.data.num_workers = 0
+    c.data.prefetch = 2
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # a local HF tokenizer directory; empty = train one on the train titles
+    c.tokenizer.kind = "wordpiece"  # wordpiece | bpe (when trained)
+    c.tokenizer.vocab_size = 4096
+    c.tokenizer.lowercase = True
+    c.tokenizer.context_length = 32
+    c.tokenizer.truncation = "right"  # right | left
+
+    c.model = ml_collections.ConfigDict()
+    c.model.embed_dim = 256
+    c.model.dtype = "float32"  # compute dtype; params stay float32
+    c.model.logit_scale_init = math.log(1 / 0.07)
+    c.model.logit_scale_max = 100.0
+    c.model.logit_bias_init = -10.0
+    c.model.learn_temperature = True
+    c.model.remat = False
+    c.model.image = ml_collections.ConfigDict()
+    c.model.image.preset = "ti"
+    c.model.image.width = config_dict.placeholder(int)
+    c.model.image.depth = config_dict.placeholder(int)
+    c.model.image.num_heads = config_dict.placeholder(int)
+    c.model.image.mlp_ratio = 4.0
+    c.model.image.patch_size = 8
+    c.model.image.posemb = "sincos2d"  # sincos2d | learn
+    c.model.image.pooling = "gap"  # cls | gap | map
+    c.model.image.pre_norm = False  # a LayerNorm before the blocks (OpenAI CLIP)
+    c.model.image.activation = "gelu"  # gelu | quick_gelu
+    c.model.image.proj_bias = False
+    c.model.text = ml_collections.ConfigDict()
+    c.model.text.preset = "ti"
+    c.model.text.width = config_dict.placeholder(int)
+    c.model.text.depth = config_dict.placeholder(int)
+    c.model.text.num_heads = config_dict.placeholder(int)
+    c.model.text.mlp_ratio = 4.0
+    c.model.text.mask = "causal"  # causal | bidirectional
+    c.model.text.pooling = "eot"  # eot | cls | mean
+    c.model.text.activation = "gelu"
+    c.model.text.proj_bias = False
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
+    c.loss.label_smoothing = 0.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.end_learning_rate_ratio = 0.0
+    c.optim.weight_decay = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.clip_norm = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 256
+    c.train.num_steps = 1000
+    c.train.log_every = 20
+    c.train.eval_every = 200
+    c.train.progress_bar = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.ks = (1, 5, 10)
+    c.eval.batch_size = 256
+    c.eval.zeroshot_labels = ("category", "colour", "pattern")
+    c.eval.prompt_templates = ("a photo of a {}.", "{}", "a product photo of a {}.")
+    return c
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Imports a python config file and calls its `get_config(arg)`; returns it locked."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"prodclip_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except AttributeError as e:  # a locked ConfigDict refusing an unknown key
+        raise ConfigError(f"{path}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config() function")
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except (AttributeError, TypeError, KeyError) as e:
+        raise ConfigError(f"{path}: get_config() failed: {e}") from e
+    config.lock()
+    return config
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All leaf keys as dotted paths, e.g. ['data.image_size', 'model.embed_dim', ...]."""
+    keys = []
+    for key in sorted(config.keys()):
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(flat_keys(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string, e.g. --config.loss.name=sigmoid
+
+
+def set_field(config: ml_collections.ConfigDict, dotted_key: str, value: Any) -> None:
+    """Sets `a.b.c` in a locked config; unknown keys and wrong types raise ConfigError."""
+    parts = dotted_key.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth]) or "<top level>"
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            group_prefix = ".".join(parts[:depth]) + "." if depth else ""
+            valid = flat_keys(node, group_prefix) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(
+                f"unknown config key '{dotted_key}' ('{part}' is not a field of {here}). "
+                f"Valid keys: {', '.join(valid)}"
+            )
+        if depth < len(parts) - 1:
+            node = node[part]
+    leaf = parts[-1]
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"'{dotted_key}' is a group, not a field; set one of: {', '.join(flat_keys(current))}")
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, tuple) and isinstance(value, str):
+        value = tuple(v for v in value.split(",") if v)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ConfigError(f"'{dotted_key}' must be a bool (True/False), got {value!r}")
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, bool):
+        raise ConfigError(f"'{dotted_key}' must be a {type(current).__name__}, got bool {value!r}")
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"'{dotted_key}' must be an int, got {value!r}")
+        value = int(value)
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"'{dotted_key}' has type {type(current).__name__}; cannot set it to {value!r}") from e
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Applies `--config.a.b=value` (or `a.b=value`) strings to a locked config."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if not text.startswith("config.") or "=" not in text:
+            raise ConfigError(f"override {item!r} must look like --config.some.field=value")
+        key, raw = text[len("config."):].split("=", 1)
+        set_field(config, key, _parse_value(raw))
+    return config
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def tower_dims(tower: ml_collections.ConfigDict, presets: dict) -> dict:
+    """Resolves a tower's width/depth/num_heads from its preset plus explicit fields."""
+    if tower.preset not in presets:
+        raise ConfigError(f"unknown tower preset {tower.preset!r}; valid: {', '.join(presets)}")
+    dims = dict(presets[tower.preset])
+    for key in ("width", "depth", "num_heads"):
+        if tower[key] is not None:
+            dims[key] = tower[key]
+    return dims
+
+
+def _check_choice(config, key: str, choices: Sequence[str]) -> None:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    if value not in choices:
+        raise ConfigError(f"'{key}' = {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Cross-field checks, run before any compute. Raises ConfigError."""
+    for key, choices in {
+        "data.name": ("synthetic", "catalog", "tfds"),
+        "data.resize": ("pad", "crop", "stretch"),
+        "tokenizer.kind": ("wordpiece", "bpe"),
+        "tokenizer.truncation": ("right", "left"),
+        "model.dtype": ("float32", "bfloat16"),
+        "model.image.posemb": ("sincos2d", "learn"),
+        "model.image.pooling": ("cls", "gap", "map"),
+        "model.image.activation": ("gelu", "quick_gelu"),
+        "model.text.mask": ("causal", "bidirectional"),
+        "model.text.pooling": ("eot", "cls", "mean"),
+        "model.text.activation": ("gelu", "quick_gelu"),
+        "loss.name": ("softmax", "sigmoid"),
+    }.items():
+        _check_choice(config, key, choices)
+    size, patch = config.data.image_size, config.model.image.patch_size
+    if patch <= 0 or size % patch:
+        raise ConfigError(
+            f"model.image.patch_size={patch} does not divide data.image_size={size}; "
+            f"valid patch sizes: {[p for p in range(1, size + 1) if size % p == 0]}"
+        )
+    for name, tower, presets in (("image", config.model.image, VIT_PRESETS), ("text", config.model.text, TEXT_PRESETS)):
+        dims = tower_dims(tower, presets)
+        if dims["width"] % dims["num_heads"]:
+            raise ConfigError(
+                f"model.{name}: width {dims['width']} is not divisible by num_heads {dims['num_heads']}"
+            )
+    if config.model.text.pooling == "cls" and config.model.text.mask == "causal":
+        raise ConfigError("model.text.pooling='cls' with a causal mask sees only the first token; use eot or mean")
+    for key in ("train.batch_size", "train.num_steps", "tokenizer.context_length", "model.embed_dim"):
+        group, field = key.split(".")
+        if config[group][field] <= 0:
+            raise ConfigError(f"'{key}' must be positive, got {config[group][field]}")
+    if config.train.num_steps < config.optim.warmup_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={config.optim.warmup_steps} exceeds train.num_steps={config.train.num_steps}"
+        )
+    if config.data.name == "catalog" and not config.data.path:
+        raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")

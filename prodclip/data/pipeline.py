@@ -1,0 +1,122 @@
+"""grain input pipeline: shuffle per epoch, shard per process, augment, tokenize, batch.
+
+A *source* is anything with `__len__` and `__getitem__(i) -> dict` holding at least
+`image` ([H, W, 3] uint8), `title` (str) and `id` (int). The synthetic catalog, the
+TFDS data sources and the parquet reader all fit. Batches are dicts of numpy arrays:
+
+    images    [b, S, S, 3] uint8     (b = global batch / process count)
+    token_ids [b, L]       int32
+    ids       [b]          int64
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from prodclip.data.tokenizer import TitleTokenizer
+
+
+def fit_to_square(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
+    """Resizes [H, W, 3] uint8 to [size, size, 3], keeping aspect ratio unless mode='stretch'.
+
+    'pad' letterboxes with white (product photos sit on light studio backgrounds);
+    'crop' takes the central square.
+    """
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    pil = Image.fromarray(image)
+    if mode == "stretch" or h == w:
+        return np.asarray(pil.resize((size, size), Image.BICUBIC))
+    if mode == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return np.asarray(pil.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC))
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(pil.resize((new_w, new_h), Image.BICUBIC), ((size - new_w) // 2, (size - new_h) // 2))
+    return np.asarray(canvas)
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, *, scale_min: float,
+                        ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """Inception-style crop of a square [S, S, 3] image covering [scale_min, 1] of its area, resized back to S."""
+    size = image.shape[0]
+    if scale_min >= 1.0:
+        return image
+    area = size * size * rng.uniform(scale_min, 1.0)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    crop_w = int(min(size, round(np.sqrt(area * aspect))))
+    crop_h = int(min(size, round(np.sqrt(area / aspect))))
+    top = int(rng.integers(0, size - crop_h + 1))
+    left = int(rng.integers(0, size - crop_w + 1))
+    crop = Image.fromarray(image[top:top + crop_h, left:left + crop_w])
+    return np.asarray(crop.resize((size, size), Image.BILINEAR))
+
+
+class _Preprocess(grain.transforms.RandomMap):
+    """Per-item: fit to the model's input, then (train only) crop and flip. Colour is never changed."""
+
+    def __init__(self, size: int, resize: str, augment: bool, scale_min: float, flip: bool):
+        self.size, self.resize, self.augment, self.scale_min, self.flip = size, resize, augment, scale_min, flip
+
+    def random_map(self, item: dict, rng: np.random.Generator) -> dict:
+        image = fit_to_square(np.asarray(item["image"]), self.size, self.resize)
+        if self.augment:
+            image = random_resized_crop(image, rng, scale_min=self.scale_min)
+            if self.flip and rng.random() < 0.5:
+                image = image[:, ::-1]
+        return {"image": np.ascontiguousarray(image), "title": item["title"], "id": np.int64(item["id"])}
+
+
+def _collate(tokenizer: TitleTokenizer):
+    def collate(items: Sequence[dict]) -> dict[str, np.ndarray]:
+        return {
+            "images": np.stack([it["image"] for it in items]),
+            "token_ids": tokenizer([it["title"] for it in items]),
+            "ids": np.asarray([it["id"] for it in items], np.int64),
+        }
+    return collate
+
+
+def train_dataset(source, tokenizer: TitleTokenizer, config: ml_collections.ConfigDict, *,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """An endless, deterministic stream of this process's share of each global batch.
+
+    Every epoch is a fresh permutation of the whole split (seeded by config.seed);
+    process p reads rows p, p + P, p + 2P, ... of it, so shards are disjoint and cover
+    the split. The iterator's state (`get_state`/`set_state`) resumes exactly.
+    """
+    global_batch = config.train.batch_size
+    if global_batch % process_count:
+        raise ValueError(f"train.batch_size={global_batch} is not divisible by {process_count} processes")
+    d = config.data
+    ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(_Preprocess(d.image_size, d.resize, d.augment, d.crop_scale_min, d.flip))
+    ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=_collate(tokenizer))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, d.num_workers) * 2, prefetch_buffer_size=d.prefetch))
+
+
+def eval_batches(source, tokenizer: TitleTokenizer, config: ml_collections.ConfigDict,
+                 batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """All items of `source` in order, un-augmented, in batches (the last one may be short)."""
+    d = config.data
+    ds = grain.MapDataset.source(source).map(
+        lambda item: _Preprocess(d.image_size, d.resize, False, 1.0, False).random_map(item, None)
+    )
+    ds = ds.batch(batch_size or config.eval.batch_size, drop_remainder=False, batch_fn=_collate(tokenizer))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+
+
+def source_titles(source) -> list[str]:
+    """All titles of a source, in order (cheap for sources that keep titles in memory)."""
+    if hasattr(source, "titles"):
+        return list(source.titles)
+    return [source[i]["title"] for i in range(len(source))]

@@ -1,0 +1,75 @@
+"""Which dataset a config names, as random-access sources per split.
+
+A source has `__len__`, `__getitem__(i) -> {"image", "title", "id", <labels>}`,
+`titles` (list[str]), `labels` (dict name -> [N] int32) and `label_names`
+(dict name -> tuple of class names), so that evaluation can run zero-shot
+classification on any label column.
+
+`data.name`:
+  synthetic  the embedded procedural catalog (prodclip/data/synthetic.py)
+  catalog    a real catalog: `data.path` is a folder holding `<split>.parquet` (or .csv /
+             .jsonl), or a path with a `{split}` placeholder, or one file (used for every split)
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Sequence
+
+import ml_collections
+
+from prodclip.data.catalog import CatalogSource
+
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl")
+
+
+def split_size(config: ml_collections.ConfigDict, split: str) -> int:
+    """Items to read for a split; for real catalogs 0 means all of them."""
+    d = config.data
+    sizes = {"train": d.num_train, "val": d.num_val, "test": d.num_test, "compositional": d.num_compositional}
+    if split not in sizes:
+        if d.name == "synthetic":
+            raise ValueError(f"unknown synthetic split {split!r}; valid: {', '.join(sizes)}")
+        return 0
+    return sizes[split]
+
+
+def catalog_file(path: str, split: str) -> pathlib.Path:
+    """Resolves `data.path` for one split (see the module docstring)."""
+    if "{split}" in path:
+        return pathlib.Path(path.format(split=split))
+    root = pathlib.Path(path)
+    if root.is_dir():
+        for suffix in MANIFEST_SUFFIXES:
+            if (root / f"{split}{suffix}").exists():
+                return root / f"{split}{suffix}"
+        raise FileNotFoundError(f"no {split}.parquet/.csv/.jsonl in {root}")
+    if not root.exists():
+        raise FileNotFoundError(f"catalog not found: {root}")
+    return root
+
+
+def open_catalog(config: ml_collections.ConfigDict, path: str | pathlib.Path, *, max_items: int = 0,
+                 label_vocab: dict[str, Sequence[str]] | None = None) -> CatalogSource:
+    d = config.data
+    return CatalogSource(path, image_column=d.image_column, id_column=d.id_column,
+                         title_template=d.title_template, label_columns=tuple(d.label_columns),
+                         label_vocab=label_vocab, max_items=max_items or None)
+
+
+def make_source(config: ml_collections.ConfigDict, split: str,
+                label_vocab: dict[str, Sequence[str]] | None = None):
+    """The source for `split` of the dataset that `config.data` names.
+
+    label_vocab: class names per label column (from the training run), so that labels of
+    an evaluation catalog index the same classes the run was trained and prompted with.
+    """
+    d = config.data
+    if d.name == "synthetic":
+        from prodclip.data import synthetic
+
+        return synthetic.make_catalog(split, split_size(config, split), seed=d.seed, image_size=d.image_size)
+    if d.name == "catalog":
+        return open_catalog(config, catalog_file(d.path, split), max_items=split_size(config, split),
+                            label_vocab=label_vocab)
+    raise ValueError(f"data.name={d.name!r} is not readable; valid: synthetic, catalog")

@@ -1,0 +1,102 @@
+"""Evaluate a trained model on dataset splits: retrieval both ways plus zero-shot classification."""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from prodclip.data import pipeline
+from prodclip.evaluate import retrieval, zeroshot
+
+
+@functools.lru_cache(maxsize=8)
+def _encoders(graphdef):
+    from prodclip.train import merge_model
+
+    encode_image = jax.jit(lambda p, x: merge_model(graphdef, p).encode_image(x))
+    encode_text = jax.jit(lambda p, t: merge_model(graphdef, p).encode_text(t))
+    return encode_image, encode_text
+
+
+def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+    if len(x) == n:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
+
+
+def embed_source(graphdef, params, source, tokenizer, config) -> tuple[np.ndarray, np.ndarray]:
+    """All images and titles of `source`: ([N, D], [N, D]) float32, L2-normalised, in source order."""
+    encode_image, encode_text = _encoders(graphdef)
+    batch_size = config.eval.batch_size
+    images, texts = [], []
+    for batch in pipeline.eval_batches(source, tokenizer, config, batch_size):
+        n = len(batch["ids"])
+        images.append(np.asarray(encode_image(params, _pad_to(batch["images"], batch_size)))[:n])
+        texts.append(np.asarray(encode_text(params, _pad_to(batch["token_ids"], batch_size)))[:n])
+    return np.concatenate(images), np.concatenate(texts)
+
+
+def title_encoder(graphdef, params, tokenizer, batch_size: int):
+    """A function: N strings -> [N, D] float32 text embeddings."""
+    _, encode_text = _encoders(graphdef)
+
+    def encode(titles):
+        ids = tokenizer(list(titles))
+        out = [np.asarray(encode_text(params, _pad_to(ids[i:i + batch_size], batch_size)))[:len(ids[i:i + batch_size])]
+               for i in range(0, len(ids), batch_size)]
+        return np.concatenate(out)
+    return encode
+
+
+def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict, *,
+                   with_zeroshot: bool = True) -> dict[str, float]:
+    """Flat metrics: 'i2t/R@1', ..., 't2i/R@10', and 'zeroshot/<label>/top1', ... for one split.
+
+    Retrieval treats every item with an identical title as a correct match.
+    """
+    image_emb, text_emb = embed_source(graphdef, params, source, tokenizer, config)
+    keys = retrieval.keys_from_strings(pipeline.source_titles(source))
+    metrics = retrieval.two_way_retrieval(image_emb, text_emb, keys, keys, ks=tuple(config.eval.ks))
+    metrics["num_items"] = len(source)
+    metrics["distinct_titles"] = int(len(np.unique(keys)))
+    if with_zeroshot:
+        encode = title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
+        for label in config.eval.zeroshot_labels:
+            if label not in getattr(source, "labels", {}):
+                continue
+            class_emb = zeroshot.class_embeddings(encode, source.label_names[label], config.eval.prompt_templates)
+            for name, value in zeroshot.classify(image_emb, class_emb, np.asarray(source.labels[label])).items():
+                metrics[f"zeroshot/{label}/{name}"] = value
+    return metrics
+
+
+def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config) -> dict[str, Any]:
+    return {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config)
+            for split in config.data.eval_splits}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A markdown table: one row per metric, one column per split."""
+    splits = [s for s, v in results.items() if isinstance(v, dict)]
+    if not splits:
+        return "(no results)"
+    metrics = list(dict.fromkeys(k for s in splits for k in results[s] if "/" in k))
+    lines = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    for m in metrics:
+        cells = [f"{results[s][m]:.3f}" if m in results[s] else "" for s in splits]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(workdir: str | pathlib.Path, results: dict[str, Any], *, step: int | None = None,
+                  name: str = "eval") -> None:
+    workdir = pathlib.Path(workdir)
+    payload = {"step": step, **results}
+    (workdir / f"{name}.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+    (workdir / f"{name}.md").write_text(format_table(results) + "\n")

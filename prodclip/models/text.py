@@ -1,0 +1,75 @@
+"""Text tower: token + position embedding -> transformer -> pooled, projected embedding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prodclip.models import layers
+
+
+def attention_mask(token_ids: jax.Array, pad_id: int, causal: bool) -> jax.Array:
+    """Boolean mask [B, 1, L, L]: True where query i may attend to key j.
+
+    Padding keys are masked out. A padding query still sees key 0, so no softmax row is
+    empty (its output is never pooled).
+    """
+    valid = token_ids != pad_id  # [B, L]
+    valid = valid.at[:, 0].set(True)
+    mask = valid[:, None, None, :]
+    if causal:
+        length = token_ids.shape[1]
+        mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+    return mask
+
+
+def eot_positions(token_ids: jax.Array, pad_id: int) -> jax.Array:
+    """Index of the last non-pad token of each row, [B] int32 (the end-of-text token)."""
+    lengths = jnp.sum(token_ids != pad_id, axis=1)
+    return jnp.maximum(lengths - 1, 0).astype(jnp.int32)
+
+
+class TextTransformer(nnx.Module):
+    """Text tower.
+
+    Args:
+      vocab_size, context_length: tokenizer vocabulary and padded sequence length.
+      width, depth, num_heads, mlp_ratio: transformer shape.
+      embed_dim: output embedding size.
+      mask: 'causal' or 'bidirectional' (padding is masked in both).
+      pooling: 'eot' (last non-pad token), 'cls' (first token) or 'mean' (over non-pad tokens).
+      pad_id: the padding token id.
+    """
+
+    def __init__(
+        self, *, vocab_size, context_length, width, depth, num_heads, mlp_ratio, embed_dim, rngs: nnx.Rngs,
+        mask="causal", pooling="eot", pad_id=0, activation="gelu", proj_bias=False, dtype=jnp.float32, remat=False,
+    ):
+        self.causal = mask == "causal"
+        self.pooling = pooling
+        self.pad_id = pad_id
+        self.dtype = dtype
+        self.token_embed = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.pos_embed = nnx.Param(nnx.initializers.normal(0.01)(rngs.params(), (context_length, width)))
+        self.encoder = layers.Encoder(
+            width, depth, num_heads, mlp_ratio, rngs, activation=activation, dtype=dtype, remat=remat
+        )
+        self.projection = layers.dense(width, embed_dim, rngs, dtype=dtype, use_bias=proj_bias)
+
+    def __call__(self, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """token_ids: [B, L] int32, padded with pad_id.
+
+        Returns (embedding [B, embed_dim] not normalised, token states [B, L, width]).
+        """
+        length = token_ids.shape[1]
+        x = self.token_embed(token_ids).astype(self.dtype) + self.pos_embed[...][:length].astype(self.dtype)
+        x = self.encoder(x, attention_mask(token_ids, self.pad_id, self.causal))
+        if self.pooling == "eot":
+            pooled = jnp.take_along_axis(x, eot_positions(token_ids, self.pad_id)[:, None, None], axis=1)[:, 0]
+        elif self.pooling == "cls":
+            pooled = x[:, 0]
+        else:
+            valid = (token_ids != self.pad_id)[..., None].astype(x.dtype)
+            pooled = (x * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1)
+        return self.projection(pooled), x

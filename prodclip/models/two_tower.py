@@ -1,0 +1,86 @@
+"""The CLIP model: an image tower and a text tower projected into one embedding space."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from prodclip import config as config_lib
+from prodclip import losses
+from prodclip.models.text import TextTransformer
+from prodclip.models.vit import VisionTransformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+class TwoTower(nnx.Module):
+    """CLIP / SigLIP two-tower model.
+
+    Attributes:
+      image_tower, text_tower: the towers (see vit.py / text.py).
+      log_logit_scale: scalar; the logit scale is exp(log_logit_scale), clamped at `logit_scale_max`.
+      logit_bias: scalar, used by the sigmoid loss.
+    """
+
+    def __init__(self, image_tower: VisionTransformer, text_tower: TextTransformer, *,
+                 logit_scale_init: float, logit_bias_init: float, logit_scale_max: float = 100.0):
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.log_logit_scale = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32))
+        self.logit_bias = nnx.Param(jnp.asarray(logit_bias_init, jnp.float32))
+        self.logit_scale_max = logit_scale_max
+
+    def logit_scale(self) -> jax.Array:
+        """exp(log_logit_scale) clamped at logit_scale_max; zero gradient at the clamp."""
+        return losses.clip_logit_scale(self.log_logit_scale[...], self.logit_scale_max)
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """images [B, S, S, 3] (0..255) -> [B, embed_dim] float32, L2-normalised."""
+        return l2_normalize(self.image_tower(images)[0])
+
+    def encode_text(self, token_ids: jax.Array) -> jax.Array:
+        """token_ids [B, L] int32 -> [B, embed_dim] float32, L2-normalised."""
+        return l2_normalize(self.text_tower(token_ids)[0])
+
+    def __call__(self, images: jax.Array, token_ids: jax.Array) -> dict[str, jax.Array]:
+        image_emb, image_tokens = self.image_tower(images)
+        text_emb, text_tokens = self.text_tower(token_ids)
+        return {
+            "image_emb": l2_normalize(image_emb),
+            "text_emb": l2_normalize(text_emb),
+            "image_tokens": image_tokens,
+            "text_tokens": text_tokens,
+            "logit_scale": self.logit_scale(),
+            "logit_bias": self.logit_bias[...],
+        }
+
+
+def build_model(config: ml_collections.ConfigDict, *, vocab_size: int, pad_id: int, rngs: nnx.Rngs) -> TwoTower:
+    """Builds the two-tower model from `config.model` (see config.base_config)."""
+    m = config.model
+    dtype = DTYPES[m.dtype]
+    image_dims = config_lib.tower_dims(m.image, config_lib.VIT_PRESETS)
+    text_dims = config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS)
+    image_tower = VisionTransformer(
+        image_size=config.data.image_size, patch_size=m.image.patch_size, mlp_ratio=m.image.mlp_ratio,
+        embed_dim=m.embed_dim, pooling=m.image.pooling, posemb=m.image.posemb, pre_norm=m.image.pre_norm,
+        activation=m.image.activation, proj_bias=m.image.proj_bias, dtype=dtype, remat=m.remat, rngs=rngs,
+        **image_dims,
+    )
+    text_tower = TextTransformer(
+        vocab_size=vocab_size, context_length=config.tokenizer.context_length, mlp_ratio=m.text.mlp_ratio,
+        embed_dim=m.embed_dim, mask=m.text.mask, pooling=m.text.pooling, pad_id=pad_id,
+        activation=m.text.activation, proj_bias=m.text.proj_bias, dtype=dtype, remat=m.remat, rngs=rngs,
+        **text_dims,
+    )
+    return TwoTower(
+        image_tower, text_tower, logit_scale_init=m.logit_scale_init, logit_bias_init=m.logit_bias_init,
+        logit_scale_max=m.logit_scale_max,
+    )

@@ -1,0 +1,87 @@
+"""Config loading, overrides and validation: bad configs fail before any compute."""
+
+import pathlib
+
+import pytest
+
+from prodclip import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.py"
+
+
+def quickstart():
+    return config_lib.load_config_file(QUICKSTART)
+
+
+def test_quickstart_loads_and_validates():
+    c = quickstart()
+    config_lib.validate(c)
+    assert c.data.name == "synthetic"
+
+
+def test_override_sets_typed_values():
+    c = quickstart()
+    config_lib.apply_overrides(c, ["--config.train.num_steps=7", "--config.loss.name=sigmoid",
+                                   "--config.optim.learning_rate=3e-4", "--config.data.eval_splits=test,val"])
+    assert c.train.num_steps == 7 and isinstance(c.train.num_steps, int)
+    assert c.loss.name == "sigmoid"
+    assert c.optim.learning_rate == pytest.approx(3e-4)
+    assert c.data.eval_splits == ("test", "val")
+
+
+def test_unknown_key_lists_valid_keys():
+    c = quickstart()
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.apply_overrides(c, ["--config.train.num_stepz=7"])
+    msg = str(e.value)
+    assert "train.num_stepz" in msg and "num_steps" in msg and "batch_size" in msg
+
+
+def test_unknown_group_lists_valid_keys():
+    c = quickstart()
+    with pytest.raises(config_lib.ConfigError, match="Valid keys: .*data.image_size"):
+        config_lib.apply_overrides(c, ["--config.trian.num_steps=7"])
+
+
+@pytest.mark.parametrize("override", ["--config.train.num_steps=abc", "--config.train.num_steps=1.5",
+                                      "--config.model.remat=3", "--config.train.batch_size=True"])
+def test_wrong_type_rejected(override):
+    with pytest.raises(config_lib.ConfigError, match="train.num_steps|model.remat|train.batch_size"):
+        config_lib.apply_overrides(quickstart(), [override])
+
+
+def test_non_divisible_patch_size_rejected():
+    c = quickstart()
+    config_lib.apply_overrides(c, ["--config.model.image.patch_size=7"])
+    with pytest.raises(config_lib.ConfigError, match="patch_size=7 does not divide data.image_size=64.*valid patch sizes"):
+        config_lib.validate(c)
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("--config.loss.name=hinge", "loss.name"),
+    ("--config.model.image.num_heads=5", "not divisible by num_heads"),
+    ("--config.model.image.preset=xxl", "unknown tower preset"),
+    ("--config.model.text.pooling=avg", "model.text.pooling"),
+])
+def test_invalid_values_rejected(override, pattern):
+    c = quickstart()
+    config_lib.apply_overrides(c, [override])
+    with pytest.raises(config_lib.ConfigError, match=pattern):
+        config_lib.validate(c)
+
+
+def test_config_file_with_typo_rejected(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("from prodclip.config import base_config\n"
+                    "def get_config():\n    c = base_config(); c.lock(); c.train.num_stepz = 1\n    return c\n")
+    with pytest.raises(config_lib.ConfigError, match="num_stepz"):
+        config_lib.load_config_file(path)
+
+
+def test_preset_fields_override_one_by_one():
+    c = config_lib.base_config()
+    c.lock()
+    config_lib.apply_overrides(c, ["--config.model.image.preset=s", "--config.model.image.depth=2"])
+    dims = config_lib.tower_dims(c.model.image, config_lib.VIT_PRESETS)
+    assert dims["depth"] == 2 and dims["num_heads"] == 6
