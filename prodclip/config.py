@@ -114,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
     c.loss.label_smoothing = 0.0
+    # Pairs sharing a product id or an identical title are positives too (all_gather loss only).
+    c.loss.extra_positives = True
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3
@@ -131,6 +133,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 20
     c.train.eval_every = 200
     c.train.progress_bar = True
+    # GradCache: split each step's batch into k micro-batches; the gradient is still the
+    # full-batch contrastive gradient, at one micro-batch's activation memory.
+    c.train.grad_accum_steps = 1
+
+    # Devices, sharding and hosts (see prodclip/parallel.py).
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.strategy = "sharded"  # sharded (jit over a mesh) | pmap (data parallel, pmean'd gradients)
+    c.parallel.mesh_shape = (-1, 1)  # sizes of the (data, fsdp) mesh axes; -1 = all remaining devices
+    c.parallel.loss = "all_gather"  # all_gather | ring (shard_map + ppermute, O((B/n)^2) logits per device)
+    c.parallel.fsdp_min_size = 16384  # parameters with fewer elements stay replicated
 
     c.eval = ml_collections.ConfigDict()
     c.eval.ks = (1, 5, 10)
@@ -268,6 +280,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.text.pooling": ("eot", "cls", "mean"),
         "model.text.activation": ("gelu", "quick_gelu"),
         "loss.name": ("softmax", "sigmoid"),
+        "parallel.strategy": ("sharded", "pmap"),
+        "parallel.loss": ("all_gather", "ring"),
     }.items():
         _check_choice(config, key, choices)
     size, patch = config.data.image_size, config.model.image.patch_size
@@ -292,5 +306,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"optim.warmup_steps={config.optim.warmup_steps} exceeds train.num_steps={config.train.num_steps}"
         )
+    _validate_parallel(config)
     if config.data.name == "catalog" and not config.data.path:
         raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
+
+
+def _validate_parallel(config: ml_collections.ConfigDict) -> None:
+    """Option combinations of parallel.* and train.grad_accum_steps that cannot work."""
+    p = config.parallel
+    shape = tuple(p.mesh_shape)
+    if len(shape) != 2 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+        raise ConfigError(
+            f"parallel.mesh_shape={shape} must be two sizes (data, fsdp), each positive or -1 (at most one -1)")
+    if p.loss == "ring":
+        if config.loss.extra_positives:
+            raise ConfigError("parallel.loss='ring' knows only the diagonal positives; "
+                              "set loss.extra_positives=False or use parallel.loss='all_gather'")
+        if config.loss.label_smoothing:
+            raise ConfigError("parallel.loss='ring' has no label smoothing; set loss.label_smoothing=0.0")
+    if p.strategy == "pmap" and p.loss != "all_gather":
+        raise ConfigError("parallel.strategy='pmap' gathers embeddings with all_gather; "
+                          "set parallel.loss='all_gather' (the ring loss needs strategy='sharded')")
+    accum = config.train.grad_accum_steps
+    if accum <= 0 or config.train.batch_size % accum:
+        raise ConfigError(f"train.grad_accum_steps={accum} must be positive and divide "
+                          f"train.batch_size={config.train.batch_size}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
+from functools import partial
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from prodclip import checkpoint, losses
+from prodclip import checkpoint, gradcache, losses, parallel
 from prodclip import config as config_lib
 from prodclip.data import pipeline, sources
 from prodclip.data import tokenizer as tokenizer_lib
@@ -103,27 +104,67 @@ def contrastive_loss(config: ml_collections.ConfigDict, out: dict, positives: ja
         out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"], positives=positives)
 
 
-def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation):
-    """Returns step(state, batch) -> (state, metrics); `state` = {step, params, opt_state}."""
-    schedule = learning_rate_schedule(config)
+def make_pair_loss(config: ml_collections.ConfigDict) -> parallel.PairLoss:
+    """The plain global-batch loss on [B, D] embeddings; under jit on sharded arrays, the all-gather variant."""
+    def pair_loss(image_emb, text_emb, logit_scale, logit_bias, batch):
+        positives = batch_positives(batch) if config.loss.extra_positives else None
+        out = {"image_emb": image_emb, "text_emb": text_emb, "logit_scale": logit_scale, "logit_bias": logit_bias}
+        return contrastive_loss(config, out, positives)
+    return pair_loss
 
-    def loss_fn(params, batch):
-        out = merge_model(graphdef, params)(batch["images"], batch["token_ids"])
-        loss = contrastive_loss(config, out, batch_positives(batch))
-        return loss, out
+
+def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss: parallel.PairLoss | None = None):
+    """Returns loss_and_grads(params, batch) -> (scalar loss, grads like params).
+
+    pair_loss: the global-batch loss on the embeddings (default `make_pair_loss`;
+    the ring or a gathered pmap loss come from prodclip.parallel). With
+    train.grad_accum_steps = k > 1 the gradient is computed by GradCache.
+    """
+    pair_loss = pair_loss or make_pair_loss(config)
+    accum = config.train.grad_accum_steps
+
+    def embed(params, batch):
+        model = merge_model(graphdef, params)
+        return model.encode_image(batch["images"]), model.encode_text(batch["token_ids"])
+
+    def loss_on_embeddings(params, image_emb, text_emb, batch):
+        model = merge_model(graphdef, params)
+        return pair_loss(image_emb, text_emb, model.logit_scale(), model.logit_bias[...], batch)
+
+    def loss_and_grads(params, batch):
+        if accum > 1:
+            return gradcache.value_and_grad(embed, loss_on_embeddings, params, batch, accum)
+        return jax.value_and_grad(lambda p: loss_on_embeddings(p, *embed(p, batch), batch))(params)
+
+    return loss_and_grads
+
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation,
+                    pair_loss: parallel.PairLoss | None = None, reduce_grads=None):
+    """Returns step(state, batch) -> (state, metrics); `state` = {step, params, opt_state}.
+
+    pair_loss: see `make_loss_and_grads`. reduce_grads: applied to the gradients
+    before the update (the pmap strategy's pmean).
+    """
+    schedule = learning_rate_schedule(config)
+    loss_and_grads = make_loss_and_grads(config, graphdef, pair_loss)
 
     def step(state, batch):
-        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params = state["params"]
+        loss, grads = loss_and_grads(params, batch)
+        if reduce_grads is not None:
+            grads = reduce_grads(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        model = merge_model(graphdef, params)
         metrics = {
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
-            "logit_scale": out["logit_scale"],
-            "logit_bias": out["logit_bias"],
+            "logit_scale": model.logit_scale(),
+            "logit_bias": model.logit_bias[...],
             "learning_rate": schedule(state["step"]),
         }
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        return {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                "opt_state": opt_state}, metrics
 
     return step
 
@@ -157,7 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # --- Data.
     splits = ("train", "val", *config.data.eval_splits)
     tokenizer, split_sources = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits))
-    train_iter = iter(pipeline.train_dataset(split_sources["train"], tokenizer, config))
+    train_iter = iter(pipeline.train_dataset(split_sources["train"], tokenizer, config,
+                                             process_index=jax.process_index(), process_count=jax.process_count()))
     log.info("data: %s", {k: len(v) for k, v in split_sources.items()})
 
     # --- Model and optimizer.
@@ -167,8 +209,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     num_params = sum(x.size for x in jax.tree.leaves(params))
     log.info("model: %.2fM parameters", num_params / 1e6)
 
-    # --- Train step, compiled once, donating the old state's buffers.
-    train_step = jax.jit(make_train_step(config, graphdef, tx), donate_argnums=(0,))
+    # --- Mesh and train step: jit with explicit shardings (or pmap), donating the old state's buffers.
+    mesh = parallel.make_mesh(config)
+    parallel.check_batch_size(config, mesh)
+    compiled = parallel.compile_train_step(config, mesh, partial(make_train_step, config, graphdef, tx),
+                                           make_pair_loss(config), state)
+    state = compiled.place_state(state)
+    log.info("mesh: %s, strategy %s, loss %s", dict(mesh.shape), config.parallel.strategy, config.parallel.loss)
 
     # --- Loop.
     num_steps = config.train.num_steps
@@ -176,8 +223,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     pending: list[dict] = []
     t_log = time.time()
     for step in range(1, num_steps + 1):
-        batch = next(train_iter)
-        state, metrics = train_step(state, batch)
+        batch = compiled.place_batch(next(train_iter))
+        with jax.transfer_guard_device_to_host("disallow"):
+            state, metrics = compiled.step(state, batch)
         pending.append(metrics)
         if step % config.train.log_every == 0 or step == num_steps:
             host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
@@ -190,8 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             progress.set_postfix(loss=f"{host['loss']:.3f}", pairs_s=f"{host['pairs_per_sec']:.0f}")
             pending, t_log = [], time.time()
         if config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps:
-            val = suite.evaluate_split(graphdef, state["params"], split_sources["val"], tokenizer, config,
-                                       with_zeroshot=False)
+            val = suite.evaluate_split(graphdef, compiled.global_state(state)["params"], split_sources["val"],
+                                       tokenizer, config, with_zeroshot=False)
             writer.write(step, val, prefix="val/")
             t_log = time.time()
         progress.update(1)
@@ -199,6 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train_seconds = time.time() - t_start
 
     # --- Checkpoint.
+    state = compiled.global_state(state)
     mgr = checkpoint.manager(workdir)
     checkpoint.save(mgr, num_steps, state, {"step": num_steps, "num_params": int(num_params)})
     mgr.wait_until_finished()

@@ -1,0 +1,239 @@
+"""Sharded, pmap, GradCache and multi-process train steps against the 1-device step (8 fake CPU devices).
+
+Tolerances (float32 everywhere, only reduction orders differ between layouts):
+* loss and grad norm: rtol 1e-5;
+* gradients: rtol 1e-4, atol 1e-6 * max|reference| per tensor;
+* params after the steps: rtol 1e-4, atol 1e-5 (tiny_config uses Adam eps 1e-3 so that
+  key biases, whose true gradient is 0, stay at float noise); optimizer
+  state: rtol 1e-4, atol 1e-6. The updates themselves are ~1e-2, so a wrong
+  layout or a missing gradient term shows.
+"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from multihost_worker import NUM_STEPS, tiny_batch, tiny_config, tiny_model
+
+from prodclip import parallel, train
+from prodclip.config import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def assert_trees_close(actual, expected, rtol, atol_scale, what):
+    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        atol = atol_scale * max(1.0, float(np.max(np.abs(e)))) if e.size else 0.0
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=f"{what}: {jax.tree_util.keystr(path)}")
+
+
+def one_device_mesh(config):
+    return parallel.make_mesh(config, devices=jax.devices()[:1])
+
+
+def run_steps(config, mesh, num_steps=2):
+    """Trains `num_steps` on batches 0, 1, ... through compile_train_step.
+
+    Returns (host state after each step, metrics of each step).
+    """
+    graphdef, _, tx, state = tiny_model(config)
+    compiled = parallel.compile_train_step(
+        config, mesh, lambda loss, reduce: train.make_train_step(config, graphdef, tx, loss, reduce),
+        train.make_pair_loss(config), state)
+    state = compiled.place_state(state)
+    states, history = [], []
+    for step in range(num_steps):
+        state, metrics = compiled.step(state, compiled.place_batch(tiny_batch(config, seed=step)))
+        history.append({k: float(np.mean(jax.device_get(v))) for k, v in metrics.items()})
+        states.append(jax.device_get(compiled.global_state(state)))
+    return states, history
+
+
+def first_gradients(config, state_after_one_step):
+    """The first step's gradients, by parameter path, read from AdamW's first moment.
+
+    From zero moments and without clipping (tiny_config), mu = (1 - b1) * gradient.
+    """
+    grads = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(state_after_one_step["opt_state"]):
+        name = parallel.path_name(path)
+        if "/mu/" in name:
+            grads[name.split("/mu/", 1)[1]] = np.asarray(x) / (1 - config.optim.b1)
+    assert len(grads) == len(jax.tree.leaves(state_after_one_step["params"]))
+    return grads
+
+
+def assert_same_training(config, states, history, ref_states, ref_history, what):
+    """Loss and grad norm of every step, first gradients, params and optimizer state after the last step."""
+    for step, (got, want) in enumerate(zip(history, ref_history)):
+        for key in ("loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (what, step, key)
+    assert_trees_close(first_gradients(config, states[0]), first_gradients(config, ref_states[0]),
+                       1e-4, 1e-6, f"{what} gradients")
+    last = len(history) - 1
+    assert_trees_close(states[last]["params"], ref_states[last]["params"], 1e-4, 1e-5, f"{what} params")
+    assert_trees_close(states[last]["opt_state"], ref_states[last]["opt_state"], 1e-4, 1e-6, f"{what} opt_state")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The 1-device step: host states after each of 3 steps, and their metrics."""
+    config = tiny_config()
+    return run_steps(config, one_device_mesh(config), num_steps=NUM_STEPS)
+
+
+# ----------------------------------------------------------------------------- rules and config
+
+
+def test_partition_rules():
+    spec = parallel.partition_spec
+    assert spec("image_tower/encoder/blocks/0/mlp/fc1/kernel", (16, 64), 2, 64) == P(None, "fsdp")
+    assert spec("text_tower/token_embed/embedding", (64, 16), 4, 64) == P("fsdp", None)
+    assert spec("a/kernel", (6, 4), 4, 1) == P(None, "fsdp")  # 6 is not divisible by 4, 4 is
+    assert spec("a/kernel", (6, 3), 4, 1) == P()  # nothing divisible: replicated
+    assert spec("a/bias", (16,), 2, 64) == P()  # small: replicated
+    assert spec("log_logit_scale", (), 2, 1) == P()
+    assert spec("0/mu/logit_bias", (), 2, 1) == P()
+    assert spec("a/kernel", (16, 64), 1, 1) == P()  # no fsdp axis
+
+
+def test_optimizer_state_follows_params():
+    config = tiny_config(**{"parallel.mesh_shape": (2, 4)})
+    mesh = parallel.make_mesh(config)
+    _, params, _, state = tiny_model(config)
+    shardings = parallel.tree_shardings(state, mesh, config.parallel.fsdp_min_size)
+    param_specs = {parallel.path_name(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(shardings["params"])}
+    assert any("fsdp" in s for s in param_specs.values()), "nothing is FSDP-sharded: the mesh tests would be vacuous"
+    moments = 0
+    for path, sharding in jax.tree_util.tree_leaves_with_path(shardings["opt_state"]):
+        name = parallel.path_name(path)
+        owner = [p for p in param_specs if name.endswith("/" + p)]
+        if owner and ("/mu/" in name or "/nu/" in name):
+            assert sharding.spec == param_specs[owner[0]], name
+            moments += 1
+    assert moments >= len(param_specs)  # an Adam mu and nu for every trained parameter
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"parallel.loss": "ring"}, "extra_positives"),
+    ({"parallel.strategy": "pmap", "parallel.loss": "ring", "loss.extra_positives": False}, "pmap"),
+    ({"parallel.mesh_shape": (-1, -1)}, "mesh_shape"),
+    ({"train.grad_accum_steps": 3}, "grad_accum_steps"),
+    ({"parallel.strategy": "spmd"}, "parallel.strategy"),
+])
+def test_config_rejects_impossible_combinations(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**overrides)
+
+
+def test_mesh_shape_and_batch_errors():
+    assert parallel.resolve_mesh_shape((-1, 2), 8) == (4, 2)
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        parallel.resolve_mesh_shape((3, 2), 8)
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        parallel.resolve_mesh_shape((-1, 3), 8)
+    config = tiny_config(**{"train.batch_size": 36, "train.grad_accum_steps": 4})
+    with pytest.raises(ValueError, match="divisible by 8 devices"):
+        parallel.check_batch_size(config, parallel.make_mesh(config))
+
+
+# ----------------------------------------------------------------------------- equivalences
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2), (2, 4)])
+def test_meshes_match_one_device(mesh_shape, reference):
+    config = tiny_config(**{"parallel.mesh_shape": mesh_shape})
+    mesh = parallel.make_mesh(config)
+    assert mesh.devices.size == 8
+    states, history = run_steps(config, mesh, num_steps=2)
+    assert_same_training(config, states, history, *reference, what=f"mesh {mesh_shape}")
+    # The two steps moved the params by much more than the tolerance.
+    _, init_params, _, _ = tiny_model(config)
+    moved = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in
+                zip(jax.tree.leaves(states[-1]["params"]), jax.tree.leaves(init_params)))
+    assert moved > 1e-3
+
+
+@pytest.mark.parametrize("loss_name", ["sigmoid", "softmax"])
+def test_ring_equals_all_gather_in_train_step(loss_name):
+    """parallel.loss='ring' on a 4x2 mesh equals the all-gather step on one device."""
+    plain = {"loss.name": loss_name, "loss.extra_positives": False}
+    ref_config = tiny_config(**plain)
+    ref = run_steps(ref_config, one_device_mesh(ref_config))
+    config = tiny_config(**plain, **{"parallel.mesh_shape": (4, 2), "parallel.loss": "ring"})
+    states, history = run_steps(config, parallel.make_mesh(config))
+    assert_same_training(config, states, history, *ref, what=f"ring {loss_name}")
+    if loss_name == "sigmoid":  # the bias is trained by the sigmoid loss, and the ring passes its gradient
+        assert abs(first_gradients(config, states[0])["logit_bias"]) > 1e-3
+
+
+def test_pmap_equals_sharded(reference):
+    config = tiny_config(**{"parallel.strategy": "pmap"})
+    states, history = run_steps(config, parallel.make_mesh(config))
+    assert_same_training(config, states, history, *reference, what="pmap")
+
+
+def test_gradcache_equals_full_batch_gradient(reference):
+    config = tiny_config(**{"parallel.mesh_shape": (4, 2), "train.grad_accum_steps": 4})
+    states, history = run_steps(config, parallel.make_mesh(config), num_steps=1)
+    assert_same_training(config, states, history, *reference, what="gradcache")
+
+
+def test_remat_gives_the_same_gradients(reference):
+    config = tiny_config(**{"model.remat": True})
+    states, history = run_steps(config, one_device_mesh(config), num_steps=1)
+    assert_same_training(config, states, history, *reference, what="remat")
+
+
+def test_bfloat16_compute_keeps_float32_state(reference):
+    _, ref_history = reference
+    config = tiny_config(**{"model.dtype": "bfloat16", "parallel.mesh_shape": (4, 2)})
+    states, history = run_steps(config, parallel.make_mesh(config), num_steps=1)
+    dtypes = {np.asarray(x).dtype for x in jax.tree.leaves((states[0]["params"], states[0]["opt_state"]))}
+    assert dtypes <= {np.dtype(np.float32), np.dtype(np.int32)}, dtypes
+    # bf16 activations change the loss only in the 3rd significant digit.
+    assert history[0]["loss"] == pytest.approx(ref_history[0]["loss"], rel=2e-2)
+    assert history[0]["loss"] != ref_history[0]["loss"]
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, reference):
+    out = tmp_path / "params.npz"
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(port), "2",
+                               str(i), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=120)[0].decode(errors="replace"))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert all(p.returncode == 0 for p in procs), "\n---\n".join(log[-3000:] for log in logs)
+
+    ref_states, _ = reference
+    got = np.load(out)
+    want = {parallel.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(ref_states[-1]["params"])}
+    assert set(got.files) == set(want)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
