@@ -62,10 +62,23 @@ def cmd_train(args, overrides) -> int:
     from prodclip.evaluate import suite
 
     config = _load_config(args, overrides)
+    _maybe_initialize_distributed(args)
     results = train.train_and_evaluate(config, args.workdir)
     print(suite.format_table(results))
     print(f"\ntrained in {results['train_seconds']:.0f} s; results in {args.workdir}/eval.json")
     return 0
+
+
+def _maybe_initialize_distributed(args) -> None:
+    """Joins a multi-host run (before any JAX call) when --multihost or a coordinator is given."""
+    from prodclip import parallel
+
+    flags = parallel.distributed_flags_from_env()
+    for key in flags:
+        if getattr(args, key) is not None:
+            flags[key] = getattr(args, key)
+    if args.multihost or flags["coordinator_address"]:
+        parallel.initialize_distributed(**flags)
 
 
 def cmd_eval(args, overrides) -> int:
@@ -89,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="python config file defining get_config()")
     p.add_argument("--config-arg", default=None, help="argument passed to get_config(arg)")
     p.add_argument("--workdir", required=True)
+    p.add_argument("--multihost", action="store_true",
+                   help="call jax.distributed.initialize (auto-detects Cloud TPU / SLURM without the flags below)")
+    p.add_argument("--coordinator-address", dest="coordinator_address", default=None,
+                   help="host:port of process 0 (env PRODCLIP_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", dest="num_processes", type=int, default=None,
+                   help="env PRODCLIP_NUM_PROCESSES")
+    p.add_argument("--process-id", dest="process_id", type=int, default=None, help="env PRODCLIP_PROCESS_ID")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="re-evaluate a finished run from its workdir")
     p.add_argument("--workdir", required=True)
