@@ -243,10 +243,11 @@ def pmap_step(step: Callable, devices: Sequence[jax.Device]) -> CompiledStep:
     n = len(devices)
     compiled = jax.pmap(step, axis_name=PMAP_AXIS, devices=devices, donate_argnums=(0,))
 
-    copy_to_devices = jax.pmap(lambda x: x, devices=devices)
+    # The same layout pmap gives its outputs, so the second call reuses the first compilation.
+    stacked = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
 
     def replicate(state):
-        return copy_to_devices(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state))
+        return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * n), stacked), state)
 
     def split(batch):
         return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
