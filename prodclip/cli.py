@@ -74,8 +74,11 @@ def cmd_eval(args, overrides) -> int:
 
     config = _load_config(args, overrides)
     splits = dict.fromkeys(config.data.eval_splits)
-    graphdef, params, tokenizer, split_sources, meta = train.load_trained(config, args.workdir, splits)
-    results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, config)
+    if config.eval.linear_probe_labels:
+        splits["train"] = None
+    graphdef, params, tokenizer, split_sources, meta, label_stats = train.load_trained(
+        config, pathlib.Path(args.workdir), splits)
+    results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, config, label_stats)
     suite.write_results(args.workdir, results, step=meta.get("step"), name="reeval")
     print(suite.format_table(results))
     return 0

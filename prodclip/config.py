@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment = True  # random resized crop + flip; colour is never augmented
     c.data.crop_scale_min = 0.8
     c.data.flip = True
+    # Title-word dropout: this fraction of training titles keeps each word with title_keep_prob.
+    c.data.title_dropout_prob = 0.0
+    c.data.title_keep_prob = 0.5
     c.data.num_workers = 0
     c.data.prefetch = 2
 
@@ -137,6 +140,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256
     c.eval.zeroshot_labels = ("category", "colour", "pattern")
     c.eval.prompt_templates = ("a photo of a {}.", "{}", "a product photo of a {}.")
+    # Per-label templates (label -> tuple of templates); labels not named use prompt_templates.
+    c.eval.label_templates = ml_collections.ConfigDict()
+    # Readable prompt names per label: label -> {raw class value: "name|synonym|..."}.
+    c.eval.class_names = ml_collections.ConfigDict()
+    c.eval.linear_probe_labels = ()  # labels to fit a linear probe for (needs the train split)
+    c.eval.min_class_count = 0  # zero-shot only over classes with at least this many train items
     return c
 
 

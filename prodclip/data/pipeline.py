@@ -60,11 +60,28 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, *, scale_mi
     return np.asarray(crop.resize((size, size), Image.BILINEAR))
 
 
-class _Preprocess(grain.transforms.RandomMap):
-    """Per-item: fit to the model's input, then (train only) crop and flip. Colour is never changed."""
+def drop_title_words(title: str, rng: np.random.Generator, keep_prob: float) -> str:
+    """Keeps each word with probability keep_prob (at least one), in order.
 
-    def __init__(self, size: int, resize: str, augment: bool, scale_min: float, flip: bool):
+    A shortened title still describes its image, only less specifically, like a shopper's
+    query or a zero-shot prompt ("navy shirt"); training on some of them teaches the text
+    tower that partial descriptions belong near the product.
+    """
+    words = title.split()
+    kept = [w for w in words if rng.random() < keep_prob]
+    return " ".join(kept) if kept else words[int(rng.integers(len(words)))]
+
+
+class _Preprocess(grain.transforms.RandomMap):
+    """Per-item: fit to the model's input, then (train only) crop, flip and title-word dropout.
+
+    Colour is never changed.
+    """
+
+    def __init__(self, size: int, resize: str, augment: bool, scale_min: float, flip: bool,
+                 title_dropout_prob: float = 0.0, title_keep_prob: float = 1.0):
         self.size, self.resize, self.augment, self.scale_min, self.flip = size, resize, augment, scale_min, flip
+        self.title_dropout_prob, self.title_keep_prob = title_dropout_prob, title_keep_prob
 
     def random_map(self, item: dict, rng: np.random.Generator) -> dict:
         image = fit_to_square(np.asarray(item["image"]), self.size, self.resize)
@@ -72,7 +89,10 @@ class _Preprocess(grain.transforms.RandomMap):
             image = random_resized_crop(image, rng, scale_min=self.scale_min)
             if self.flip and rng.random() < 0.5:
                 image = image[:, ::-1]
-        return {"image": np.ascontiguousarray(image), "title": item["title"], "id": np.int64(item["id"])}
+        title = item["title"]
+        if self.augment and self.title_dropout_prob > 0 and rng.random() < self.title_dropout_prob:
+            title = drop_title_words(title, rng, self.title_keep_prob)
+        return {"image": np.ascontiguousarray(image), "title": title, "id": np.int64(item["id"])}
 
 
 def _collate(tokenizer: TitleTokenizer):
@@ -99,7 +119,8 @@ def train_dataset(source, tokenizer: TitleTokenizer, config: ml_collections.Conf
     d = config.data
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
     ds = ds[process_index::process_count]
-    ds = ds.random_map(_Preprocess(d.image_size, d.resize, d.augment, d.crop_scale_min, d.flip))
+    ds = ds.random_map(_Preprocess(d.image_size, d.resize, d.augment, d.crop_scale_min, d.flip,
+                                   d.title_dropout_prob, d.title_keep_prob))
     ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=_collate(tokenizer))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, d.num_workers) * 2, prefetch_buffer_size=d.prefetch))
 

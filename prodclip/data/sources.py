@@ -13,10 +13,12 @@ classification on any label column.
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Sequence
 
 import ml_collections
+import numpy as np
 
 from prodclip.data.catalog import CatalogSource
 
@@ -73,3 +75,26 @@ def make_source(config: ml_collections.ConfigDict, split: str,
         return open_catalog(config, catalog_file(d.path, split), max_items=split_size(config, split),
                             label_vocab=label_vocab)
     raise ValueError(f"data.name={d.name!r} is not readable; valid: synthetic, catalog")
+
+
+def label_vocabulary(train_source) -> dict[str, dict]:
+    """Per label column: class names and their counts in the training split.
+
+    Saved as labels.json in the workdir, so that evaluating on another catalog file indexes
+    the classes the run was trained and prompted with.
+    """
+    stats = {}
+    for label, names in getattr(train_source, "label_names", {}).items():
+        values = np.asarray(train_source.labels[label])
+        counts = np.bincount(values[values >= 0], minlength=len(names))
+        stats[label] = {"names": list(names), "train_counts": [int(c) for c in counts]}
+    return stats
+
+
+def save_label_vocabulary(workdir: pathlib.Path, stats: dict) -> None:
+    (pathlib.Path(workdir) / "labels.json").write_text(json.dumps(stats, indent=1))
+
+
+def load_label_vocabulary(workdir: pathlib.Path) -> dict | None:
+    path = pathlib.Path(workdir) / "labels.json"
+    return json.loads(path.read_text()) if path.exists() else None
