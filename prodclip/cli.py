@@ -93,7 +93,11 @@ def cmd_data(args, overrides) -> int:
             from prodclip import config as config_lib
 
             config = config_lib.apply_overrides(config_lib.base_config(), overrides)
-        report = build_lib.build(args.dataset, args.data_dir, config)
+        try:
+            report = build_lib.build(args.dataset, args.data_dir, config)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"prodclip data build: {e}", file=sys.stderr)
+            return 2
         print(json.dumps({k: v for k, v in report.items() if k != "skipped_rows"}, indent=2, default=str))
         for row in report.get("skipped_rows", [])[:args.show_skipped]:
             print(f"skipped row {row['row']} (id {row['id']}): {row['reason']}: {row['detail']}")

@@ -1,7 +1,6 @@
 """product_catalog / synthetic_products TFDS builders: every kind of bad input is counted exactly,
 good pairs round-trip pixel- and title-exact, and builds are reproducible."""
 
-import csv
 import io
 import json
 import pathlib

@@ -92,12 +92,17 @@ def clean_title(value: Any) -> str:
     return title
 
 
+def template_fields(template: str) -> list[str]:
+    """The column names a title template reads: "{brand} {title}" -> ["brand", "title"]."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
 def render_title(template: str, row: dict) -> str:
     """Fills `template` ("{brand} {title}") from row values; missing or null columns become ''.
 
     Raises ValueError('bad_title_encoding') for byte values that are not UTF-8.
     """
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    fields = set(template_fields(template))
     values = {}
     for name in fields:
         value = row.get(name)

@@ -104,7 +104,7 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
             return
         spec = self.spec
         keep = tuple(c for c in (spec.split_column, spec.captions_column) if c)
-        keep += tuple(name for t in spec.caption_templates for name in _template_fields(t))
+        keep += tuple(name for t in spec.caption_templates for name in catalog_lib.template_fields(t))
         self._by_split = {}
         values: dict[str, set] = {c: set() for c in spec.label_columns}
         for record in catalog_lib.read_catalog(
@@ -163,9 +163,3 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
         report = {"manifest": str(self.spec.manifest), **self.report.to_dict()}
         (pathlib.Path(self.data_dir) / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
         return report
-
-
-def _template_fields(template: str) -> list[str]:
-    import string
-
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
