@@ -170,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # --- Data.
     splits = ("train", "val", *config.data.eval_splits)
     tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits))
-    train_iter = iter(pipeline.train_dataset(split_sources["train"], tokenizer, config))
+    train_iter = pipeline.train_iterator(split_sources["train"], tokenizer, config)
     log.info("data: %s", {k: len(v) for k, v in split_sources.items()})
 
     # --- Model and optimizer.
@@ -209,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             t_log = time.time()
         progress.update(1)
     progress.close()
+    train_iter.close()
     train_seconds = time.time() - t_start
 
     # --- Checkpoint.

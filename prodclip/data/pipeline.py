@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from prodclip.data.tokenizer import TitleTokenizer
+from prodclip.data.workers import ResumableIterator
 
 
 def fit_to_square(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
@@ -111,7 +112,9 @@ def train_dataset(source, tokenizer: TitleTokenizer, config: ml_collections.Conf
 
     Every epoch is a fresh permutation of the whole split (seeded by config.seed);
     process p reads rows p, p + P, p + 2P, ... of it, so shards are disjoint and cover
-    the split. The iterator's state (`get_state`/`set_state`) resumes exactly.
+    the split. The iterator's state (`get_state`/`set_state`) resumes exactly. With
+    data.num_workers > 0, batches are made in worker processes: iterate it through
+    `train_iterator`, which handles their set-up.
     """
     global_batch = config.train.batch_size
     if global_batch % process_count:
@@ -122,7 +125,22 @@ def train_dataset(source, tokenizer: TitleTokenizer, config: ml_collections.Conf
     ds = ds.random_map(_Preprocess(d.image_size, d.resize, d.augment, d.crop_scale_min, d.flip,
                                    d.title_dropout_prob, d.title_keep_prob))
     ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=_collate(tokenizer))
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, d.num_workers) * 2, prefetch_buffer_size=d.prefetch))
+    if d.num_workers > 0:
+        # each worker process makes whole batches; grain interleaves them back in order
+        return ds.to_iter_dataset().mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=d.num_workers, per_worker_buffer_size=max(1, d.prefetch)))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=d.prefetch))
+
+
+def train_iterator(source, tokenizer: TitleTokenizer, config: ml_collections.ConfigDict, *,
+                   process_index: int = 0, process_count: int = 1, state: dict | None = None) -> ResumableIterator:
+    """An iterator over `train_dataset(...)` that runs with `data.num_workers` worker processes
+    and resumes from `state` (a previous iterator's `get_state()`), if given."""
+    ds = train_dataset(source, tokenizer, config, process_index=process_index, process_count=process_count)
+    iterator = ResumableIterator(ds, uses_workers=config.data.num_workers > 0)
+    if state is not None:
+        iterator.set_state(state)
+    return iterator
 
 
 def eval_batches(source, tokenizer: TitleTokenizer, config: ml_collections.ConfigDict,

@@ -9,6 +9,8 @@ classification on any label column.
   synthetic  the embedded procedural catalog (prodclip/data/synthetic.py)
   catalog    a real catalog: `data.path` is a folder holding `<split>.parquet` (or .csv /
              .jsonl), or a path with a `{split}` placeholder, or one file (used for every split)
+  tfds       a prepared TFDS dataset: `data.tfds_name` in `data.data_dir`, features mapped by
+             `data.image_key`, `data.text_key`, `data.id_column`, `data.label_columns`
 """
 
 from __future__ import annotations
@@ -74,7 +76,13 @@ def make_source(config: ml_collections.ConfigDict, split: str,
     if d.name == "catalog":
         return open_catalog(config, catalog_file(d.path, split), max_items=split_size(config, split),
                             label_vocab=label_vocab)
-    raise ValueError(f"data.name={d.name!r} is not readable; valid: synthetic, catalog")
+    if d.name == "tfds":
+        from prodclip.data.tfds_source import TfdsSource
+
+        return TfdsSource(d.tfds_name, d.data_dir, split, image_key=d.image_key, text_key=d.text_key,
+                          id_key=d.id_column, label_keys=tuple(d.label_columns),
+                          max_items=split_size(config, split))
+    raise ValueError(f"data.name={d.name!r} is not readable; valid: synthetic, catalog, tfds")
 
 
 def label_vocabulary(train_source) -> dict[str, dict]:
@@ -98,3 +106,4 @@ def save_label_vocabulary(workdir: pathlib.Path, stats: dict) -> None:
 def load_label_vocabulary(workdir: pathlib.Path) -> dict | None:
     path = pathlib.Path(workdir) / "labels.json"
     return json.loads(path.read_text()) if path.exists() else None
+
