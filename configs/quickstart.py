@@ -17,6 +17,7 @@ def get_config():
     c.data.num_test = 1000
     c.data.num_compositional = 1000
     c.data.eval_splits = ("test", "compositional")
+    c.data.title_dropout_prob = 0.5  # short, partial titles: what prompts and search queries look like
 
     c.tokenizer.vocab_size = 1024
     c.tokenizer.context_length = 20

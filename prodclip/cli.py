@@ -1,7 +1,9 @@
-"""`prodclip train | eval`: the command line.
+"""`prodclip train | eval | data`: the command line.
 
     prodclip train --config configs/quickstart.py --workdir runs/qs [--config.train.num_steps=100 ...]
     prodclip eval  --workdir runs/qs [--config.eval.batch_size=512 ...]
+    prodclip data build product_catalog --data-dir /data/tfds --config.data.path=catalog.csv [...]
+    prodclip data inspect product_catalog --data-dir /data/tfds --grid pairs.png
 """
 
 from __future__ import annotations
@@ -87,10 +89,40 @@ def cmd_eval(args, overrides) -> int:
 
     config = _load_config(args, overrides)
     splits = dict.fromkeys(config.data.eval_splits)
-    graphdef, params, tokenizer, split_sources, meta = train.load_trained(config, args.workdir, splits)
-    results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, config)
+    if config.eval.linear_probe_labels:
+        splits["train"] = None
+    graphdef, params, tokenizer, split_sources, meta, label_stats = train.load_trained(
+        config, pathlib.Path(args.workdir), splits)
+    results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, config, label_stats)
     suite.write_results(args.workdir, results, step=meta.get("step"), name="reeval")
     print(suite.format_table(results))
+    return 0
+
+
+def cmd_data(args, overrides) -> int:
+    from prodclip.data.builders import build as build_lib
+
+    if args.action == "build":
+        if args.config:
+            config = _load_config(args, overrides)
+        else:
+            from prodclip import config as config_lib
+
+            config = config_lib.apply_overrides(config_lib.base_config(), overrides)
+        try:
+            report = build_lib.build(args.dataset, args.data_dir, config)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"prodclip data build: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps({k: v for k, v in report.items() if k != "skipped_rows"}, indent=2, default=str))
+        for row in report.get("skipped_rows", [])[:args.show_skipped]:
+            print(f"skipped row {row['row']} (id {row['id']}): {row['reason']}: {row['detail']}")
+        print(f"prepared {args.dataset} in {args.data_dir}")
+        return 0
+    counts = build_lib.inspect(args.data_dir, args.dataset, args.grid, split=args.split, num_pairs=args.num_pairs)
+    print(json.dumps(counts, indent=2))
+    if args.grid:
+        print(f"sample pairs of {args.split}: {args.grid}")
     return 0
 
 
@@ -115,6 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="default: the config saved in the workdir")
     p.add_argument("--config-arg", default=None)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("data", help="build a TFDS dataset into a data_dir, or inspect a prepared one")
+    p.add_argument("action", choices=("build", "inspect"))
+    p.add_argument("dataset", help="synthetic_products | product_catalog (inspect: any prepared dataset)")
+    p.add_argument("--data-dir", required=True, help="the TFDS data_dir")
+    p.add_argument("--config", default=None, help="build: python config whose data.* fields describe the catalog")
+    p.add_argument("--config-arg", default=None)
+    p.add_argument("--show-skipped", type=int, default=20, help="build: skipped rows to print")
+    p.add_argument("--split", default="train", help="inspect: split of the sample grid")
+    p.add_argument("--grid", default=None, help="inspect: write a PNG grid of sample pairs here")
+    p.add_argument("--num-pairs", type=int, default=16)
+    p.set_defaults(fn=cmd_data)
 
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)

@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic"  # synthetic | catalog
+    c.data.name = "synthetic"  # synthetic | catalog | tfds
     c.data.seed = 0
     c.data.image_size = 64
     c.data.num_train = 20000
@@ -69,8 +69,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment = True  # random resized crop + flip; colour is never augmented
     c.data.crop_scale_min = 0.8
     c.data.flip = True
-    c.data.num_workers = 0
-    c.data.prefetch = 2
+    # Title-word dropout: this fraction of training titles keeps each word with title_keep_prob.
+    c.data.title_dropout_prob = 0.0
+    c.data.title_keep_prob = 0.5
+    c.data.num_workers = 0  # grain worker processes for decode/augment/batch (0 = threads in this process)
+    c.data.prefetch = 2  # batches buffered ahead (per worker when num_workers > 0)
+    # For `tfds`: a prepared TFDS dataset (e.g. from `prodclip data build`) and its feature mapping.
+    c.data.tfds_name = ""  # e.g. product_catalog, synthetic_products, or any prepared dataset
+    c.data.data_dir = ""  # the TFDS data_dir holding it (local or any path etils reads)
+    c.data.image_key = "image"  # the image feature ("a/b" for nested features)
+    c.data.text_key = "title"  # a text feature, or a sequence of captions (one pair per caption)
+    # For `prodclip data build product_catalog` (data.path is the manifest).
+    c.data.image_root = ""  # folder relative image paths start from; empty = the manifest's folder
+    c.data.caption_templates = ()  # more templates over the columns, each one more caption per product
+    c.data.captions_column = ""  # a column with a list of captions, each one more caption per product
+    c.data.split_column = ""  # a column naming each row's split; empty = split_ratios over a hash of the id
+    c.data.split_ratios = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # a local HF tokenizer directory; empty = train one on the train titles
@@ -149,6 +163,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256
     c.eval.zeroshot_labels = ("category", "colour", "pattern")
     c.eval.prompt_templates = ("a photo of a {}.", "{}", "a product photo of a {}.")
+    # Per-label templates (label -> tuple of templates); labels not named use prompt_templates.
+    c.eval.label_templates = ml_collections.ConfigDict()
+    # Readable prompt names per label: label -> {raw class value: "name|synonym|..."}.
+    c.eval.class_names = ml_collections.ConfigDict()
+    c.eval.linear_probe_labels = ()  # labels to fit a linear probe for (needs the train split)
+    c.eval.min_class_count = 0  # zero-shot only over classes with at least this many train items
     return c
 
 
@@ -307,6 +327,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"optim.warmup_steps={config.optim.warmup_steps} exceeds train.num_steps={config.train.num_steps}"
         )
     _validate_parallel(config)
+    if config.data.name == "tfds" and not (config.data.tfds_name and config.data.data_dir):
+        raise ConfigError("data.name='tfds' needs data.tfds_name and data.data_dir (a prepared TFDS data_dir)")
+    if config.data.num_workers < 0:
+        raise ConfigError(f"'data.num_workers' must be >= 0, got {config.data.num_workers}")
     if config.data.name == "catalog" and not config.data.path:
         raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
 

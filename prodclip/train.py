@@ -180,11 +180,24 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
 
 
 def load_tokenizer_and_sources(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits):
-    """The run's sources by split name, and its tokenizer (trained on train titles if needed)."""
-    split_sources = {split: sources.make_source(config, split) for split in splits}
-    train_titles = pipeline.source_titles(split_sources["train"]) if "train" in split_sources else None
+    """The run's sources by split name, its tokenizer, and its label vocabulary.
+
+    The tokenizer and label vocabulary come from the workdir when it has them (a finished
+    run evaluated on a new catalog file); otherwise they are made from the train split and
+    saved there.
+    """
+    label_stats = sources.load_label_vocabulary(workdir)
+    needs_train = "train" in splits or label_stats is None or not (workdir / "tokenizer").exists()
+    train_source = sources.make_source(config, "train") if needs_train else None
+    if label_stats is None and train_source is not None:
+        label_stats = sources.label_vocabulary(train_source)
+        sources.save_label_vocabulary(workdir, label_stats)
+    vocab = {label: stats["names"] for label, stats in (label_stats or {}).items()}
+    split_sources = {split: train_source if split == "train" else sources.make_source(config, split, vocab)
+                     for split in splits}
+    train_titles = pipeline.source_titles(train_source) if train_source is not None else None
     tokenizer = tokenizer_lib.tokenizer_from_config(config, train_titles, workdir / "tokenizer")
-    return tokenizer, split_sources
+    return tokenizer, split_sources, label_stats
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -197,9 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # --- Data.
     splits = ("train", "val", *config.data.eval_splits)
-    tokenizer, split_sources = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits))
-    train_iter = iter(pipeline.train_dataset(split_sources["train"], tokenizer, config,
-                                             process_index=jax.process_index(), process_count=jax.process_count()))
+    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits))
+    train_iter = pipeline.train_iterator(split_sources["train"], tokenizer, config,
+                                         process_index=jax.process_index(), process_count=jax.process_count())
     log.info("data: %s", {k: len(v) for k, v in split_sources.items()})
 
     # --- Model and optimizer.
@@ -244,6 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             t_log = time.time()
         progress.update(1)
     progress.close()
+    train_iter.close()
     train_seconds = time.time() - t_start
 
     # --- Checkpoint.
@@ -253,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     mgr.wait_until_finished()
 
     # --- Final evaluation.
-    results = suite.evaluate_all(graphdef, state["params"], split_sources, tokenizer, config)
+    results = suite.evaluate_all(graphdef, state["params"], split_sources, tokenizer, config, label_stats)
     results["train_seconds"] = train_seconds
     results["num_params"] = int(num_params)
     suite.write_results(workdir, results, step=num_steps)
@@ -262,14 +276,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, splits):
-    """Rebuilds a finished run from its workdir: (graphdef, params, tokenizer, sources)."""
+    """Rebuilds a finished run from its workdir: (graphdef, params, tokenizer, sources, meta, label_stats)."""
     workdir = pathlib.Path(workdir)
-    tokenizer, split_sources = load_tokenizer_and_sources(config, workdir, splits)
+    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, splits)
     graphdef, params = create_model(config, tokenizer, config.seed)
     tx = make_optimizer(config, params)
     target = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
     state, meta = checkpoint.restore(checkpoint.manager(workdir), target)
-    return graphdef, state["params"], tokenizer, split_sources, meta
+    return graphdef, state["params"], tokenizer, split_sources, meta, label_stats
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -30,7 +30,7 @@ MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused as decompression bomb
 
 SKIP_REASONS = (
     "missing_image", "corrupt_image", "oversized_image", "empty_title", "bad_title_encoding",
-    "duplicate_id", "missing_id",
+    "duplicate_id", "missing_id", "missing_split",
 )
 
 
@@ -92,12 +92,17 @@ def clean_title(value: Any) -> str:
     return title
 
 
+def template_fields(template: str) -> list[str]:
+    """The column names a title template reads: "{brand} {title}" -> ["brand", "title"]."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
 def render_title(template: str, row: dict) -> str:
     """Fills `template` ("{brand} {title}") from row values; missing or null columns become ''.
 
     Raises ValueError('bad_title_encoding') for byte values that are not UTF-8.
     """
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    fields = set(template_fields(template))
     values = {}
     for name in fields:
         value = row.get(name)
@@ -148,10 +153,13 @@ class BuildReport:
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     converted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     skipped_rows: list = dataclasses.field(default_factory=list)  # (row index, id, reason, detail)
+    split_counts: dict = dataclasses.field(default_factory=dict)  # split -> {"products", "pairs"}
+    dropped_captions: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "kept": self.kept, "skipped": dict(self.skipped),
-                "converted": dict(self.converted),
+                "converted": dict(self.converted), "split_counts": dict(self.split_counts),
+                "dropped_captions": dict(self.dropped_captions),
                 "skipped_rows": [dict(row=r, id=i, reason=why, detail=d) for r, i, why, d in self.skipped_rows]}
 
     def skip(self, row: int, item_id: Any, reason: str, detail: str = "") -> None:
@@ -170,8 +178,12 @@ def _image_bytes(value: Any, image_root: pathlib.Path | None) -> bytes:
     if image_root is not None and not path.is_absolute():
         path = image_root / path
     if not path.is_file():
-        raise ImageError("missing_image", f"file not found: {path}")
-    return path.read_bytes()
+        what = "not a regular file" if path.exists() else "file not found"
+        raise ImageError("missing_image", f"{what}: {path}")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ImageError("missing_image", f"unreadable: {path}: {e}") from e
 
 
 @dataclasses.dataclass
@@ -181,13 +193,18 @@ class CatalogRecord:
     image_bytes: bytes
     labels: dict[str, str | None]
     mode: str  # the image's original PIL mode
+    image_format: str = ""  # the file's PIL format (JPEG, PNG, ...)
+    extra: dict = dataclasses.field(default_factory=dict)  # values of `keep_columns`
+    row: int = -1  # index of the manifest row
 
 
 def read_catalog(path: str | pathlib.Path, *, image_column: str = "image", id_column: str = "id",
                  title_template: str = "{title}", label_columns: Sequence[str] = (),
-                 image_root: str | pathlib.Path | None = None,
+                 image_root: str | pathlib.Path | None = None, keep_columns: Sequence[str] = (),
                  report: BuildReport | None = None) -> Iterator[CatalogRecord]:
     """Validated records of a catalog manifest, in file order; bad rows go to `report`.
+
+    keep_columns: further columns (a split column, a list of captions) copied raw to `record.extra`.
 
     Every image is fully decoded once here, so a record that comes out is known to be
     readable; its original bytes are kept (decoding again at train time is cheap).
@@ -211,9 +228,9 @@ def read_catalog(path: str | pathlib.Path, *, image_column: str = "image", id_co
             continue
         try:
             data = _image_bytes(row.get(image_column), root)
+            decode_image(data)  # first, so that a decompression bomb is reported as oversized
             with Image.open(io.BytesIO(data)) as probe:
-                mode = probe.mode
-            decode_image(data)
+                mode, image_format = probe.mode, probe.format or ""
         except ImageError as e:
             report.skip(index, item_id, e.reason, str(e))
             continue
@@ -224,7 +241,8 @@ def read_catalog(path: str | pathlib.Path, *, image_column: str = "image", id_co
             report.converted[mode] += 1
         seen.add(item_id)
         report.kept += 1
-        yield CatalogRecord(item_id, title, data, {c: row.get(c) for c in label_columns}, mode)
+        yield CatalogRecord(item_id, title, data, {c: row.get(c) for c in label_columns}, mode, image_format,
+                            {c: row.get(c) for c in keep_columns}, index)
 
 
 class CatalogSource:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from prodclip.data.tokenizer import TitleTokenizer
+from prodclip.data.workers import ResumableIterator
 
 
 def fit_to_square(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
@@ -60,11 +61,28 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, *, scale_mi
     return np.asarray(crop.resize((size, size), Image.BILINEAR))
 
 
-class _Preprocess(grain.transforms.RandomMap):
-    """Per-item: fit to the model's input, then (train only) crop and flip. Colour is never changed."""
+def drop_title_words(title: str, rng: np.random.Generator, keep_prob: float) -> str:
+    """Keeps each word with probability keep_prob (at least one), in order.
 
-    def __init__(self, size: int, resize: str, augment: bool, scale_min: float, flip: bool):
+    A shortened title still describes its image, only less specifically, like a shopper's
+    query or a zero-shot prompt ("navy shirt"); training on some of them teaches the text
+    tower that partial descriptions belong near the product.
+    """
+    words = title.split()
+    kept = [w for w in words if rng.random() < keep_prob]
+    return " ".join(kept) if kept else words[int(rng.integers(len(words)))]
+
+
+class _Preprocess(grain.transforms.RandomMap):
+    """Per-item: fit to the model's input, then (train only) crop, flip and title-word dropout.
+
+    Colour is never changed.
+    """
+
+    def __init__(self, size: int, resize: str, augment: bool, scale_min: float, flip: bool,
+                 title_dropout_prob: float = 0.0, title_keep_prob: float = 1.0):
         self.size, self.resize, self.augment, self.scale_min, self.flip = size, resize, augment, scale_min, flip
+        self.title_dropout_prob, self.title_keep_prob = title_dropout_prob, title_keep_prob
 
     def random_map(self, item: dict, rng: np.random.Generator) -> dict:
         image = fit_to_square(np.asarray(item["image"]), self.size, self.resize)
@@ -72,7 +90,10 @@ class _Preprocess(grain.transforms.RandomMap):
             image = random_resized_crop(image, rng, scale_min=self.scale_min)
             if self.flip and rng.random() < 0.5:
                 image = image[:, ::-1]
-        return {"image": np.ascontiguousarray(image), "title": item["title"], "id": np.int64(item["id"])}
+        title = item["title"]
+        if self.augment and self.title_dropout_prob > 0 and rng.random() < self.title_dropout_prob:
+            title = drop_title_words(title, rng, self.title_keep_prob)
+        return {"image": np.ascontiguousarray(image), "title": title, "id": np.int64(item["id"])}
 
 
 def _collate(tokenizer: TitleTokenizer):
@@ -91,7 +112,9 @@ def train_dataset(source, tokenizer: TitleTokenizer, config: ml_collections.Conf
 
     Every epoch is a fresh permutation of the whole split (seeded by config.seed);
     process p reads rows p, p + P, p + 2P, ... of it, so shards are disjoint and cover
-    the split. The iterator's state (`get_state`/`set_state`) resumes exactly.
+    the split. The iterator's state (`get_state`/`set_state`) resumes exactly. With
+    data.num_workers > 0, batches are made in worker processes: iterate it through
+    `train_iterator`, which handles their set-up.
     """
     global_batch = config.train.batch_size
     if global_batch % process_count:
@@ -99,9 +122,25 @@ def train_dataset(source, tokenizer: TitleTokenizer, config: ml_collections.Conf
     d = config.data
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
     ds = ds[process_index::process_count]
-    ds = ds.random_map(_Preprocess(d.image_size, d.resize, d.augment, d.crop_scale_min, d.flip))
+    ds = ds.random_map(_Preprocess(d.image_size, d.resize, d.augment, d.crop_scale_min, d.flip,
+                                   d.title_dropout_prob, d.title_keep_prob))
     ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=_collate(tokenizer))
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, d.num_workers) * 2, prefetch_buffer_size=d.prefetch))
+    if d.num_workers > 0:
+        # each worker process makes whole batches; grain interleaves them back in order
+        return ds.to_iter_dataset().mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=d.num_workers, per_worker_buffer_size=max(1, d.prefetch)))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=d.prefetch))
+
+
+def train_iterator(source, tokenizer: TitleTokenizer, config: ml_collections.ConfigDict, *,
+                   process_index: int = 0, process_count: int = 1, state: dict | None = None) -> ResumableIterator:
+    """An iterator over `train_dataset(...)` that runs with `data.num_workers` worker processes
+    and resumes from `state` (a previous iterator's `get_state()`), if given."""
+    ds = train_dataset(source, tokenizer, config, process_index=process_index, process_count=process_count)
+    iterator = ResumableIterator(ds, uses_workers=config.data.num_workers > 0)
+    if state is not None:
+        iterator.set_state(state)
+    return iterator
 
 
 def eval_batches(source, tokenizer: TitleTokenizer, config: ml_collections.ConfigDict,

@@ -9,14 +9,18 @@ classification on any label column.
   synthetic  the embedded procedural catalog (prodclip/data/synthetic.py)
   catalog    a real catalog: `data.path` is a folder holding `<split>.parquet` (or .csv /
              .jsonl), or a path with a `{split}` placeholder, or one file (used for every split)
+  tfds       a prepared TFDS dataset: `data.tfds_name` in `data.data_dir`, features mapped by
+             `data.image_key`, `data.text_key`, `data.id_column`, `data.label_columns`
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Sequence
 
 import ml_collections
+import numpy as np
 
 from prodclip.data.catalog import CatalogSource
 
@@ -72,4 +76,34 @@ def make_source(config: ml_collections.ConfigDict, split: str,
     if d.name == "catalog":
         return open_catalog(config, catalog_file(d.path, split), max_items=split_size(config, split),
                             label_vocab=label_vocab)
-    raise ValueError(f"data.name={d.name!r} is not readable; valid: synthetic, catalog")
+    if d.name == "tfds":
+        from prodclip.data.tfds_source import TfdsSource
+
+        return TfdsSource(d.tfds_name, d.data_dir, split, image_key=d.image_key, text_key=d.text_key,
+                          id_key=d.id_column, label_keys=tuple(d.label_columns),
+                          max_items=split_size(config, split))
+    raise ValueError(f"data.name={d.name!r} is not readable; valid: synthetic, catalog, tfds")
+
+
+def label_vocabulary(train_source) -> dict[str, dict]:
+    """Per label column: class names and their counts in the training split.
+
+    Saved as labels.json in the workdir, so that evaluating on another catalog file indexes
+    the classes the run was trained and prompted with.
+    """
+    stats = {}
+    for label, names in getattr(train_source, "label_names", {}).items():
+        values = np.asarray(train_source.labels[label])
+        counts = np.bincount(values[values >= 0], minlength=len(names))
+        stats[label] = {"names": list(names), "train_counts": [int(c) for c in counts]}
+    return stats
+
+
+def save_label_vocabulary(workdir: pathlib.Path, stats: dict) -> None:
+    (pathlib.Path(workdir) / "labels.json").write_text(json.dumps(stats, indent=1))
+
+
+def load_label_vocabulary(workdir: pathlib.Path) -> dict | None:
+    path = pathlib.Path(workdir) / "labels.json"
+    return json.loads(path.read_text()) if path.exists() else None
+

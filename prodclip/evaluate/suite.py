@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from prodclip.data import pipeline
-from prodclip.evaluate import retrieval, zeroshot
+from prodclip.evaluate import baselines, retrieval, zeroshot
 
 
 @functools.lru_cache(maxsize=8)
@@ -30,16 +30,23 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
 
 
-def embed_source(graphdef, params, source, tokenizer, config) -> tuple[np.ndarray, np.ndarray]:
-    """All images and titles of `source`: ([N, D], [N, D]) float32, L2-normalised, in source order."""
+def embed_source(graphdef, params, source, tokenizer, config, *,
+                 with_text: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """All images and titles of `source`: ([N, D], [N, D] or None) float32, L2-normalised, in source order."""
     encode_image, encode_text = _encoders(graphdef)
     batch_size = config.eval.batch_size
     images, texts = [], []
     for batch in pipeline.eval_batches(source, tokenizer, config, batch_size):
         n = len(batch["ids"])
         images.append(np.asarray(encode_image(params, _pad_to(batch["images"], batch_size)))[:n])
-        texts.append(np.asarray(encode_text(params, _pad_to(batch["token_ids"], batch_size)))[:n])
-    return np.concatenate(images), np.concatenate(texts)
+        if with_text:
+            texts.append(np.asarray(encode_text(params, _pad_to(batch["token_ids"], batch_size)))[:n])
+    return np.concatenate(images), (np.concatenate(texts) if with_text else None)
+
+
+def embed_images(graphdef, params, source, tokenizer, config) -> np.ndarray:
+    """[N, D] float32 image embeddings of a whole source, in source order."""
+    return embed_source(graphdef, params, source, tokenizer, config, with_text=False)[0]
 
 
 def title_encoder(graphdef, params, tokenizer, batch_size: int):
@@ -55,10 +62,12 @@ def title_encoder(graphdef, params, tokenizer, batch_size: int):
 
 
 def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict, *,
-                   with_zeroshot: bool = True) -> dict[str, float]:
+                   with_zeroshot: bool = True, label_stats: dict | None = None) -> dict[str, float]:
     """Flat metrics: 'i2t/R@1', ..., 't2i/R@10', and 'zeroshot/<label>/top1', ... for one split.
 
-    Retrieval treats every item with an identical title as a correct match.
+    Retrieval treats every item with an identical title as a correct match. `label_stats`
+    (see sources.label_vocabulary) restricts zero-shot classes to those with at least
+    eval.min_class_count training items.
     """
     image_emb, text_emb = embed_source(graphdef, params, source, tokenizer, config)
     keys = retrieval.keys_from_strings(pipeline.source_titles(source))
@@ -70,15 +79,59 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
         for label in config.eval.zeroshot_labels:
             if label not in getattr(source, "labels", {}):
                 continue
-            class_emb = zeroshot.class_embeddings(encode, source.label_names[label], config.eval.prompt_templates)
-            for name, value in zeroshot.classify(image_emb, class_emb, np.asarray(source.labels[label])).items():
+            names, labels = zeroshot_classes(label, source, config, label_stats)
+            class_emb = zeroshot.class_embeddings(encode, names, label_templates(label, config))
+            for name, value in zeroshot.classify(image_emb, class_emb, labels).items():
                 metrics[f"zeroshot/{label}/{name}"] = value
+            metrics[f"zeroshot/{label}/num_classes"] = len(names)
     return metrics
 
 
-def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config) -> dict[str, Any]:
-    return {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config)
-            for split in config.data.eval_splits}
+def label_templates(label: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The prompt templates for one label: eval.label_templates[label], else eval.prompt_templates."""
+    per_label = config.eval.label_templates
+    return tuple(per_label[label]) if label in per_label else tuple(config.eval.prompt_templates)
+
+
+def zeroshot_classes(label: str, source, config: ml_collections.ConfigDict,
+                     label_stats: dict | None) -> tuple[list[str], np.ndarray]:
+    """(readable class names, [N] labels re-indexed to them; -1 = not evaluated) for one label.
+
+    Classes with fewer than eval.min_class_count training items are left out, and so are the
+    images of those classes. Raw class values are renamed through eval.class_names[label].
+    """
+    raw_names = list(source.label_names[label])
+    labels = np.asarray(source.labels[label])
+    keep = list(range(len(raw_names)))
+    if label_stats and label in label_stats and config.eval.min_class_count > 0:
+        counts = label_stats[label]["train_counts"]
+        keep = [i for i in keep if counts[i] >= config.eval.min_class_count]
+    renames = dict(config.eval.class_names[label]) if label in config.eval.class_names else {}
+    names = [renames.get(raw_names[i], raw_names[i]) for i in keep]
+    remap = np.full(len(raw_names) + 1, -1, np.int64)
+    remap[keep] = np.arange(len(keep))
+    return names, remap[labels]  # labels of -1 index the trailing -1
+
+
+def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config,
+                 label_stats: dict | None = None) -> dict[str, Any]:
+    """Metrics per eval split; with eval.linear_probe_labels and a train split, the baselines too."""
+    results = {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config,
+                                     label_stats=label_stats)
+               for split in config.data.eval_splits}
+    probe_labels = [l for l in config.eval.linear_probe_labels if l in getattr(split_sources.get("train"), "labels", {})]
+    if probe_labels:
+        train_source = split_sources["train"]
+        train_emb = embed_images(graphdef, params, train_source, tokenizer, config)
+        for split in config.data.eval_splits:
+            eval_emb = embed_images(graphdef, params, split_sources[split], tokenizer, config)
+            for label in probe_labels:
+                _, train_labels = zeroshot_classes(label, train_source, config, label_stats)
+                names, eval_labels = zeroshot_classes(label, split_sources[split], config, label_stats)
+                rates = {**baselines.chance_and_majority(train_labels, eval_labels, len(names)),
+                         **baselines.linear_probe(train_emb, train_labels, eval_emb, eval_labels)}
+                results[split].update({f"baseline/{label}/{k}": v for k, v in rates.items()})
+    return results
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -13,12 +13,28 @@ import numpy as np
 
 def class_embeddings(encode_titles: Callable[[Sequence[str]], np.ndarray], class_names: Sequence[str],
                      templates: Sequence[str]) -> np.ndarray:
-    """encode_titles: N strings -> [N, D] L2-normalised. Returns [C, D] float32, L2-normalised."""
+    """Prompt-ensemble class embeddings.
+
+    Args:
+      encode_titles: N strings -> [N, D] L2-normalised embeddings.
+      class_names: C names; a name may list synonyms separated by '|' ("t-shirt|tee"), and
+        every synonym x template prompt enters that class's average.
+      templates: format strings with one '{}' for the class name.
+
+    Returns: [C, D] float32, L2-normalised.
+    """
     if not templates:
         raise ValueError("zero-shot classification needs at least one prompt template")
-    prompts = [template.format(name) for name in class_names for template in templates]
-    emb = encode_titles(prompts).reshape(len(class_names), len(templates), -1).mean(axis=1)
-    return (emb / np.linalg.norm(emb, axis=-1, keepdims=True)).astype(np.float32)
+    synonyms = [[n.strip() for n in name.split("|") if n.strip()] or [name] for name in class_names]
+    prompts = [template.format(n) for names in synonyms for n in names for template in templates]
+    emb = encode_titles(prompts)
+    out, start = [], 0
+    for names in synonyms:
+        count = len(names) * len(templates)
+        out.append(emb[start:start + count].mean(axis=0))
+        start += count
+    out = np.stack(out)
+    return (out / np.linalg.norm(out, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def classify(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
