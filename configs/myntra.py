@@ -77,7 +77,7 @@ def get_config():
     c.optim.weight_decay = 0.05
 
     c.train.batch_size = 256
-    c.train.num_steps = 1200
+    c.train.num_steps = 800
     c.train.log_every = 50
     c.train.eval_every = 400
 

@@ -1,4 +1,4 @@
-"""Quickstart: a small CLIP on the embedded synthetic catalog, ~8 minutes on a 2-core CPU.
+"""Quickstart: a small CLIP on the embedded synthetic catalog, about 10 minutes on a 2-core CPU.
 
     prodclip train --config configs/quickstart.py --workdir runs/quickstart
 
@@ -6,6 +6,7 @@ Any field can be overridden, e.g. `--config.loss.name=sigmoid --config.train.num
 """
 
 from prodclip.config import base_config
+from prodclip.data import synthetic
 
 
 def get_config():
@@ -44,4 +45,12 @@ def get_config():
     c.train.log_every = 50
     c.train.eval_every = 400
     c.eval.zeroshot_labels = ("category", "colour", "pattern")
+    # Prompts name each class by all its catalog synonyms ("t-shirt|tee|..."); colour and pattern
+    # prompts name them on every product kind, so that no single kind stands in for the colour.
+    c.eval.prompt_templates = ("{}",)
+    c.eval.class_names.category = {name: "|".join(synthetic.CATEGORY_SYNONYMS[name]) for name in synthetic.CATEGORIES}
+    c.eval.class_names.colour = {name: "|".join(synthetic.COLOUR_SYNONYMS[name]) for name in synthetic.COLOURS}
+    c.eval.class_names.pattern = {name: "|".join(synthetic.PATTERN_SYNONYMS[name]) for name in synthetic.PATTERNS}
+    c.eval.label_templates.colour = tuple(f"{{}} {kind}" for kind in synthetic.CATEGORIES)
+    c.eval.label_templates.pattern = tuple(f"{{}} {kind}" for kind in synthetic.CATEGORIES)
     return c
