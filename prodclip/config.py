@@ -137,6 +137,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256
     c.eval.zeroshot_labels = ("category", "colour", "pattern")
     c.eval.prompt_templates = ("a photo of a {}.", "{}", "a product photo of a {}.")
+    # Readable prompt names for raw label values, "label:raw=readable", where a readable name may
+    # list synonyms "a|b" whose prompts are ensembled, e.g. ("colour:grey=grey|gray", "category:tee=t-shirt").
+    # A tuple of strings (not a dict) so it survives config.json and --config.eval.class_names=a,b.
+    c.eval.class_names = ()
+    c.eval.confusion_png = True  # write <workdir>/confusion/<split>_<label>.png
+
+    # `prodclip embed` / `prodclip search` (prodclip/evaluate/store.py, prodclip/search.py).
+    c.embed = ml_collections.ConfigDict()
+    c.embed.mode = "mix"  # image | text | mix: what vector stands for a product in the store
+    c.embed.image_weight = 0.9  # mix: normalise(w * image + (1 - w) * title)
+    c.embed.shard_size = 65536  # rows per .npy shard; a finished shard is skipped on resume
+    c.embed.chunk_size = 8192  # gallery rows scored per step at search time (memory bound)
     return c
 
 
@@ -268,6 +280,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.text.pooling": ("eot", "cls", "mean"),
         "model.text.activation": ("gelu", "quick_gelu"),
         "loss.name": ("softmax", "sigmoid"),
+        "embed.mode": ("image", "text", "mix"),
     }.items():
         _check_choice(config, key, choices)
     size, patch = config.data.image_size, config.model.image.patch_size
@@ -292,5 +305,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"optim.warmup_steps={config.optim.warmup_steps} exceeds train.num_steps={config.train.num_steps}"
         )
+    if not 0.0 <= config.embed.image_weight <= 1.0:
+        raise ConfigError(f"'embed.image_weight' must be in [0, 1], got {config.embed.image_weight}")
+    if config.embed.shard_size <= 0 or config.embed.chunk_size <= 0:
+        raise ConfigError("'embed.shard_size' and 'embed.chunk_size' must be positive")
     if config.data.name == "catalog" and not config.data.path:
         raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
