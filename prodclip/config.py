@@ -305,6 +305,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"optim.warmup_steps={config.optim.warmup_steps} exceeds train.num_steps={config.train.num_steps}"
         )
+    for entry in config.eval.class_names:
+        label, _, rest = entry.partition(":")
+        if not (label.strip() and "=" in rest):
+            raise ConfigError(f"eval.class_names entry {entry!r} must look like 'label:raw value=readable name'")
     if not 0.0 <= config.embed.image_weight <= 1.0:
         raise ConfigError(f"'embed.image_weight' must be in [0, 1], got {config.embed.image_weight}")
     if config.embed.shard_size <= 0 or config.embed.chunk_size <= 0:

@@ -126,11 +126,17 @@ def test_train_embed_search_through_cli(trained_run, tmp_path, capsys, caplog):
                      "--config.data.num_test=0"]) == 2
     assert "no items" in capsys.readouterr().err
 
-    # eval runs on another dataset the pipeline reads, by overrides.
+    # eval runs on another dataset the pipeline reads, by overrides, with readable class names.
     assert cli.main(["eval", "--workdir", str(workdir), "--config.data.eval_splits=test",
-                     "--config.data.num_test=16", "--config.data.seed=5"]) == 0
+                     "--config.data.num_test=16", "--config.data.seed=5",
+                     "--config.eval.class_names=colour:grey=grey|gray,pattern:dotted=polka dot"]) == 0
     again = json.loads((workdir / "reeval.json").read_text())
     assert again["test"]["num_items"] == 16 and "compositional" not in again
+    assert 0.0 <= again["test"]["zeroshot/colour/top1"] <= 1.0
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", str(workdir), "--config.data.eval_splits=test",
+                     "--config.data.num_test=16", "--config.eval.class_names=colour:gery=grey"]) == 2
+    assert "gery" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- units
@@ -191,7 +197,7 @@ def test_parse_class_names_and_renames():
     parsed = zeroshot.parse_class_names(["colour:grey=grey|gray", "category:tee = t-shirt"])
     assert parsed == {"colour": {"grey": "grey|gray"}, "category": {"tee": "t-shirt"}}
     assert zeroshot.prompt_names(["red", "grey"], parsed["colour"], "colour") == ["red", "grey|gray"]
-    with pytest.raises(ValueError, match="label:raw value=readable"):
+    with pytest.raises(ValueError, match="label:raw value=readable"):  # ConfigError is a ValueError
         zeroshot.parse_class_names(["colour-grey"])
     with pytest.raises(ValueError, match="valid: red, blue"):
         zeroshot.prompt_names(["red", "blue"], {"gery": "grey"}, "colour")

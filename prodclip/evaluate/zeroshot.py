@@ -16,15 +16,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from prodclip.config import ConfigError
+
 
 def parse_class_names(entries: Sequence[str]) -> dict[str, dict[str, str]]:
-    """("colour:grey=grey|gray", ...) -> {"colour": {"grey": "grey|gray"}}; raises ValueError on bad entries."""
+    """("colour:grey=grey|gray", ...) -> {"colour": {"grey": "grey|gray"}}; raises ConfigError on bad entries."""
     out: dict[str, dict[str, str]] = {}
     for entry in entries:
         label, sep1, rest = entry.partition(":")
         raw, sep2, readable = rest.partition("=")
         if not (sep1 and sep2 and label.strip() and raw.strip() and readable.strip("| ")):
-            raise ValueError(
+            raise ConfigError(
                 f"eval.class_names entry {entry!r} must look like 'label:raw value=readable name' "
                 "(synonyms separated by '|'), e.g. 'colour:grey=grey|gray'")
         out.setdefault(label.strip(), {})[raw.strip()] = readable.strip()
@@ -34,11 +36,11 @@ def parse_class_names(entries: Sequence[str]) -> dict[str, dict[str, str]]:
 def prompt_names(raw_names: Sequence[str], renames: dict[str, str], label: str) -> list[str]:
     """The prompt name of each raw class name: its rename if configured, else itself.
 
-    Raises ValueError if `renames` names a raw value the label does not have (a likely typo).
+    Raises ConfigError if `renames` names a raw value the label does not have (a likely typo).
     """
     unknown = sorted(set(renames) - set(raw_names))
     if unknown:
-        raise ValueError(f"eval.class_names renames {unknown} of label {label!r}, which has no such classes; "
+        raise ConfigError(f"eval.class_names renames {unknown} of label {label!r}, which has no such classes; "
                          f"valid: {', '.join(map(str, raw_names))}")
     return [renames.get(name, name) for name in raw_names]
 
