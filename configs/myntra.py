@@ -85,8 +85,9 @@ def get_config():
     c.eval.min_class_count = 20
     c.eval.linear_probe_labels = ("articleType",)
     c.eval.prompt_templates = ("{}", "a photo of a {}.", "men {}", "women {}")
-    c.eval.label_templates.baseColour = ("{}", "{} t-shirt", "{} shoes", "{} watch", "{} bag")
-    c.eval.label_templates.gender = ("{}", "{} t-shirt", "{} shoes", "{} watch")
-    c.eval.class_names.articleType = ARTICLE_TYPE_NAMES
-    c.eval.class_names.gender = GENDER_NAMES
+    c.eval.label_templates = (
+        tuple(f"baseColour:{t}" for t in ("{}", "{} t-shirt", "{} shoes", "{} watch", "{} bag"))
+        + tuple(f"gender:{t}" for t in ("{}", "{} t-shirt", "{} shoes", "{} watch")))
+    c.eval.class_names = (tuple(f"articleType:{raw}={name}" for raw, name in ARTICLE_TYPE_NAMES.items())
+                          + tuple(f"gender:{raw}={name}" for raw, name in GENDER_NAMES.items()))
     return c

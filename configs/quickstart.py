@@ -48,9 +48,10 @@ def get_config():
     # Prompts name each class by all its catalog synonyms ("t-shirt|tee|..."); colour and pattern
     # prompts name them on every product kind, so that no single kind stands in for the colour.
     c.eval.prompt_templates = ("{}",)
-    c.eval.class_names.category = {name: "|".join(synthetic.CATEGORY_SYNONYMS[name]) for name in synthetic.CATEGORIES}
-    c.eval.class_names.colour = {name: "|".join(synthetic.COLOUR_SYNONYMS[name]) for name in synthetic.COLOURS}
-    c.eval.class_names.pattern = {name: "|".join(synthetic.PATTERN_SYNONYMS[name]) for name in synthetic.PATTERNS}
-    c.eval.label_templates.colour = tuple(f"{{}} {kind}" for kind in synthetic.CATEGORIES)
-    c.eval.label_templates.pattern = tuple(f"{{}} {kind}" for kind in synthetic.CATEGORIES)
+    c.eval.class_names = (
+        tuple(f"category:{n}={'|'.join(synthetic.CATEGORY_SYNONYMS[n])}" for n in synthetic.CATEGORIES)
+        + tuple(f"colour:{n}={'|'.join(synthetic.COLOUR_SYNONYMS[n])}" for n in synthetic.COLOURS)
+        + tuple(f"pattern:{n}={'|'.join(synthetic.PATTERN_SYNONYMS[n])}" for n in synthetic.PATTERNS))
+    c.eval.label_templates = tuple(f"{label}:{{}} {kind}" for label in ("colour", "pattern")
+                                   for kind in synthetic.CATEGORIES)
     return c

@@ -1,9 +1,11 @@
-"""`prodclip train | eval | data`: the command line.
+"""`prodclip train | eval | data | embed | search`: the command line.
 
     prodclip train --config configs/quickstart.py --workdir runs/qs [--config.train.num_steps=100 ...]
     prodclip eval  --workdir runs/qs [--config.eval.batch_size=512 ...]
     prodclip data build product_catalog --data-dir /data/tfds --config.data.path=catalog.csv [...]
     prodclip data inspect product_catalog --data-dir /data/tfds --grid pairs.png
+    prodclip embed --workdir runs/qs --out stores/qs_test [--split test] [--config.embed.mode=image ...]
+    prodclip search "navy striped shirt" --store stores/qs_test --workdir runs/qs [-k 10] [--html out.html]
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def cmd_eval(args, overrides) -> int:
         splits["train"] = None
     graphdef, params, tokenizer, split_sources, meta, label_stats = train.load_trained(
         config, pathlib.Path(args.workdir), splits)
-    results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, config, label_stats)
+    results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, config, label_stats,
+                                 plot_dir=pathlib.Path(args.workdir) / "confusion")
     suite.write_results(args.workdir, results, step=meta.get("step"), name="reeval")
     print(suite.format_table(results))
     return 0
@@ -126,6 +129,72 @@ def cmd_data(args, overrides) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- embed / search (issue 7)
+
+
+def _user_errors():
+    from prodclip.evaluate.store import StoreError
+    from prodclip.search import SearchError
+
+    return StoreError, SearchError, FileNotFoundError
+
+
+def cmd_embed(args, overrides) -> int:
+    from prodclip import train
+    from prodclip.evaluate import store
+
+    config = _load_config(args, overrides)
+    try:
+        graphdef, params, tokenizer, split_sources, _, _ = train.load_trained(config, args.workdir, {args.split: None})
+        header = store.embed_catalog(graphdef, params, split_sources[args.split], tokenizer, config, args.out,
+                                     split=args.split, workdir=args.workdir, progress=config.train.progress_bar)
+    except _user_errors() as e:
+        print(f"prodclip embed: {e}", file=sys.stderr)
+        return 2
+    print(f"embedded {header['num_items']} items ({header['mode']}, dim {header['dim']}, "
+          f"model {header['fingerprint']}) into {args.out}")
+    return 0
+
+
+def cmd_search(args, overrides) -> int:
+    from prodclip import search, train
+    from prodclip.evaluate import store as store_lib
+
+    if (args.query is None) == (args.image is None):
+        print("prodclip search: give either a text query or --image PATH (not both)", file=sys.stderr)
+        return 2
+    if args.k < 1:
+        print(f"prodclip search: -k must be >= 1, got {args.k}", file=sys.stderr)
+        return 2
+    config = _load_config(args, overrides)
+    try:
+        store = store_lib.open_store(args.store)
+        graphdef, params, tokenizer, _, _, _ = train.load_trained(config, args.workdir, {})
+        store_lib.check_fingerprint(store, store_lib.model_fingerprint(params, tokenizer, config))
+        if args.image is not None:
+            label = f"image {args.image}"
+            query_emb = search.encode_image_queries(graphdef, params, search.load_query_image(args.image, config)[None])
+        else:
+            label = args.query
+            query_emb = search.encode_text_queries(graphdef, params, tokenizer, [args.query])
+        hits = search.search(store, query_emb, args.k, chunk_size=config.embed.chunk_size)[0]
+        if args.html or args.png:
+            images = search.store_images(store, [h["index"] for h in hits])
+            if args.html:
+                search.write_html(hits, images, args.html, label)
+            if args.png:
+                search.write_png(hits, images, args.png, label)
+    except _user_errors() as e:
+        print(f"prodclip search: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(hits))
+    else:
+        for h in hits:
+            print(f"{h['rank']:>3}  {h['score']:.4f}  {h['id']}  {h['title']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prodclip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +216,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="default: the config saved in the workdir")
     p.add_argument("--config-arg", default=None)
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("embed", help="embed a catalog split into a sharded, resumable embedding store")
+    p.add_argument("--workdir", required=True, help="the trained run")
+    p.add_argument("--out", required=True, help="store directory (re-run with the same --out to resume)")
+    p.add_argument("--split", default="test", help="which split of config.data to embed (default: test)")
+    p.add_argument("--config", default=None, help="default: the config saved in the workdir")
+    p.add_argument("--config-arg", default=None)
+    p.set_defaults(fn=cmd_embed)
+    p = sub.add_parser("search", help="top-k items of an embedding store for a text or image query")
+    p.add_argument("query", nargs="?", default=None, help="text query, e.g. 'navy striped shirt'")
+    p.add_argument("--image", default=None, help="an image file as the query instead")
+    p.add_argument("--store", required=True)
+    p.add_argument("--workdir", required=True, help="the run whose model made the store")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--html", default=None, help="write a grid of the result images to this HTML file")
+    p.add_argument("--png", default=None, help="write a grid of the result images to this PNG file")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.add_argument("--config", default=None, help="default: the config saved in the workdir")
+    p.add_argument("--config-arg", default=None)
+    p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("data", help="build a TFDS dataset into a data_dir, or inspect a prepared one")
     p.add_argument("action", choices=("build", "inspect"))

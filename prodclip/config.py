@@ -163,12 +163,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256
     c.eval.zeroshot_labels = ("category", "colour", "pattern")
     c.eval.prompt_templates = ("a photo of a {}.", "{}", "a product photo of a {}.")
-    # Per-label templates (label -> tuple of templates); labels not named use prompt_templates.
-    c.eval.label_templates = ml_collections.ConfigDict()
-    # Readable prompt names per label: label -> {raw class value: "name|synonym|..."}.
-    c.eval.class_names = ml_collections.ConfigDict()
+    # Per-label prompt templates, "label:template" (e.g. "colour:{} t-shirt"); labels without
+    # entries use prompt_templates. Strings, so they survive config.json like class_names.
+    c.eval.label_templates = ()
+    # Readable prompt names for raw label values, "label:raw=readable", where a readable name may
+    # list synonyms "a|b" whose prompts are ensembled, e.g. ("colour:grey=grey|gray", "category:tee=t-shirt").
+    # A tuple of strings (not a dict) so it survives config.json and --config.eval.class_names=a,b.
+    c.eval.class_names = ()
+    c.eval.confusion_png = True
     c.eval.linear_probe_labels = ()  # labels to fit a linear probe for (needs the train split)
-    c.eval.min_class_count = 0  # zero-shot only over classes with at least this many train items
+    c.eval.min_class_count = 0  # zero-shot only over classes with at least this many train items  # write <workdir>/confusion/<split>_<label>.png
+
+    # `prodclip embed` / `prodclip search` (prodclip/evaluate/store.py, prodclip/search.py).
+    c.embed = ml_collections.ConfigDict()
+    c.embed.mode = "mix"  # image | text | mix: what vector stands for a product in the store
+    c.embed.image_weight = 0.9  # mix: normalise(w * image + (1 - w) * title)
+    c.embed.shard_size = 65536  # rows per .npy shard; a finished shard is skipped on resume
+    c.embed.chunk_size = 8192  # gallery rows scored per step at search time (memory bound)
     return c
 
 
@@ -302,6 +313,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "loss.name": ("softmax", "sigmoid"),
         "parallel.strategy": ("sharded", "pmap"),
         "parallel.loss": ("all_gather", "ring"),
+        "embed.mode": ("image", "text", "mix"),
     }.items():
         _check_choice(config, key, choices)
     size, patch = config.data.image_size, config.model.image.patch_size
@@ -331,6 +343,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("data.name='tfds' needs data.tfds_name and data.data_dir (a prepared TFDS data_dir)")
     if config.data.num_workers < 0:
         raise ConfigError(f"'data.num_workers' must be >= 0, got {config.data.num_workers}")
+    for entry in config.eval.class_names:
+        label, _, rest = entry.partition(":")
+        if not (label.strip() and "=" in rest):
+            raise ConfigError(f"eval.class_names entry {entry!r} must look like 'label:raw value=readable name'")
+    if not 0.0 <= config.embed.image_weight <= 1.0:
+        raise ConfigError(f"'embed.image_weight' must be in [0, 1], got {config.embed.image_weight}")
+    if config.embed.shard_size <= 0 or config.embed.chunk_size <= 0:
+        raise ConfigError("'embed.shard_size' and 'embed.chunk_size' must be positive")
+    for entry in config.eval.label_templates:
+        label, sep, template = entry.partition(":")
+        if not (sep and label.strip() and "{}" in template):
+            raise ConfigError(f"eval.label_templates entry {entry!r} must look like 'label:template with {{}}'")
     if config.data.name == "catalog" and not config.data.path:
         raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
 

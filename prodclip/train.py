@@ -267,7 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     mgr.wait_until_finished()
 
     # --- Final evaluation.
-    results = suite.evaluate_all(graphdef, state["params"], split_sources, tokenizer, config, label_stats)
+    results = suite.evaluate_all(graphdef, state["params"], split_sources, tokenizer, config, label_stats,
+                                 plot_dir=workdir / "confusion")
     results["train_seconds"] = train_seconds
     results["num_params"] = int(num_params)
     suite.write_results(workdir, results, step=num_steps)
@@ -276,7 +277,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, splits):
-    """Rebuilds a finished run from its workdir: (graphdef, params, tokenizer, sources, meta, label_stats)."""
+    """Rebuilds a finished run from its workdir: (graphdef, params, tokenizer, sources, meta, label_stats).
+
+    The one place a trained model is loaded (eval, embed, search); other formats
+    (an export dir) are recognised here.
+    """
     workdir = pathlib.Path(workdir)
     tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, splits)
     graphdef, params = create_model(config, tokenizer, config.seed)

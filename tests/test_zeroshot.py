@@ -2,7 +2,6 @@
 
 import types
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -49,12 +48,12 @@ def test_classify_matches_numpy():
 def test_zeroshot_classes_filters_rare_classes_and_renames():
     config = config_lib.base_config()
     config.eval.min_class_count = 3
-    config.eval.class_names = ml_collections.ConfigDict({"kind": {"Tshirts": "t-shirt|tee"}})
+    config.eval.class_names = ("kind:Tshirts=t-shirt|tee",)
     source = types.SimpleNamespace(label_names={"kind": ("Mugs", "Tshirts", "Rare")},
                                    labels={"kind": np.array([0, 1, 2, -1, 1])})
     stats = {"kind": {"names": ["Mugs", "Tshirts", "Rare"], "train_counts": [5, 9, 2]}}
-    names, labels = suite.zeroshot_classes("kind", source, config, stats)
-    assert names == ["Mugs", "t-shirt|tee"]
+    raw, names, labels = suite.zeroshot_classes("kind", source, config, stats)
+    assert raw == ["Mugs", "Tshirts"] and names == ["Mugs", "t-shirt|tee"]
     np.testing.assert_array_equal(labels, [0, 1, -1, -1, 1])
 
 

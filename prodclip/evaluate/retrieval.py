@@ -152,6 +152,19 @@ def _check_embeddings(query_emb: Any, gallery_emb: Any) -> tuple[Any, Any]:
     return query_emb, gallery_emb
 
 
+def _query_sharding(block: int) -> jax.sharding.NamedSharding | None:
+    """Splits a query block's rows over all local devices, when there are several and they divide it.
+
+    Each row's scores and running top-k depend on that row alone, so row-sharding
+    changes where the work runs, never the result; the gallery chunk is replicated.
+    """
+    devices = jax.local_devices()
+    if len(devices) < 2 or block % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("queries",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("queries", None))
+
+
 def _check_sizes(chunk_size: int, query_block: int) -> None:
     if chunk_size < 1 or query_block < 1:
         raise ValueError(f"chunk_size and query_block must be >= 1, got {chunk_size}, {query_block}")
@@ -255,7 +268,8 @@ def chunked_top_k(
       gallery_emb: [G, D] float32 (numpy or jax) gallery, G >= 1.
       k: number of items to return per query, >= 1; clipped to G.
       chunk_size: gallery rows scored per device step.
-      query_block: query rows scored per device step.
+      query_block: query rows scored per device step; when several local devices
+        divide the block, its rows are split over them (see ``_query_sharding``).
 
     Returns:
       (scores [Q, k'] float32, indices [Q, k'] int64), k' = min(k, G), best
@@ -273,13 +287,14 @@ def chunked_top_k(
     block, chunk = _plan(num_queries, num_gallery, chunk_size, query_block)
     k_eff = min(k, num_gallery)
 
+    rows = _query_sharding(block)
     out_scores = np.empty((num_queries, k_eff), np.float32)
     out_index = np.empty((num_queries, k_eff), np.int64)
     for q0, q_valid, queries in _iter_blocks(query_emb, block, "query_emb"):
-        queries = jnp.asarray(queries)
+        queries = jnp.asarray(queries) if rows is None else jax.device_put(queries, rows)
         # -inf placeholders are displaced by real (finite) items since k' <= G.
-        run_scores = jnp.full((block, k_eff), -jnp.inf, jnp.float32)
-        run_index = jnp.full((block, k_eff), num_gallery, jnp.int32)
+        run_scores = jnp.full((block, k_eff), -jnp.inf, jnp.float32, device=rows)
+        run_index = jnp.full((block, k_eff), num_gallery, jnp.int32, device=rows)
         for g0, _, items in _iter_blocks(gallery_emb, chunk, "gallery_emb"):
             previous = run_scores
             scores = _score_chunk(queries, items, g0, num_gallery)

@@ -61,63 +61,100 @@ def title_encoder(graphdef, params, tokenizer, batch_size: int):
     return encode
 
 
-def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict, *,
-                   with_zeroshot: bool = True, label_stats: dict | None = None) -> dict[str, float]:
-    """Flat metrics: 'i2t/R@1', ..., 't2i/R@10', and 'zeroshot/<label>/top1', ... for one split.
+def retrieval_keys(source) -> tuple[np.ndarray, str]:
+    """[N] int64 match keys for a split, and which rule made them ("product_id" | "title").
 
-    Retrieval treats every item with an identical title as a correct match. `label_stats`
-    (see sources.label_vocabulary) restricts zero-shot classes to those with at least
-    eval.min_class_count training items.
+    When some product id appears on several rows (a product with several captions or
+    photos), rows match by product id. Otherwise rows match by identical title, since
+    catalogs repeat titles across colour or size variants that look alike.
     """
-    image_emb, text_emb = embed_source(graphdef, params, source, tokenizer, config)
-    keys = retrieval.keys_from_strings(pipeline.source_titles(source))
-    metrics = retrieval.two_way_retrieval(image_emb, text_emb, keys, keys, ks=tuple(config.eval.ks))
-    metrics["num_items"] = len(source)
-    metrics["distinct_titles"] = int(len(np.unique(keys)))
-    if with_zeroshot:
-        encode = title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
-        for label in config.eval.zeroshot_labels:
-            if label not in getattr(source, "labels", {}):
-                continue
-            names, labels = zeroshot_classes(label, source, config, label_stats)
-            class_emb = zeroshot.class_embeddings(encode, names, label_templates(label, config))
-            for name, value in zeroshot.classify(image_emb, class_emb, labels).items():
-                metrics[f"zeroshot/{label}/{name}"] = value
-            metrics[f"zeroshot/{label}/num_classes"] = len(names)
-    return metrics
+    ids = np.asarray(source.ids if hasattr(source, "ids") else [source[i]["id"] for i in range(len(source))])
+    if len(np.unique(ids)) < len(ids):
+        return np.unique(ids, return_inverse=True)[1].astype(np.int64), "product_id"
+    return retrieval.keys_from_strings(pipeline.source_titles(source)), "title"
 
 
 def label_templates(label: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The prompt templates for one label: eval.label_templates[label], else eval.prompt_templates."""
-    per_label = config.eval.label_templates
-    return tuple(per_label[label]) if label in per_label else tuple(config.eval.prompt_templates)
+    """Prompt templates for one label: its eval.label_templates entries ("label:template"), else
+    eval.prompt_templates."""
+    own = [entry.partition(":")[2] for entry in config.eval.label_templates if entry.partition(":")[0] == label]
+    return tuple(own) if own else tuple(config.eval.prompt_templates)
 
 
 def zeroshot_classes(label: str, source, config: ml_collections.ConfigDict,
-                     label_stats: dict | None) -> tuple[list[str], np.ndarray]:
-    """(readable class names, [N] labels re-indexed to them; -1 = not evaluated) for one label.
+                     label_stats: dict | None) -> tuple[list[str], list[str], np.ndarray]:
+    """(raw class names, prompt names, [N] labels re-indexed to them; -1 = not evaluated) for one label.
 
-    Classes with fewer than eval.min_class_count training items are left out, and so are the
-    images of those classes. Raw class values are renamed through eval.class_names[label].
+    Classes with fewer than eval.min_class_count training items (from `label_stats`, see
+    sources.label_vocabulary) are left out, and so are the images of those classes. Raw class
+    values are renamed for prompting through eval.class_names.
     """
-    raw_names = list(source.label_names[label])
+    raw_names = [str(n) for n in source.label_names[label]]
+    renames = zeroshot.parse_class_names(config.eval.class_names).get(label, {})
+    prompt = zeroshot.prompt_names(raw_names, renames, label)
     labels = np.asarray(source.labels[label])
     keep = list(range(len(raw_names)))
     if label_stats and label in label_stats and config.eval.min_class_count > 0:
         counts = label_stats[label]["train_counts"]
         keep = [i for i in keep if counts[i] >= config.eval.min_class_count]
-    renames = dict(config.eval.class_names[label]) if label in config.eval.class_names else {}
-    names = [renames.get(raw_names[i], raw_names[i]) for i in keep]
     remap = np.full(len(raw_names) + 1, -1, np.int64)
     remap[keep] = np.arange(len(keep))
-    return names, remap[labels]  # labels of -1 index the trailing -1
+    return [raw_names[i] for i in keep], [prompt[i] for i in keep], remap[labels]  # -1 indexes the trailing -1
 
 
-def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config,
-                 label_stats: dict | None = None) -> dict[str, Any]:
+def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections.ConfigDict, *,
+                   label_stats: dict | None = None, plot_dir: str | pathlib.Path | None = None,
+                   split: str = "") -> dict[str, float]:
+    """'zeroshot/<label>/top1|top5|mean_per_class|num_classes|class/<name>' per configured label.
+
+    With `plot_dir` (and eval.confusion_png), a confusion-matrix PNG per label is written there.
+    """
+    metrics: dict[str, float] = {}
+    for label in config.eval.zeroshot_labels:
+        if label not in getattr(source, "labels", {}):
+            continue
+        raw_names, names, labels = zeroshot_classes(label, source, config, label_stats)
+        class_emb = zeroshot.class_embeddings(encode, names, label_templates(label, config))
+        for name, value in zeroshot.classify(image_emb, class_emb, labels).items():
+            if name.startswith("class/"):
+                name = f"class/{raw_names[int(name[len('class/'):])]}"
+            metrics[f"zeroshot/{label}/{name}"] = value
+        metrics[f"zeroshot/{label}/num_classes"] = len(names)
+        if plot_dir is not None and config.eval.confusion_png:
+            counts = zeroshot.confusion_matrix(image_emb, class_emb, labels)
+            zeroshot.plot_confusion(counts, raw_names, pathlib.Path(plot_dir) / f"{split or 'split'}_{label}.png",
+                                    title=f"zero-shot {label}, {split} ({int(counts.sum())} images)")
+    return metrics
+
+
+def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict, *,
+                   with_zeroshot: bool = True, label_stats: dict | None = None,
+                   plot_dir: str | pathlib.Path | None = None, split: str = "") -> dict[str, float]:
+    """Flat metrics: 'i2t/R@1', ..., 't2i/R@10', and 'zeroshot/<label>/top1', ... for one split.
+
+    Retrieval matches by product id when a product has several rows, else by identical
+    title (see `retrieval_keys`).
+    """
+    if len(source) == 0:
+        raise ValueError(f"split {split!r} has no items to evaluate")
+    image_emb, text_emb = embed_source(graphdef, params, source, tokenizer, config)
+    keys, rule = retrieval_keys(source)
+    metrics = retrieval.two_way_retrieval(image_emb, text_emb, keys, keys, ks=tuple(config.eval.ks))
+    metrics["num_items"] = len(source)
+    metrics["distinct_keys"] = int(len(np.unique(keys)))
+    metrics["match_by_product_id"] = int(rule == "product_id")
+    if with_zeroshot:
+        encode = title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
+        metrics.update(zeroshot_split(image_emb, source, encode, config, label_stats=label_stats,
+                                      plot_dir=plot_dir, split=split))
+    return metrics
+
+
+def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label_stats: dict | None = None, *,
+                 plot_dir: str | pathlib.Path | None = None) -> dict[str, Any]:
     """Metrics per eval split; with eval.linear_probe_labels and a train split, the baselines too."""
     results = {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config,
-                                     label_stats=label_stats)
+                                     label_stats=label_stats, plot_dir=plot_dir, split=split)
                for split in config.data.eval_splits}
     probe_labels = [l for l in config.eval.linear_probe_labels if l in getattr(split_sources.get("train"), "labels", {})]
     if probe_labels:
@@ -126,8 +163,8 @@ def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config,
         for split in config.data.eval_splits:
             eval_emb = embed_images(graphdef, params, split_sources[split], tokenizer, config)
             for label in probe_labels:
-                _, train_labels = zeroshot_classes(label, train_source, config, label_stats)
-                names, eval_labels = zeroshot_classes(label, split_sources[split], config, label_stats)
+                _, _, train_labels = zeroshot_classes(label, train_source, config, label_stats)
+                names, _, eval_labels = zeroshot_classes(label, split_sources[split], config, label_stats)
                 rates = {**baselines.chance_and_majority(train_labels, eval_labels, len(names)),
                          **baselines.linear_probe(train_emb, train_labels, eval_emb, eval_labels)}
                 results[split].update({f"baseline/{label}/{k}": v for k, v in rates.items()})
@@ -139,7 +176,8 @@ def format_table(results: dict[str, Any]) -> str:
     splits = [s for s, v in results.items() if isinstance(v, dict)]
     if not splits:
         return "(no results)"
-    metrics = list(dict.fromkeys(k for s in splits for k in results[s] if "/" in k))
+    # Per-class accuracies stay in the JSON; the table keeps their mean.
+    metrics = list(dict.fromkeys(k for s in splits for k in results[s] if "/" in k and "/class/" not in k))
     lines = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
     for m in metrics:
         cells = [f"{results[s][m]:.3f}" if m in results[s] else "" for s in splits]

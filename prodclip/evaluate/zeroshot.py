@@ -1,48 +1,75 @@
 """Zero-shot classification: classes become text prompts; images go to the nearest class.
 
-Each class embedding is the mean of its prompt-template embeddings (each
-L2-normalised), normalised again: the prompt ensemble of the CLIP paper.
+Each class embedding is the mean of its prompt embeddings (each L2-normalised),
+normalised again: the prompt ensemble of the CLIP paper. A class name may list
+synonyms separated by '|' ("grey|gray"); every synonym x template prompt joins
+that class's ensemble.
+
+Class names come from the dataset's label columns (`source.label_names`) and can
+be renamed for prompting with `eval.class_names` entries "label:raw=readable".
 """
 
 from __future__ import annotations
 
+import pathlib
 from typing import Callable, Sequence
 
 import numpy as np
 
+from prodclip.config import ConfigError
+
+
+def parse_class_names(entries: Sequence[str]) -> dict[str, dict[str, str]]:
+    """("colour:grey=grey|gray", ...) -> {"colour": {"grey": "grey|gray"}}; raises ConfigError on bad entries."""
+    out: dict[str, dict[str, str]] = {}
+    for entry in entries:
+        label, sep1, rest = entry.partition(":")
+        raw, sep2, readable = rest.partition("=")
+        if not (sep1 and sep2 and label.strip() and raw.strip() and readable.strip("| ")):
+            raise ConfigError(
+                f"eval.class_names entry {entry!r} must look like 'label:raw value=readable name' "
+                "(synonyms separated by '|'), e.g. 'colour:grey=grey|gray'")
+        out.setdefault(label.strip(), {})[raw.strip()] = readable.strip()
+    return out
+
+
+def prompt_names(raw_names: Sequence[str], renames: dict[str, str], label: str) -> list[str]:
+    """The prompt name of each raw class name: its rename if configured, else itself.
+
+    A rename list may cover classes that one split lacks (a small slice of a catalog), so
+    unmatched renames are ignored; but if none of them matches, it is a likely typo of the
+    label's values and raises ConfigError listing the valid ones.
+    """
+    if renames and not set(renames) & set(raw_names):
+        raise ConfigError(f"eval.class_names renames {sorted(renames)} of label {label!r}, which has no such classes; "
+                         f"valid: {', '.join(map(str, raw_names))}")
+    return [renames.get(name, name) for name in raw_names]
+
 
 def class_embeddings(encode_titles: Callable[[Sequence[str]], np.ndarray], class_names: Sequence[str],
                      templates: Sequence[str]) -> np.ndarray:
-    """Prompt-ensemble class embeddings.
+    """encode_titles: N strings -> [N, D] L2-normalised. Returns [C, D] float32, L2-normalised.
 
-    Args:
-      encode_titles: N strings -> [N, D] L2-normalised embeddings.
-      class_names: C names; a name may list synonyms separated by '|' ("t-shirt|tee"), and
-        every synonym x template prompt enters that class's average.
-      templates: format strings with one '{}' for the class name.
-
-    Returns: [C, D] float32, L2-normalised.
+    A class name "a|b" is ensembled over both synonyms and all templates.
     """
     if not templates:
         raise ValueError("zero-shot classification needs at least one prompt template")
-    synonyms = [[n.strip() for n in name.split("|") if n.strip()] or [name] for name in class_names]
-    prompts = [template.format(n) for names in synonyms for n in names for template in templates]
-    emb = encode_titles(prompts)
-    out, start = [], 0
-    for names in synonyms:
-        count = len(names) * len(templates)
-        out.append(emb[start:start + count].mean(axis=0))
-        start += count
-    out = np.stack(out)
-    return (out / np.linalg.norm(out, axis=-1, keepdims=True)).astype(np.float32)
+    synonyms = [[s.strip() for s in name.split("|") if s.strip()] or [name] for name in class_names]
+    prompts = [template.format(s) for names in synonyms for s in names for template in templates]
+    counts = np.asarray([len(names) * len(templates) for names in synonyms])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    emb = np.add.reduceat(encode_titles(prompts).astype(np.float64), starts, axis=0) / counts[:, None]
+    return (emb / np.linalg.norm(emb, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def classify(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
              ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """image_emb [N, D], class_emb [C, D], labels [N] int (negative = unlabelled, skipped).
 
-    Returns top-k accuracy for each k < C and the mean per-class accuracy (top-1),
-    plus the predictions are available through `predict`.
+    Returns "top{k}" accuracy for each k < C (top1 always), "mean_per_class" (the mean
+    of per-class top-1 accuracy over classes present in `labels`), and
+    "class/{c}" per-class top-1 accuracy for each present class index c.
+    Ties go to the lower class index.
     """
     keep = labels >= 0
     scores = image_emb[keep] @ class_emb.T
@@ -53,14 +80,42 @@ def classify(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
         if k < class_emb.shape[0] or k == 1:
             out[f"top{k}"] = float(np.mean(np.any(order[:, :k] == labels[:, None], axis=1)))
     predicted = order[:, 0]
-    per_class = [np.mean(predicted[labels == c] == c) for c in np.unique(labels)]
-    out["mean_per_class"] = float(np.mean(per_class))
+    per_class = {int(c): float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)}
+    out["mean_per_class"] = float(np.mean(list(per_class.values())))
+    out.update({f"class/{c}": acc for c, acc in per_class.items()})
     return out
 
 
 def confusion_matrix(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """[C, C] int64 counts: rows are true classes, columns predicted."""
+    """[C, C] int64 counts: rows are true classes, columns predicted (ties to the lower index)."""
     keep = labels >= 0
     predicted = np.argmax(image_emb[keep] @ class_emb.T, axis=1)
     c = class_emb.shape[0]
     return np.bincount(labels[keep] * c + predicted, minlength=c * c).reshape(c, c)
+
+
+def plot_confusion(counts: np.ndarray, class_names: Sequence[str], path: str | pathlib.Path,
+                   title: str = "") -> pathlib.Path:
+    """Writes a row-normalised confusion-matrix heatmap (true rows, predicted columns) to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 2.5 + 0.35 * len(class_names)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(rates, vmin=0.0, vmax=1.0, cmap="Blues")
+    names = [n.split("|")[0] for n in class_names]
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

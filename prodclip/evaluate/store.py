@@ -1,0 +1,211 @@
+"""An embedding store: a catalog split embedded once, searched many times.
+
+Layout of a store directory:
+
+    store.json          header: format version, model fingerprint, dim, num_items, shard_size,
+                        mode (image | text | mix), image_weight, the catalog pointer
+                        (the run's `data` config + split, to re-open images) and the workdir
+    items.jsonl         one {"id", "title"} per item, in store order
+    shards/emb_00000.npy  [<= shard_size, D] float32 rows, L2-normalised, in store order
+
+Shards are written to a temporary name and renamed, so a shard that exists is
+complete: re-running `prodclip embed` with the same model and settings skips them
+(resume). A store made by a different model (fingerprint), mode, weight or
+shard size is refused with an error rather than mixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+STORE_VERSION = 1
+HEADER = "store.json"
+ITEMS = "items.jsonl"
+
+
+class StoreError(ValueError):
+    """A store that cannot be written, read or used with this model; the message says why."""
+
+
+def model_fingerprint(params: Any, tokenizer, config: ml_collections.ConfigDict) -> str:
+    """16 hex chars identifying what maps inputs to embeddings.
+
+    A SHA-256 over every parameter (path, dtype, shape, bytes), the tokenizer's
+    vocabulary and context length, and the image input size and resize mode.
+    """
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
+        array = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    h.update(json.dumps(sorted(tokenizer.hf.get_vocab().items())).encode())
+    h.update(f"{tokenizer.context_length}:{tokenizer.lowercase}:{config.data.image_size}:{config.data.resize}".encode())
+    return h.hexdigest()[:16]
+
+
+def product_vectors(image_emb: np.ndarray, text_emb: np.ndarray, mode: str, image_weight: float) -> np.ndarray:
+    """[N, D] image and title embeddings -> [N, D] float32 store rows, L2-normalised.
+
+    mode 'image' | 'text' keeps one; 'mix' is normalise(w * image + (1 - w) * text).
+    """
+    if mode == "image":
+        rows = image_emb
+    elif mode == "text":
+        rows = text_emb
+    elif mode == "mix":
+        rows = image_weight * image_emb.astype(np.float64) + (1.0 - image_weight) * text_emb
+    else:
+        raise ValueError(f"embed mode {mode!r} is not one of image, text, mix")
+    norm = np.linalg.norm(rows, axis=-1, keepdims=True)
+    return (rows / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+class _Rows:
+    """Rows start..stop-1 of a source, as a source."""
+
+    def __init__(self, source, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[self.start + int(i)]
+
+
+def _shard_path(store: pathlib.Path, index: int) -> pathlib.Path:
+    return store / "shards" / f"emb_{index:05d}.npy"
+
+
+def _source_ids(source) -> list:
+    raw = getattr(source, "raw_ids", None)
+    ids = raw if raw is not None else getattr(source, "ids", None)
+    if ids is None:
+        ids = [source[i]["id"] for i in range(len(source))]
+    return [x.item() if isinstance(x, np.generic) else x for x in ids]
+
+
+def _check_same_settings(path: pathlib.Path, old: dict, new: dict) -> None:
+    for key in ("version", "fingerprint", "mode", "image_weight", "shard_size", "num_items", "catalog"):
+        if old.get(key) != new.get(key):
+            raise StoreError(
+                f"{path} was made with {key}={old.get(key)!r}, but this run has {key}={new.get(key)!r}; "
+                "use a new --out directory (or --overwrite) rather than mixing embeddings")
+
+
+def embed_catalog(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict,
+                  store_dir: str | pathlib.Path, *, split: str, workdir: str | pathlib.Path,
+                  progress: bool = True) -> dict:
+    """Embeds every item of `source` into `store_dir`; skips shards already written. Returns the header."""
+    from prodclip.evaluate import suite
+
+    store = pathlib.Path(store_dir)
+    num_items = len(source)
+    if num_items == 0:
+        raise StoreError(f"split {split!r} of data.name={config.data.name!r} has no items: nothing to embed")
+    e = config.embed
+    header = {
+        "version": STORE_VERSION,
+        "fingerprint": model_fingerprint(params, tokenizer, config),
+        "mode": e.mode,
+        "image_weight": float(e.image_weight) if e.mode == "mix" else None,
+        "shard_size": int(e.shard_size),
+        "num_items": num_items,
+        "catalog": {"split": split, "data": json.loads(config.data.to_json_best_effort())},
+        "workdir": str(pathlib.Path(workdir).absolute()),
+    }
+    if (store / HEADER).exists():
+        _check_same_settings(store / HEADER, json.loads((store / HEADER).read_text()), header)
+    else:
+        (store / "shards").mkdir(parents=True, exist_ok=True)
+        titles = source.titles if hasattr(source, "titles") else [source[i]["title"] for i in range(num_items)]
+        with open(store / f"{ITEMS}.tmp", "w") as f:
+            for item_id, title in zip(_source_ids(source), titles):
+                f.write(json.dumps({"id": item_id, "title": title}) + "\n")
+        os.replace(store / f"{ITEMS}.tmp", store / ITEMS)
+        (store / f"{HEADER}.tmp").write_text(json.dumps(header, indent=2))
+        os.replace(store / f"{HEADER}.tmp", store / HEADER)
+
+    import tqdm
+
+    shard_size = header["shard_size"]
+    num_shards = -(-num_items // shard_size)
+    bar = tqdm.tqdm(total=num_items, desc="embed", unit="item", disable=not progress, dynamic_ncols=True)
+    dim = None
+    for index in range(num_shards):
+        start, stop = index * shard_size, min((index + 1) * shard_size, num_items)
+        path = _shard_path(store, index)
+        if path.exists():
+            dim = np.load(path, mmap_mode="r").shape[1]
+            bar.update(stop - start)
+            continue
+        image_emb, text_emb = suite.embed_source(graphdef, params, _Rows(source, start, stop), tokenizer, config)
+        rows = product_vectors(image_emb, text_emb, e.mode, e.image_weight)
+        dim = rows.shape[1]
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, rows)
+        os.replace(tmp, path)
+        bar.update(stop - start)
+    bar.close()
+    header["dim"] = int(dim)
+    (store / HEADER).write_text(json.dumps(header, indent=2))
+    return header
+
+
+@dataclasses.dataclass
+class Store:
+    """An opened store. `shards`: memory-mapped [rows, D] float32 arrays in store order."""
+
+    path: pathlib.Path
+    header: dict
+    ids: list
+    titles: list[str]
+    shards: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+
+def open_store(store_dir: str | pathlib.Path) -> Store:
+    """Opens a finished store (shards memory-mapped, never read whole). Raises StoreError."""
+    store = pathlib.Path(store_dir)
+    if not (store / HEADER).exists():
+        raise StoreError(f"no embedding store at {store} (missing {HEADER}); make one with `prodclip embed`")
+    header = json.loads((store / HEADER).read_text())
+    if header.get("version") != STORE_VERSION:
+        raise StoreError(f"{store / HEADER}: format version {header.get('version')}, expected {STORE_VERSION}")
+    items = [json.loads(line) for line in (store / ITEMS).read_text().splitlines() if line]
+    num_items, shard_size = header["num_items"], header["shard_size"]
+    if num_items == 0 or not items:
+        raise StoreError(f"store {store} is empty: nothing to search")
+    shards = []
+    for index in range(-(-num_items // shard_size)):
+        path = _shard_path(store, index)
+        if not path.exists():
+            raise StoreError(f"store {store} is incomplete: {path.name} is missing; re-run `prodclip embed` "
+                             "with the same --out to resume")
+        shards.append(np.load(path, mmap_mode="r"))
+    if sum(len(s) for s in shards) != num_items or len(items) != num_items:
+        raise StoreError(f"store {store}: {sum(len(s) for s in shards)} rows in shards and {len(items)} items, "
+                         f"header says {num_items}")
+    return Store(store, header, [it["id"] for it in items], [it["title"] for it in items], shards)
+
+
+def check_fingerprint(store: Store, fingerprint: str) -> None:
+    """Raises StoreError if `store` was embedded by a different model than `fingerprint`'s."""
+    if store.header["fingerprint"] != fingerprint:
+        raise StoreError(
+            f"store {store.path} was embedded by model {store.header['fingerprint']} "
+            f"(workdir {store.header.get('workdir')}), but the model loaded now is {fingerprint}; "
+            "scores between different models are meaningless. Re-embed with this model "
+            "(`prodclip embed --workdir RUN --out NEW_STORE`) or search with the run that made the store")

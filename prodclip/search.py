@@ -1,0 +1,201 @@
+"""Search an embedding store with a text or an image query; show the results as HTML or PNG.
+
+    prodclip search "navy striped shirt" --store STORE --workdir RUN [-k 10] [--html out.html | --png out.png]
+    prodclip search --image photo.jpg     --store STORE --workdir RUN
+
+Scores are cosine similarities (store rows and queries are L2-normalised). The
+store is scanned shard by shard with `retrieval.chunked_top_k`, so memory is
+bounded by one gallery chunk per step, never the whole store.
+
+Behaviour on bad input:
+  - a text query longer than the context length is truncated the way training
+    titles are (tokenizer.truncation, default: keep the start) with a warning;
+  - an image that fails to decode, an empty or incomplete store, and a store
+    embedded by another model (fingerprint mismatch) raise SearchError/StoreError.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import pathlib
+from typing import Callable, Sequence
+
+import numpy as np
+
+from prodclip.evaluate import retrieval
+from prodclip.evaluate.store import Store, StoreError
+
+log = logging.getLogger("prodclip")
+
+# A fusion re-ranker: (query, hits) -> hits in a new order with new scores. Fusion
+# heads (another issue) plug in here; search itself never needs one.
+Reranker = Callable[[dict, list[dict]], list[dict]]
+
+
+class SearchError(ValueError):
+    """A query that cannot be run; the message says why."""
+
+
+def top_k(store_shards: Sequence[np.ndarray], queries: np.ndarray, k: int, *,
+          chunk_size: int = retrieval.DEFAULT_CHUNK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows over all shards: (scores [Q, k'] float32, indices [Q, k'] int64 into the store).
+
+    queries [Q, D] float32; shards [n_s, D] (memory-mapped is fine). Equal scores go
+    to the lower store index, the same rule as `retrieval.chunked_top_k`.
+    """
+    if not store_shards or sum(len(s) for s in store_shards) == 0:
+        raise StoreError("empty gallery: the store has no rows to search")
+    best_scores, best_index, offset = [], [], 0
+    for shard in store_shards:
+        scores, index = retrieval.chunked_top_k(queries, shard, k, chunk_size=chunk_size,
+                                                query_block=min(len(queries), retrieval.DEFAULT_QUERY_BLOCK))
+        best_scores.append(scores)
+        best_index.append(index + offset)
+        offset += len(shard)
+    if len(best_scores) == 1:
+        return best_scores[0], best_index[0]
+    scores, index = np.concatenate(best_scores, axis=1), np.concatenate(best_index, axis=1)
+    k_eff = min(k, offset)
+    order = np.lexsort((index, -scores), axis=1)[:, :k_eff]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(index, order, axis=1)
+
+
+def query_token_count(tokenizer, text: str) -> int:
+    """Tokens `text` needs, special tokens included, before truncation."""
+    return len(tokenizer.hf(text.lower() if tokenizer.lowercase else text)["input_ids"])
+
+
+def encode_text_queries(graphdef, params, tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """N query strings -> [N, D] float32; warns for each query the context length truncates."""
+    from prodclip.evaluate import suite
+
+    for text in texts:
+        if not text.strip():
+            raise SearchError("empty text query")
+        n = query_token_count(tokenizer, text)
+        if n > tokenizer.context_length:
+            log.warning("query %r is %d tokens; truncated to the context length %d (%s side dropped)",
+                        text, n, tokenizer.context_length,
+                        "start" if tokenizer.hf.truncation_side == "left" else "end")
+    return suite.title_encoder(graphdef, params, tokenizer, batch_size=len(texts))(texts)
+
+
+def load_query_image(path: str | pathlib.Path, config) -> np.ndarray:
+    """An image file -> [S, S, 3] uint8 model input (fitted as eval images are). Raises SearchError."""
+    from prodclip.data import catalog, pipeline
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SearchError(f"query image not found: {path}")
+    try:
+        image = catalog.decode_image(path.read_bytes())
+    except catalog.ImageError as e:
+        raise SearchError(f"query image {path} cannot be used ({e})") from e
+    return pipeline.fit_to_square(image, config.data.image_size, config.data.resize)
+
+
+def encode_image_queries(graphdef, params, images: np.ndarray) -> np.ndarray:
+    """[N, S, S, 3] uint8 -> [N, D] float32."""
+    from prodclip.evaluate import suite
+
+    encode_image, _ = suite._encoders(graphdef)
+    return np.asarray(encode_image(params, images))
+
+
+def search(store: Store, query_emb: np.ndarray, k: int, *, chunk_size: int = retrieval.DEFAULT_CHUNK_SIZE,
+           rerank: Reranker | None = None, query: dict | None = None) -> list[list[dict]]:
+    """Per query, the top-k hits [{"rank", "index", "id", "title", "score"}], best first.
+
+    query_emb: [Q, D] float32. `rerank`, when given, re-orders each query's hits
+    (the hook for a fusion head); `query` is passed to it as is.
+    """
+    dim = store.shards[0].shape[1]
+    if query_emb.shape[1] != dim:
+        raise StoreError(f"store rows have dim {dim}, the query embedding has dim {query_emb.shape[1]}")
+    scores, index = top_k(store.shards, query_emb, k, chunk_size=chunk_size)
+    out = []
+    for q in range(len(query_emb)):
+        hits = [{"rank": r + 1, "index": int(i), "id": store.ids[i], "title": store.titles[i], "score": float(s)}
+                for r, (s, i) in enumerate(zip(scores[q], index[q]))]
+        out.append(rerank(query or {}, hits) if rerank is not None else hits)
+    return out
+
+
+# ----------------------------------------------------------------------------- showing results
+
+
+def store_images(store: Store, indices: Sequence[int]) -> list[np.ndarray | None]:
+    """The catalog images of store rows (re-opened from the store's catalog pointer); None where unavailable."""
+    from prodclip import config as config_lib
+    from prodclip.data import sources
+
+    pointer = store.header["catalog"]
+    config = config_lib.base_config()
+    try:
+        for key, value in pointer["data"].items():
+            config_lib.set_field(config, f"data.{key}", value)
+        source = sources.make_source(config, pointer["split"])
+    except Exception as e:  # a moved or deleted catalog must not stop the ranked list from printing
+        log.warning("cannot re-open the store's catalog (%s); showing results without images", e)
+        return [None] * len(indices)
+    images = []
+    for i in indices:
+        try:
+            images.append(np.asarray(source[int(i)]["image"]))
+        except Exception as e:
+            log.warning("store row %d: image unavailable (%s)", i, e)
+            images.append(None)
+    return images
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_html(hits: list[dict], images: list[np.ndarray | None], path: str | pathlib.Path, query: str) -> None:
+    """A self-contained HTML grid: each hit's image (inline PNG), rank, score and title."""
+    cells = []
+    for hit, image in zip(hits, images):
+        img = (f'<img src="data:image/png;base64,{base64.b64encode(_png_bytes(image)).decode()}" width="128">'
+               if image is not None else '<div class="missing">no image</div>')
+        cells.append(f'<figure>{img}<figcaption>#{hit["rank"]} &middot; {hit["score"]:.3f}<br>'
+                     f'{html.escape(str(hit["title"]))}<br><small>id {html.escape(str(hit["id"]))}</small>'
+                     "</figcaption></figure>")
+    page = ("<!doctype html><meta charset='utf-8'><title>prodclip search</title><style>"
+            "body{font-family:sans-serif}.grid{display:flex;flex-wrap:wrap;gap:12px}"
+            "figure{width:160px;margin:0}figcaption{font-size:12px}"
+            ".missing{width:128px;height:128px;background:#ddd}</style>"
+            f"<h3>{html.escape(query)}</h3><div class='grid'>{''.join(cells)}</div>\n")
+    pathlib.Path(path).write_text(page, encoding="utf-8")
+
+
+def write_png(hits: list[dict], images: list[np.ndarray | None], path: str | pathlib.Path, query: str) -> None:
+    """A matplotlib grid of the hits' images with rank, score and title."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(5, max(1, len(hits)))
+    rows = -(-len(hits) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, hit, image in zip(axes.flat, hits, images):
+        if image is not None:
+            ax.imshow(image)
+        caption = f"#{hit['rank']}  {hit['score']:.3f}\n" + textwrap.fill(str(hit["title"]), 28)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(query, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
