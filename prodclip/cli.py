@@ -2,6 +2,10 @@
 
     prodclip train --config configs/quickstart.py --workdir runs/qs [--config.train.num_steps=100 ...]
     prodclip eval  --workdir runs/qs [--config.eval.batch_size=512 ...]
+    prodclip export --workdir runs/qs --out exports/qs [--best]
+
+`train` resumes from the workdir's newest valid checkpoint; its exit codes are listed in
+prodclip/faults.py (75: preempted and saved, rerun to resume; 3: NaN/Inf).
 """
 
 from __future__ import annotations
@@ -62,7 +66,15 @@ def cmd_train(args, overrides) -> int:
     from prodclip.evaluate import suite
 
     config = _load_config(args, overrides)
-    results = train.train_and_evaluate(config, args.workdir)
+    from prodclip import faults
+    try:
+        results = train.train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
+    except faults.Preempted as e:
+        print(f"prodclip: {e}", file=sys.stderr)
+        return faults.EXIT_PREEMPTED
+    except faults.NonFiniteError as e:
+        print(f"prodclip: numerical fault: {e}", file=sys.stderr)
+        return faults.EXIT_NONFINITE
     print(suite.format_table(results))
     print(f"\ntrained in {results['train_seconds']:.0f} s; results in {args.workdir}/eval.json")
     return 0
@@ -81,6 +93,21 @@ def cmd_eval(args, overrides) -> int:
     return 0
 
 
+def cmd_export(args, overrides) -> int:
+    from prodclip import checkpoint, train
+
+    config = _load_config(args, overrides)
+    step = checkpoint.Checkpointer(args.workdir, config).best_step() if args.best else None
+    if args.best and step is None:
+        print("prodclip: --best needs checkpoint.best_metric set and a checkpoint saved after an eval",
+              file=sys.stderr)
+        return 1
+    _, params, _, _, meta = train.load_trained(config, args.workdir, {}, step=step)
+    out = checkpoint.export(args.out, params, config, pathlib.Path(args.workdir) / "tokenizer", meta["step"])
+    print(f"exported the params of step {meta['step']} to {out} (prodclip eval --workdir {out})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prodclip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,12 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="python config file defining get_config()")
     p.add_argument("--config-arg", default=None, help="argument passed to get_config(arg)")
     p.add_argument("--workdir", required=True)
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a workdir whose checkpoints were written with a different model/data config")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="re-evaluate a finished run from its workdir")
     p.add_argument("--workdir", required=True)
     p.add_argument("--config", default=None, help="default: the config saved in the workdir")
     p.add_argument("--config-arg", default=None)
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("export", help="write an inference-only export (params, config, tokenizer) of a run")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True, help="a new directory; `prodclip eval --workdir OUT` reads it")
+    p.add_argument("--best", action="store_true", help="export the best checkpoint by checkpoint.best_metric")
+    p.add_argument("--config", default=None, help="default: the config saved in the workdir")
+    p.add_argument("--config-arg", default=None)
+    p.set_defaults(fn=cmd_export)
 
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)

@@ -132,6 +132,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 200
     c.train.progress_bar = True
 
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200  # also saved at the last step, on SIGTERM/SIGINT, and after evals if best_metric
+    c.checkpoint.keep = 3  # the last `keep` checkpoints are kept, plus the best one by best_metric
+    c.checkpoint.best_metric = ""  # a val metric, e.g. "val/t2i/R@1"; empty = keep only the last ones
+    c.checkpoint.best_mode = "max"  # max | min: which value of best_metric is best
+    c.checkpoint.async_save = True  # write in a background thread while training continues
+
     c.eval = ml_collections.ConfigDict()
     c.eval.ks = (1, 5, 10)
     c.eval.batch_size = 256
@@ -268,6 +275,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.text.pooling": ("eot", "cls", "mean"),
         "model.text.activation": ("gelu", "quick_gelu"),
         "loss.name": ("softmax", "sigmoid"),
+        "checkpoint.best_mode": ("max", "min"),
     }.items():
         _check_choice(config, key, choices)
     size, patch = config.data.image_size, config.model.image.patch_size
@@ -292,5 +300,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"optim.warmup_steps={config.optim.warmup_steps} exceeds train.num_steps={config.train.num_steps}"
         )
+    if config.checkpoint.keep < 1 or config.checkpoint.every_steps < 0:
+        raise ConfigError("checkpoint.keep must be >= 1 and checkpoint.every_steps >= 0 (0 = only at the end)")
+    if config.checkpoint.best_metric and not (config.checkpoint.best_metric.startswith("val/")
+                                              and config.train.eval_every > 0):
+        raise ConfigError(f"checkpoint.best_metric={config.checkpoint.best_metric!r} must name a val metric "
+                          "(e.g. 'val/t2i/R@1', 'val/i2t/mAP') and needs train.eval_every > 0")
     if config.data.name == "catalog" and not config.data.path:
         raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
