@@ -82,6 +82,12 @@ def digests(tree: Any) -> tuple[dict[str, int], list[str]]:
     return {n: int(s) for n, s in zip(names, sums)}, [n for n, ok in zip(names, finite) if not ok]
 
 
+def _shapes(tree: Any) -> dict[str, list]:
+    """Leaf path -> [shape, dtype name], as stored in a checkpoint's meta."""
+    return {jax.tree_util.keystr(path): [list(x.shape), str(x.dtype)]
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def abstract(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings, when the leaves have them) for a restore target."""
     return jax.tree.map(
@@ -213,7 +219,7 @@ class Checkpointer:
                                  f"the last good checkpoint stays {self.manager.latest_step()}")
         items = {"state": ocp.args.StandardSave(state),
                  "meta": ocp.args.JsonSave({"step": step, "config": config_to_dict(self.config),
-                                            "digests": leaf_digests})}
+                                            "digests": leaf_digests, "shapes": _shapes(state)})}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         metrics = None
@@ -242,6 +248,8 @@ class Checkpointer:
         for candidate in steps:
             try:
                 return self._restore_verified(candidate, target, data_iterator)
+            except IncompatibleWorkdir:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure to read back means this checkpoint is unusable
                 problems.append(f"step {candidate}: {type(e).__name__}: {str(e)[:300]}")
                 log.warning("checkpoint at step %d is damaged (%s); trying the previous one", candidate, problems[-1])
@@ -250,6 +258,12 @@ class Checkpointer:
 
     def _restore_verified(self, step: int, target: Any, data_iterator: Iterator | None) -> tuple[Any, dict]:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        wanted = _shapes(target)
+        differ = [f"{k}: saved {v}, now {wanted.get(k)}" for k, v in meta["shapes"].items() if wanted.get(k) != v]
+        differ += [f"{k}: not in the checkpoint" for k in wanted.keys() - meta["shapes"].keys()]
+        if differ:
+            raise IncompatibleWorkdir(f"the checkpoint of step {step} in {self.manager.directory} does not fit "
+                                      f"this model: {'; '.join(differ[:5])}")
         items = {"state": ocp.args.StandardRestore(abstract(target))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
