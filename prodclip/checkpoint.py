@@ -1,13 +1,91 @@
-"""Orbax checkpoints of the train state, plus the resolved config beside them."""
+"""Orbax checkpoints: periodic async saves, verified resume, config checks, inference export.
+
+A checkpoint of step s is one orbax step directory, `workdir/checkpoints/<s>/`, holding
+    state   {step, params, opt_state} (StandardSave; restored onto the target's shardings,
+            so a checkpoint written on 8 devices loads on 1 and the reverse)
+    data    the grain train iterator's position (one JSON file per process)
+    meta    JSON: step, the resolved config, and a digest of every state leaf
+The train step draws no random numbers (augmentation randomness lives in the grain
+iterator's state), so there is no separate RNG state to save.
+
+Digests are exact integer checksums (float bits as uint32, position-weighted, summed
+mod 2**32), computed by jit on whatever mesh holds the state; they do not depend on
+the sharding, so they verify a restore onto any device count. A checkpoint whose files
+are missing, unreadable or whose restored values do not match its digests is moved to
+`workdir/damaged_checkpoints/` with a warning, and the previous one is tried.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
-from typing import Any
+import shutil
+from typing import Any, Iterator
 
+import grain
 import jax
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from prodclip.config import ConfigError
+from prodclip.faults import NonFiniteError
+
+log = logging.getLogger("prodclip")
+
+# Config fields that may change between a run and its resumption: they change neither
+# the model nor the data a step sees. Entries ending in '.' cover a whole group.
+RESUMABLE_CHANGES = (
+    "train.num_steps", "train.log_every", "train.eval_every", "train.progress_bar",
+    "data.num_workers", "data.prefetch", "data.eval_splits", "checkpoint.", "eval.",
+)
+
+
+class IncompatibleWorkdir(ConfigError):
+    """The workdir holds checkpoints of a run whose model or data config differs."""
+
+
+class NoValidCheckpoint(RuntimeError):
+    """Checkpoints exist but every one of them is damaged."""
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+def _as_words(x: jax.Array) -> jax.Array:
+    """The raw bits of `x` as a flat uint32 vector (exact, whatever the dtype)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).ravel()
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+
+
+@jax.jit
+def _digest_leaves(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """([n] uint32 checksums, [n] bool all-finite) for n leaves, on the leaves' own devices."""
+    sums, finite = [], []
+    for x in leaves:
+        words = _as_words(x)
+        weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        sums.append(jnp.sum(words * weights, dtype=jnp.uint32))
+        finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True))
+    return jnp.stack(sums), jnp.stack(finite)
+
+
+def digests(tree: Any) -> tuple[dict[str, int], list[str]]:
+    """(leaf path -> uint32 checksum, paths of leaves holding NaN/Inf). One host sync."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0])
+    sums, finite = jax.device_get(_digest_leaves(list(leaves)))
+    names = [jax.tree_util.keystr(p) for p in paths]
+    return {n: int(s) for n, s in zip(names, sums)}, [n for n, ok in zip(names, finite) if not ok]
+
+
+def _shapes(tree: Any) -> dict[str, list]:
+    """Leaf path -> [shape, dtype name], as stored in a checkpoint's meta."""
+    return {jax.tree_util.keystr(path): [list(x.shape), str(x.dtype)]
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract(tree: Any) -> Any:
@@ -17,25 +95,251 @@ def abstract(tree: Any) -> Any:
     )
 
 
-def manager(workdir: str | pathlib.Path, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
-    directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+# ----------------------------------------------------------------------------- config
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-
-
-def restore(mgr: ocp.CheckpointManager, target: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restores `step` (default: latest) onto the structure/shardings of `target`."""
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
-    out = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(target)), meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
 
 
 def write_config(workdir: str | pathlib.Path, config) -> None:
     path = pathlib.Path(workdir) / "config.json"
-    path.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True))
+    path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_fields(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) for each field that changes the model or the data."""
+    old, new = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        free = any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUMABLE_CHANGES)
+        if not free and old.get(key, "<absent>") != new.get(key, "<absent>"):
+            changes.append((key, old.get(key, "<absent>"), new.get(key, "<absent>")))
+    return changes
+
+
+def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
+    """Steps with a committed checkpoint directory (in-progress `*.orbax-checkpoint-tmp*` excluded)."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def check_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, *,
+                  allow_config_change: bool = False) -> None:
+    """Refuses to resume checkpoints in `workdir` written with a different model or data config.
+
+    Raises IncompatibleWorkdir naming every differing field, unless `allow_config_change`.
+    A workdir without checkpoints starts afresh, whatever its config.json says.
+    """
+    workdir = pathlib.Path(workdir)
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        return
+    saved_path = workdir / "config.json"
+    if not saved_path.exists():
+        raise IncompatibleWorkdir(f"{workdir} has checkpoints (steps {steps}) but no config.json to compare with")
+    changes = changed_fields(json.loads(saved_path.read_text()), config_to_dict(config))
+    if not changes:
+        return
+    listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
+    if allow_config_change:
+        log.warning("resuming %s with a changed config (allowed): %s", workdir, listing)
+        return
+    raise IncompatibleWorkdir(
+        f"{workdir} holds checkpoints of a run with a different config in {len(changes)} field(s) that change "
+        f"the model or the data: {listing}. Use a new --workdir, or pass --allow-config-change to resume anyway. "
+        f"Fields that may change freely: {', '.join(RESUMABLE_CHANGES)}")
+
+
+def trim_metrics_log(workdir: str | pathlib.Path, step: int) -> None:
+    """Drops metrics.jsonl lines after `step`, which a resumed run writes again."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+
+
+# ----------------------------------------------------------------------------- the manager
+
+
+class Checkpointer:
+    """The run's checkpoints: `save` every config.checkpoint.every_steps, `restore` the latest valid one.
+
+    Keeps the last `checkpoint.keep` checkpoints plus the best one by `checkpoint.best_metric`
+    (a val metric, e.g. 'val/t2i/R@1', compared by `checkpoint.best_mode`).
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict):
+        c = config.checkpoint
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.config = config
+        self.every_steps = c.every_steps
+        self.best_metric = c.best_metric
+        keep: list[policies.PreservationPolicy] = [policies.LatestN(n=c.keep)]
+        best_fn = None
+        if c.best_metric:
+            best_fn = lambda metrics: metrics[c.best_metric]  # noqa: E731
+            keep.append(policies.BestN(get_metric_fn=best_fn, reverse=c.best_mode == "min", n=1,
+                                       keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            create=True, best_fn=best_fn, best_mode=c.best_mode, cleanup_tmp_directories=True,
+            preservation_policy=policies.AnyPreservationPolicy(keep), enable_async_checkpointing=c.async_save)
+        self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.manager.wait_until_finished()  # a save in flight when the loop stops is still completed
+
+    def should_save(self, step: int, num_steps: int, *, stopping: bool, val_metrics: dict | None) -> bool:
+        periodic = self.every_steps > 0 and step % self.every_steps == 0
+        return periodic or step == num_steps or stopping or bool(self.best_metric and val_metrics)
+
+    def save(self, step: int, state: Any, data_iterator: Iterator | None, val_metrics: dict | None = None) -> None:
+        """Starts an async save of `state` at `step`. Raises NonFiniteError (saving nothing) on NaN/Inf."""
+        leaf_digests, non_finite = digests(state)
+        if non_finite:
+            raise NonFiniteError(f"state at step {step} has NaN/Inf in {', '.join(non_finite[:5])}; not saved, "
+                                 f"the last good checkpoint stays {self.manager.latest_step()}")
+        items = {"state": ocp.args.StandardSave(state),
+                 "meta": ocp.args.JsonSave({"step": step, "config": config_to_dict(self.config),
+                                            "digests": leaf_digests, "shapes": _shapes(state)})}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_grain_iterator(data_iterator))
+        metrics = None
+        if self.best_metric and val_metrics:
+            metrics = {k if k.startswith("val/") else f"val/{k}": float(v) for k, v in val_metrics.items()}
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step() if self.best_metric else None
+
+    def restore(self, target: Any, data_iterator: Iterator | None = None,
+                step: int | None = None) -> tuple[Any, dict] | None:
+        """The newest valid checkpoint (or `step`) restored onto `target`'s structure and shardings.
+
+        Returns (state, meta), or None when there is no checkpoint. A damaged checkpoint is
+        moved aside with a warning and the previous one tried; `data_iterator`, if given,
+        is set to the restored position. Raises NoValidCheckpoint if all are damaged.
+        """
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        problems = []
+        for candidate in steps:
+            try:
+                return self._restore_verified(candidate, target, data_iterator)
+            except IncompatibleWorkdir:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read back means this checkpoint is unusable
+                problems.append(f"step {candidate}: {type(e).__name__}: {str(e)[:300]}")
+                log.warning("checkpoint at step %d is damaged (%s); trying the previous one", candidate, problems[-1])
+                self._move_aside(candidate)
+        raise NoValidCheckpoint(f"no valid checkpoint in {self.manager.directory}: " + " | ".join(problems))
+
+    def _restore_verified(self, step: int, target: Any, data_iterator: Iterator | None) -> tuple[Any, dict]:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        wanted = _shapes(target)
+        differ = [f"{k}: saved {v}, now {wanted.get(k)}" for k, v in meta["shapes"].items() if wanted.get(k) != v]
+        differ += [f"{k}: not in the checkpoint" for k in wanted.keys() - meta["shapes"].keys()]
+        if differ:
+            raise IncompatibleWorkdir(f"the checkpoint of step {step} in {self.manager.directory} does not fit "
+                                      f"this model: {'; '.join(differ[:5])}")
+        items = {"state": ocp.args.StandardRestore(abstract(target))}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(_grain_iterator(data_iterator))
+        state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        restored, _ = digests(state)
+        wrong = [k for k, v in meta["digests"].items() if restored.get(k) != v]
+        if wrong or meta["step"] != step:
+            raise ValueError(f"restored values differ from their saved digests in {', '.join(wrong[:5])}")
+        return state, meta
+
+    def _move_aside(self, step: int) -> None:
+        """Moves a damaged step out of orbax's view, so a resumed run can save that step again."""
+        if jax.process_index() == 0:
+            source = pathlib.Path(self.manager.directory) / str(step)
+            damaged = self.workdir / "damaged_checkpoints"
+            damaged.mkdir(exist_ok=True)
+            if source.exists():
+                shutil.move(str(source), str(damaged / f"{step}"))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"prodclip_move_aside_{step}")
+        self.manager.reload()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+EXPORT_MARKER = "export.json"
+
+
+def export(out_dir: str | pathlib.Path, params: Any, config: ml_collections.ConfigDict,
+           tokenizer_dir: str | pathlib.Path, step: int) -> pathlib.Path:
+    """Writes an inference-only export: params (no optimizer state), config.json, tokenizer/.
+
+    `prodclip eval --workdir OUT` and `load_params` read it like a training workdir.
+    """
+    out_dir = pathlib.Path(out_dir).absolute()
+    if (out_dir / EXPORT_MARKER).exists() or (out_dir / "params").exists():
+        raise FileExistsError(f"{out_dir} already holds an export; choose a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    leaf_digests, non_finite = digests(params)
+    if non_finite:
+        raise NonFiniteError(f"params of step {step} have NaN/Inf in {', '.join(non_finite[:5])}; not exported")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out_dir / "params", params)
+    write_config(out_dir, config)
+    shutil.copytree(tokenizer_dir, out_dir / "tokenizer", dirs_exist_ok=True)
+    (out_dir / EXPORT_MARKER).write_text(json.dumps({"step": step, "digests": leaf_digests}, indent=1))
+    return out_dir
+
+
+def load_params(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, target_state: Any,
+                step: int | None = None) -> tuple[Any, dict]:
+    """(params, meta) from an export dir, or from a training workdir's newest valid checkpoint (or `step`).
+
+    `target_state` is {step, params, opt_state} with the wanted shardings (an export uses
+    only its params). Raises FileNotFoundError when there is nothing to load.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    marker = workdir / EXPORT_MARKER
+    if marker.exists():
+        meta = json.loads(marker.read_text())
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(workdir / "params", abstract(target_state["params"]))
+        restored, _ = digests(params)
+        wrong = [k for k, v in meta["digests"].items() if restored.get(k) != v]
+        if wrong:
+            raise ValueError(f"export {workdir} is damaged: params differ from their digests in {', '.join(wrong[:5])}")
+        return params, meta
+    restored = Checkpointer(workdir, config).restore(target_state, step=step)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'} and no {EXPORT_MARKER} in {workdir}")
+    state, meta = restored
+    return state["params"], meta
+
+
+def _grain_iterator(data_iterator: Iterator) -> Iterator:
+    """The grain DatasetIterator inside prodclip's ResumableIterator wrapper (or the iterator itself)."""
+    return getattr(data_iterator, "iterator", data_iterator)

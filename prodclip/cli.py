@@ -6,6 +6,10 @@
     prodclip data inspect product_catalog --data-dir /data/tfds --grid pairs.png
     prodclip embed --workdir runs/qs --out stores/qs_test [--split test] [--config.embed.mode=image ...]
     prodclip search "navy striped shirt" --store stores/qs_test --workdir runs/qs [-k 10] [--html out.html]
+    prodclip export --workdir runs/qs --out exports/qs [--best]
+
+`train` resumes from the workdir's newest valid checkpoint; its exit codes are listed in
+prodclip/faults.py (75: preempted and saved, rerun to resume; 3: NaN/Inf).
 """
 
 from __future__ import annotations
@@ -67,7 +71,15 @@ def cmd_train(args, overrides) -> int:
 
     config = _load_config(args, overrides)
     _maybe_initialize_distributed(args)
-    results = train.train_and_evaluate(config, args.workdir)
+    from prodclip import faults
+    try:
+        results = train.train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
+    except faults.Preempted as e:
+        print(f"prodclip: {e}", file=sys.stderr)
+        return faults.EXIT_PREEMPTED
+    except faults.NonFiniteError as e:
+        print(f"prodclip: numerical fault: {e}", file=sys.stderr)
+        return faults.EXIT_NONFINITE
     print(suite.format_table(results))
     print(f"\ntrained in {results['train_seconds']:.0f} s; results in {args.workdir}/eval.json")
     return 0
@@ -195,6 +207,21 @@ def cmd_search(args, overrides) -> int:
     return 0
 
 
+def cmd_export(args, overrides) -> int:
+    from prodclip import checkpoint, train
+
+    config = _load_config(args, overrides)
+    step = checkpoint.Checkpointer(args.workdir, config).best_step() if args.best else None
+    if args.best and step is None:
+        print("prodclip: --best needs checkpoint.best_metric set and a checkpoint saved after an eval",
+              file=sys.stderr)
+        return 1
+    _, params, _, _, meta, _ = train.load_trained(config, args.workdir, {}, step=step)
+    out = checkpoint.export(args.out, params, config, pathlib.Path(args.workdir) / "tokenizer", meta["step"])
+    print(f"exported the params of step {meta['step']} to {out} (prodclip eval --workdir {out})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prodclip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-processes", dest="num_processes", type=int, default=None,
                    help="env PRODCLIP_NUM_PROCESSES")
     p.add_argument("--process-id", dest="process_id", type=int, default=None, help="env PRODCLIP_PROCESS_ID")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a workdir whose checkpoints were written with a different model/data config")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="re-evaluate a finished run from its workdir")
     p.add_argument("--workdir", required=True)
@@ -247,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", default=None, help="inspect: write a PNG grid of sample pairs here")
     p.add_argument("--num-pairs", type=int, default=16)
     p.set_defaults(fn=cmd_data)
+    p = sub.add_parser("export", help="write an inference-only export (params, config, tokenizer) of a run")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True, help="a new directory; `prodclip eval --workdir OUT` reads it")
+    p.add_argument("--best", action="store_true", help="export the best checkpoint by checkpoint.best_metric")
+    p.add_argument("--config", default=None, help="default: the config saved in the workdir")
+    p.add_argument("--config-arg", default=None)
+    p.set_defaults(fn=cmd_export)
 
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)

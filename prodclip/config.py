@@ -158,6 +158,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.loss = "all_gather"  # all_gather | ring (shard_map + ppermute, O((B/n)^2) logits per device)
     c.parallel.fsdp_min_size = 16384  # parameters with fewer elements stay replicated
 
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200  # also saved at the last step, on SIGTERM/SIGINT, and after evals if best_metric
+    c.checkpoint.keep = 3  # the last `keep` checkpoints are kept, plus the best one by best_metric
+    c.checkpoint.best_metric = ""  # a val metric, e.g. "val/t2i/R@1"; empty = keep only the last ones
+    c.checkpoint.best_mode = "max"  # max | min: which value of best_metric is best
+    c.checkpoint.async_save = True  # write in a background thread while training continues
+
     c.eval = ml_collections.ConfigDict()
     c.eval.ks = (1, 5, 10)
     c.eval.batch_size = 256
@@ -314,6 +321,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "parallel.strategy": ("sharded", "pmap"),
         "parallel.loss": ("all_gather", "ring"),
         "embed.mode": ("image", "text", "mix"),
+        "checkpoint.best_mode": ("max", "min"),
     }.items():
         _check_choice(config, key, choices)
     size, patch = config.data.image_size, config.model.image.patch_size
@@ -355,6 +363,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         label, sep, template = entry.partition(":")
         if not (sep and label.strip() and "{}" in template):
             raise ConfigError(f"eval.label_templates entry {entry!r} must look like 'label:template with {{}}'")
+    if config.checkpoint.keep < 1 or config.checkpoint.every_steps < 0:
+        raise ConfigError("checkpoint.keep must be >= 1 and checkpoint.every_steps >= 0 (0 = only at the end)")
+    if config.checkpoint.best_metric and not (config.checkpoint.best_metric.startswith("val/")
+                                              and config.train.eval_every > 0):
+        raise ConfigError(f"checkpoint.best_metric={config.checkpoint.best_metric!r} must name a val metric "
+                          "(e.g. 'val/t2i/R@1', 'val/i2t/mAP') and needs train.eval_every > 0")
     if config.data.name == "catalog" and not config.data.path:
         raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
 

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from prodclip import checkpoint, gradcache, losses, parallel
+from prodclip import checkpoint, faults, gradcache, losses, parallel
 from prodclip import config as config_lib
 from prodclip.data import pipeline, sources
 from prodclip.data import tokenizer as tokenizer_lib
@@ -200,10 +200,17 @@ def load_tokenizer_and_sources(config: ml_collections.ConfigDict, workdir: pathl
     return tokenizer, split_sources, label_stats
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Trains `config` in `workdir`, evaluates on config.data.eval_splits, returns the results."""
-    # --- Set-up: reject a bad config before any compute.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+    """Trains `config` in `workdir`, evaluates on config.data.eval_splits, returns the results.
+
+    Resumes from the workdir's newest valid checkpoint. Raises faults.Preempted after saving
+    on SIGTERM/SIGINT, faults.NonFiniteError on NaN/Inf, checkpoint.IncompatibleWorkdir when
+    the workdir's checkpoints have another model/data config (unless `allow_config_change`).
+    """
+    # --- Set-up: reject a bad config, or a workdir of another run, before any compute.
     config_lib.validate(config)
+    checkpoint.check_workdir(workdir, config, allow_config_change=allow_config_change)
     workdir = prepare_workdir(config, workdir)
     writer = MetricsWriter(workdir)
     t_start = time.time()
@@ -230,41 +237,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state = compiled.place_state(state)
     log.info("mesh: %s, strategy %s, loss %s", dict(mesh.shape), config.parallel.strategy, config.parallel.loss)
 
-    # --- Loop.
+    # --- Resume: the newest valid checkpoint (state and data position), or step 0.
+    ckpt = checkpoint.Checkpointer(workdir, config)
+    restored = ckpt.restore(compiled.global_state(state), train_iter)
+    if restored:
+        state = compiled.place_state(restored[0])
+    start_step = int(jax.device_get(compiled.global_state(state)["step"]))
+    checkpoint.trim_metrics_log(workdir, start_step)
+    if start_step:
+        log.info("resumed from the checkpoint of step %d", start_step)
+
+    # --- Loop. Checkpoints every checkpoint.every_steps and at the end; SIGTERM/SIGINT saves the
+    # current step and raises faults.Preempted; NaN/Inf raises faults.NonFiniteError, saving nothing.
     num_steps = config.train.num_steps
-    progress = _progress_bar(num_steps, config.train.progress_bar)
+    progress = _progress_bar(num_steps, config.train.progress_bar, initial=start_step)
     pending: list[dict] = []
     t_log = time.time()
-    for step in range(1, num_steps + 1):
-        batch = compiled.place_batch(next(train_iter))
-        with jax.transfer_guard_device_to_host("disallow"):
-            state, metrics = compiled.step(state, batch)
-        pending.append(metrics)
-        if step % config.train.log_every == 0 or step == num_steps:
-            host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-            if not np.isfinite(host["loss"]) or not np.isfinite(host["grad_norm"]):
-                bad = "loss" if not np.isfinite(host["loss"]) else "grad_norm"
-                raise FloatingPointError(f"non-finite {bad} at step {step}; stopping (no checkpoint written)")
-            dt = time.time() - t_log
-            host["pairs_per_sec"] = len(pending) * config.train.batch_size / dt
-            writer.write(step, host, prefix="train/")
-            progress.set_postfix(loss=f"{host['loss']:.3f}", pairs_s=f"{host['pairs_per_sec']:.0f}")
-            pending, t_log = [], time.time()
-        if config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps:
-            val = suite.evaluate_split(graphdef, compiled.global_state(state)["params"], split_sources["val"],
-                                       tokenizer, config, with_zeroshot=False)
-            writer.write(step, val, prefix="val/")
-            t_log = time.time()
-        progress.update(1)
+    with faults.StopRequests() as stop, ckpt:
+        for step in range(start_step + 1, num_steps + 1):
+            batch = compiled.place_batch(next(train_iter))
+            with jax.transfer_guard_device_to_host("disallow"):
+                state, metrics = compiled.step(state, batch)
+            pending.append(metrics)
+            if step % config.train.log_every == 0 or step == num_steps:
+                faults.check_finite(pending, first_step=step - len(pending) + 1)
+                host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+                dt = time.time() - t_log
+                host["pairs_per_sec"] = len(pending) * config.train.batch_size / dt
+                writer.write(step, host, prefix="train/")
+                progress.set_postfix(loss=f"{host['loss']:.3f}", pairs_s=f"{host['pairs_per_sec']:.0f}")
+                pending, t_log = [], time.time()
+            val = None
+            if config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps:
+                val = suite.evaluate_split(graphdef, compiled.global_state(state)["params"], split_sources["val"],
+                                           tokenizer, config, with_zeroshot=False)
+                writer.write(step, val, prefix="val/")
+                t_log = time.time()
+            stopping = stop.requested(step)
+            if ckpt.should_save(step, num_steps, stopping=stopping, val_metrics=val):
+                faults.check_finite(pending, first_step=step - len(pending) + 1)
+                ckpt.save(step, compiled.global_state(state), train_iter, val_metrics=val)
+            if stopping:
+                raise faults.Preempted(step, stop.received)
+            progress.update(1)
     progress.close()
     train_iter.close()
     train_seconds = time.time() - t_start
 
-    # --- Checkpoint.
     state = compiled.global_state(state)
-    mgr = checkpoint.manager(workdir)
-    checkpoint.save(mgr, num_steps, state, {"step": num_steps, "num_params": int(num_params)})
-    mgr.wait_until_finished()
 
     # --- Final evaluation.
     results = suite.evaluate_all(graphdef, state["params"], split_sources, tokenizer, config, label_stats,
@@ -276,21 +296,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return results
 
 
-def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, splits):
-    """Rebuilds a finished run from its workdir: (graphdef, params, tokenizer, sources, meta, label_stats).
+def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, splits, step: int | None = None):
+    """Rebuilds a run from its workdir or an export dir: (graphdef, params, tokenizer, sources, meta, label_stats).
 
-    The one place a trained model is loaded (eval, embed, search); other formats
-    (an export dir) are recognised here.
+    The one place a trained model is loaded (eval, embed, search).
     """
     workdir = pathlib.Path(workdir)
     tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, splits)
     graphdef, params = create_model(config, tokenizer, config.seed)
     tx = make_optimizer(config, params)
     target = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
-    state, meta = checkpoint.restore(checkpoint.manager(workdir), target)
-    return graphdef, state["params"], tokenizer, split_sources, meta, label_stats
+    params, meta = checkpoint.load_params(workdir, config, target, step=step)
+    return graphdef, params, tokenizer, split_sources, meta, label_stats
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, initial: int = 0):
     import tqdm
-    return tqdm.tqdm(total=total, disable=not enabled, desc="train", dynamic_ncols=True, mininterval=2.0)
+    return tqdm.tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True,
+                     mininterval=2.0)

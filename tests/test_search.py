@@ -85,7 +85,7 @@ def test_train_embed_search_through_cli(trained_run, tmp_path, capsys, caplog):
 
     # Exact titles find their own item, for the trained model ...
     config = cli._load_config(argparse.Namespace(config=None, config_arg=None, workdir=workdir), [])
-    graphdef, params, tokenizer, sources, _ = train.load_trained(config, workdir, {"train": None})
+    graphdef, params, tokenizer, sources, _, _ = train.load_trained(config, workdir, {"train": None})
     trained_rate = _exact_title_top1(store, graphdef, params, tokenizer)
     assert trained_rate >= EXACT_TITLE_TOP1
 
