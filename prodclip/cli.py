@@ -1,7 +1,8 @@
-"""`prodclip train | eval`: the command line.
+"""`prodclip train | eval | convert`: the command line.
 
     prodclip train --config configs/quickstart.py --workdir runs/qs [--config.train.num_steps=100 ...]
     prodclip eval  --workdir runs/qs [--config.eval.batch_size=512 ...]
+    prodclip convert import HF_CLIP_DIR --out runs/clip   |   prodclip convert export runs/qs --out HF_DIR
 """
 
 from __future__ import annotations
@@ -81,6 +82,28 @@ def cmd_eval(args, overrides) -> int:
     return 0
 
 
+def cmd_convert(args, overrides) -> int:
+    from prodclip import config as config_lib
+    from prodclip import convert
+
+    try:
+        if args.direction == "import":
+            base = config_lib.load_config_file(args.config, args.config_arg) if args.config else None
+            if overrides:
+                base = base if base is not None else config_lib.base_config()
+                base.lock()
+                config_lib.apply_overrides(base, overrides)
+            config = convert.import_hf_clip(args.source, args.out, base)
+            print(f"imported {args.source} -> {args.out} (model.init_checkpoint={config.model.init_checkpoint})")
+        else:
+            convert.export_hf_clip(args.source, args.out, args.step)
+            print(f"exported {args.source} -> {args.out} (transformers.CLIPModel.from_pretrained)")
+    except convert.CheckpointError as e:
+        print(f"prodclip: convert error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prodclip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="default: the config saved in the workdir")
     p.add_argument("--config-arg", default=None)
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("convert", help="import a HF / OpenAI CLIP directory, or export a run as one")
+    p.add_argument("direction", choices=("import", "export"))
+    p.add_argument("source", help="import: a HF CLIP dir (config.json + model.safetensors); export: a workdir")
+    p.add_argument("--out", required=True, help="import: the new workdir; export: the HF dir to write")
+    p.add_argument("--step", type=int, default=None, help="export: the checkpoint step (default: latest)")
+    p.add_argument("--config", default=None, help="import: a config file for the non-model fields")
+    p.add_argument("--config-arg", default=None)
+    p.set_defaults(fn=cmd_convert)
 
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)
