@@ -102,6 +102,37 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def restore_params(workdir: str | pathlib.Path, like: dict) -> dict:
+    """The latest checkpoint's params from another run's workdir, in the structure of `like`.
+
+    Every parameter of `like` must be present with the same shape; the error names the
+    first ones that are not. Dtypes follow `like`.
+    """
+    mgr = manager(workdir)
+    step = mgr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {mgr.directory} to initialise from")
+    saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    if "params" not in saved:
+        raise ValueError(f"{mgr.directory} step {step}: no 'params' in the saved state (keys: {sorted(saved)})")
+    flat_saved = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(saved["params"])}
+    flat_like = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(like)}
+    missing = sorted(set(flat_like) - set(flat_saved))
+    unexpected = sorted(set(flat_saved) - set(flat_like))
+    wrong = [f"{k} {tuple(flat_saved[k].shape)} (model: {tuple(v.shape)})"
+             for k, v in flat_like.items() if k in flat_saved and flat_saved[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"checkpoint {mgr.directory} step {step} does not fit the model: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, v: jax.numpy.asarray(flat_saved[_path_str(p)], dtype=v.dtype), like)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def write_config(workdir: str | pathlib.Path, config) -> None:
     path = pathlib.Path(workdir) / "config.json"
     path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))

@@ -1,4 +1,4 @@
-"""`prodclip train | eval | data | embed | search`: the command line.
+"""`prodclip train | eval | export | convert | data | embed | search`: the command line.
 
     prodclip train --config configs/quickstart.py --workdir runs/qs [--config.train.num_steps=100 ...]
     prodclip eval  --workdir runs/qs [--config.eval.batch_size=512 ...]
@@ -6,6 +6,7 @@
     prodclip data inspect product_catalog --data-dir /data/tfds --grid pairs.png
     prodclip embed --workdir runs/qs --out stores/qs_test [--split test] [--config.embed.mode=image ...]
     prodclip search "navy striped shirt" --store stores/qs_test --workdir runs/qs [-k 10] [--html out.html]
+    prodclip convert import HF_CLIP_DIR --out runs/clip   |   prodclip convert export runs/qs --out HF_DIR
     prodclip export --workdir runs/qs --out exports/qs [--best]
 
 `train` resumes from the workdir's newest valid checkpoint; its exit codes are listed in
@@ -219,6 +220,26 @@ def cmd_export(args, overrides) -> int:
     _, params, _, _, meta, _ = train.load_trained(config, args.workdir, {}, step=step)
     out = checkpoint.export(args.out, params, config, pathlib.Path(args.workdir) / "tokenizer", meta["step"])
     print(f"exported the params of step {meta['step']} to {out} (prodclip eval --workdir {out})")
+
+def cmd_convert(args, overrides) -> int:
+    from prodclip import config as config_lib
+    from prodclip import convert
+
+    try:
+        if args.direction == "import":
+            base = config_lib.load_config_file(args.config, args.config_arg) if args.config else None
+            if overrides:
+                base = base if base is not None else config_lib.base_config()
+                base.lock()
+                config_lib.apply_overrides(base, overrides)
+            config = convert.import_hf_clip(args.source, args.out, base)
+            print(f"imported {args.source} -> {args.out} (model.init_checkpoint={config.model.init_checkpoint})")
+        else:
+            convert.export_hf_clip(args.source, args.out, args.step)
+            print(f"exported {args.source} -> {args.out} (transformers.CLIPModel.from_pretrained)")
+    except convert.CheckpointError as e:
+        print(f"prodclip: convert error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -283,6 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="default: the config saved in the workdir")
     p.add_argument("--config-arg", default=None)
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("convert", help="import a HF / OpenAI CLIP directory, or export a run as one")
+    p.add_argument("direction", choices=("import", "export"))
+    p.add_argument("source", help="import: a HF CLIP dir (config.json + model.safetensors); export: a workdir")
+    p.add_argument("--out", required=True, help="import: the new workdir; export: the HF dir to write")
+    p.add_argument("--step", type=int, default=None, help="export: the checkpoint step (default: latest)")
+    p.add_argument("--config", default=None, help="import: a config file for the non-model fields")
+    p.add_argument("--config-arg", default=None)
+    p.set_defaults(fn=cmd_convert)
 
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)

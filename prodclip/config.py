@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import math
 import pathlib
+import re
 from typing import Any, Sequence
 
 import ml_collections
@@ -102,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.logit_bias_init = -10.0
     c.model.learn_temperature = True
     c.model.remat = False
+    # A prodclip workdir (e.g. written by `prodclip convert import`) whose latest params start training.
+    c.model.init_checkpoint = ""
     c.model.image = ml_collections.ConfigDict()
     c.model.image.preset = "ti"
     c.model.image.width = config_dict.placeholder(int)
@@ -114,6 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.pre_norm = False  # a LayerNorm before the blocks (OpenAI CLIP)
     c.model.image.activation = "gelu"  # gelu | quick_gelu
     c.model.image.proj_bias = False
+    c.model.image.patch_bias = True  # a bias in the patch embedding (OpenAI CLIP has none)
+    c.model.image.pixel_norm = "imagenet"  # imagenet | clip: the mean/std the model normalises pixels with
     c.model.text = ml_collections.ConfigDict()
     c.model.text.preset = "ti"
     c.model.text.width = config_dict.placeholder(int)
@@ -124,6 +130,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text.pooling = "eot"  # eot | cls | mean
     c.model.text.activation = "gelu"
     c.model.text.proj_bias = False
+    # Where 'eot' pooling reads: last_nonpad | eos_id (first `eos_id` token, transformers' CLIP) |
+    # argmax (largest id, transformers' rule for legacy CLIP configs with eos_token_id 2).
+    c.model.text.eot_rule = "last_nonpad"
+    c.model.text.eos_id = -1
+    c.model.text.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's size
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
@@ -140,6 +151,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.98
     c.optim.eps = 1e-6
     c.optim.clip_norm = 1.0
+    # Partial fine-tuning (LiT): locked towers and parameters get no updates.
+    c.optim.lock_image = False
+    c.optim.lock_text = False
+    c.optim.frozen_patterns = ()  # regexes, matched in full against paths like 'text_tower/encoder/blocks/0/attn/query/kernel'
+    c.optim.image_lr_mult = 1.0  # the image tower's learning rate = learning_rate * image_lr_mult
+    c.optim.text_lr_mult = 1.0
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256
@@ -194,10 +211,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """Imports a python config file and calls its `get_config(arg)`; returns it locked."""
+    """Imports a python config file and calls its `get_config(arg)`; returns it locked.
+
+    A `.json` file (a run's saved config.json) is read with `load_config_json`.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.suffix == ".json":
+        return load_config_json(path)
     spec = importlib.util.spec_from_file_location(f"prodclip_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -211,6 +233,29 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
     except (AttributeError, TypeError, KeyError) as e:
         raise ConfigError(f"{path}: get_config() failed: {e}") from e
     config.lock()
+    return config
+
+
+def load_config_json(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """base_config() updated with every field of a saved config.json; unknown fields are an error."""
+    path = pathlib.Path(path)
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    config = base_config()
+    config.lock()
+
+    def assign(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                assign(value, f"{prefix}{key}.")
+            else:
+                try:
+                    set_field(config, f"{prefix}{key}", value)
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: {e}") from e
+    assign(saved, "")
     return config
 
 
@@ -317,6 +362,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.text.mask": ("causal", "bidirectional"),
         "model.text.pooling": ("eot", "cls", "mean"),
         "model.text.activation": ("gelu", "quick_gelu"),
+        "model.image.pixel_norm": ("imagenet", "clip"),
+        "model.text.eot_rule": ("last_nonpad", "eos_id", "argmax"),
         "loss.name": ("softmax", "sigmoid"),
         "parallel.strategy": ("sharded", "pmap"),
         "parallel.loss": ("all_gather", "ring"),
@@ -369,6 +416,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                               and config.train.eval_every > 0):
         raise ConfigError(f"checkpoint.best_metric={config.checkpoint.best_metric!r} must name a val metric "
                           "(e.g. 'val/t2i/R@1', 'val/i2t/mAP') and needs train.eval_every > 0")
+    if config.model.text.eot_rule == "eos_id" and config.model.text.eos_id < 0:
+        raise ConfigError("model.text.eot_rule='eos_id' needs model.text.eos_id (the end-of-text token id)")
+    for key in ("image_lr_mult", "text_lr_mult"):
+        if config.optim[key] < 0:
+            raise ConfigError(f"'optim.{key}' must be >= 0, got {config.optim[key]}")
+    for pattern in config.optim.frozen_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"optim.frozen_patterns: {pattern!r} is not a valid regex: {e}") from e
     if config.data.name == "catalog" and not config.data.path:
         raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
 

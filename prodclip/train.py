@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import re
 import time
 from functools import partial
 from typing import Any
@@ -44,13 +45,30 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
+def param_path(path) -> str:
+    """'text_tower/encoder/blocks/0/attn/query/kernel' for a tree_map_with_path key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def trainable_labels(params: Any, config: ml_collections.ConfigDict) -> Any:
-    """'train' or 'frozen' per parameter (a fixed temperature freezes the logit scale)."""
+    """'image', 'text', 'other' or 'frozen' per parameter.
+
+    Frozen: a locked tower (optim.lock_image / lock_text, LiT), a path fully matching one of
+    optim.frozen_patterns, or the logit scale when the temperature is fixed. The other labels
+    pick the learning-rate multiplier (optim.image_lr_mult / text_lr_mult).
+    """
+    o = config.optim
+    patterns = [re.compile(p) for p in o.frozen_patterns]
+
     def label(path, _):
         name = getattr(path[0], "key", None)
         if name == "log_logit_scale" and not config.model.learn_temperature:
             return "frozen"
-        return "train"
+        if (name == "image_tower" and o.lock_image) or (name == "text_tower" and o.lock_text):
+            return "frozen"
+        if any(p.fullmatch(param_path(path)) for p in patterns):
+            return "frozen"
+        return {"image_tower": "image", "text_tower": "text"}.get(name, "other")
     return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -63,12 +81,28 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine, decoupled weight decay on kernels only, global-norm clipping."""
+    """AdamW with warmup + cosine, decoupled weight decay on kernels only, global-norm clipping.
+
+    Frozen parameters (see trainable_labels) get zero updates and do not count in the clipping
+    norm; each tower's learning rate is scaled by its optim.*_lr_mult.
+    """
     o = config.optim
-    adamw = optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                        weight_decay=o.weight_decay, mask=decay_mask(params))
-    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, trainable_labels(params, config))
+    labels = trainable_labels(params, config)
+    schedule = learning_rate_schedule(config)
+
+    def adamw(mult: float) -> optax.GradientTransformation:
+        return optax.adamw(lambda step: schedule(step) * mult, b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay, mask=decay_mask(params))
+
+    frozen = optax.set_to_zero()
+    update = optax.multi_transform(
+        {"image": adamw(o.image_lr_mult), "text": adamw(o.text_lr_mult), "other": adamw(1.0), "frozen": frozen},
+        labels)
+    if o.clip_norm <= 0:
+        return update
+    zero_frozen = optax.multi_transform(
+        {"image": optax.identity(), "text": optax.identity(), "other": optax.identity(), "frozen": frozen}, labels)
+    return optax.chain(zero_frozen, optax.clip_by_global_norm(o.clip_norm), update)
 
 
 # ----------------------------------------------------------------------------- model + state
@@ -224,6 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # --- Model and optimizer.
     graphdef, params = create_model(config, tokenizer, config.seed)
+    if config.model.init_checkpoint:
+        params = checkpoint.restore_params(config.model.init_checkpoint, params)
+        log.info("model: params initialised from %s", config.model.init_checkpoint)
     tx = make_optimizer(config, params)
     state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
     num_params = sum(x.size for x in jax.tree.leaves(params))

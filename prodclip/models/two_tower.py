@@ -10,7 +10,7 @@ from flax import nnx
 from prodclip import config as config_lib
 from prodclip import losses
 from prodclip.models.text import TextTransformer
-from prodclip.models.vit import VisionTransformer
+from prodclip.models.vit import PIXEL_STATS, VisionTransformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -66,18 +66,25 @@ def build_model(config: ml_collections.ConfigDict, *, vocab_size: int, pad_id: i
     """Builds the two-tower model from `config.model` (see config.base_config)."""
     m = config.model
     dtype = DTYPES[m.dtype]
+    if m.text.vocab_size is not None and m.text.vocab_size < vocab_size:
+        raise config_lib.ConfigError(
+            f"model.text.vocab_size={m.text.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
+    vocab_size = m.text.vocab_size or vocab_size
+    pixel_mean, pixel_std = PIXEL_STATS[m.image.pixel_norm]
     image_dims = config_lib.tower_dims(m.image, config_lib.VIT_PRESETS)
     text_dims = config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS)
     image_tower = VisionTransformer(
         image_size=config.data.image_size, patch_size=m.image.patch_size, mlp_ratio=m.image.mlp_ratio,
         embed_dim=m.embed_dim, pooling=m.image.pooling, posemb=m.image.posemb, pre_norm=m.image.pre_norm,
         activation=m.image.activation, proj_bias=m.image.proj_bias, dtype=dtype, remat=m.remat, rngs=rngs,
+        patch_bias=m.image.patch_bias, pixel_mean=pixel_mean, pixel_std=pixel_std,
         **image_dims,
     )
     text_tower = TextTransformer(
         vocab_size=vocab_size, context_length=config.tokenizer.context_length, mlp_ratio=m.text.mlp_ratio,
         embed_dim=m.embed_dim, mask=m.text.mask, pooling=m.text.pooling, pad_id=pad_id,
         activation=m.text.activation, proj_bias=m.text.proj_bias, dtype=dtype, remat=m.remat, rngs=rngs,
+        eot_rule=m.text.eot_rule, eos_id=m.text.eos_id,
         **text_dims,
     )
     return TwoTower(

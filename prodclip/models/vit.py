@@ -13,6 +13,10 @@ from prodclip.models import layers
 # ImageNet statistics on a 0..255 scale; the model normalises its own uint8 input.
 PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# OpenAI CLIP's statistics on a 0..255 scale (its preprocessor_config.json, times 255).
+CLIP_PIXEL_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
+CLIP_PIXEL_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
+PIXEL_STATS = {"imagenet": (PIXEL_MEAN, PIXEL_STD), "clip": (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD)}
 
 
 def sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -36,12 +40,14 @@ class VisionTransformer(nnx.Module):
       pooling: 'cls' (class token), 'gap' (mean of patch tokens) or 'map' (attention pooling).
       posemb: 'sincos2d' (fixed) or 'learn'.
       pre_norm: a LayerNorm on the tokens before the blocks (as OpenAI CLIP).
+      patch_bias: a bias in the patch embedding (OpenAI CLIP has none).
+      pixel_mean, pixel_std: per-channel statistics on a 0..255 scale.
     """
 
     def __init__(
         self, *, image_size, patch_size, width, depth, num_heads, mlp_ratio, embed_dim, rngs: nnx.Rngs,
         pooling="gap", posemb="sincos2d", pre_norm=False, activation="gelu", proj_bias=False,
-        pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, dtype=jnp.float32, remat=False,
+        pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, dtype=jnp.float32, remat=False, patch_bias=True,
     ):
         self.patch_size = patch_size
         self.grid = image_size // patch_size
@@ -50,7 +56,7 @@ class VisionTransformer(nnx.Module):
         self.pixel_mean = tuple(float(v) for v in pixel_mean)
         self.pixel_std = tuple(float(v) for v in pixel_std)
         self.width = width
-        self.patch_embed = layers.dense(patch_size * patch_size * 3, width, rngs, dtype=dtype, use_bias=True)
+        self.patch_embed = layers.dense(patch_size * patch_size * 3, width, rngs, dtype=dtype, use_bias=patch_bias)
         num_tokens = self.grid * self.grid + (1 if pooling == "cls" else 0)
         if posemb == "learn":
             self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (num_tokens, width)))
