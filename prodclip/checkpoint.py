@@ -108,7 +108,7 @@ def restore_params(workdir: str | pathlib.Path, like: dict) -> dict:
     Every parameter of `like` must be present with the same shape; the error names the
     first ones that are not. Dtypes follow `like`.
     """
-    mgr = manager(workdir)
+    mgr = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints")
     step = mgr.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {mgr.directory} to initialise from")

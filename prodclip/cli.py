@@ -220,6 +220,8 @@ def cmd_export(args, overrides) -> int:
     _, params, _, _, meta, _ = train.load_trained(config, args.workdir, {}, step=step)
     out = checkpoint.export(args.out, params, config, pathlib.Path(args.workdir) / "tokenizer", meta["step"])
     print(f"exported the params of step {meta['step']} to {out} (prodclip eval --workdir {out})")
+    return 0
+
 
 def cmd_convert(args, overrides) -> int:
     from prodclip import config as config_lib

@@ -310,9 +310,8 @@ def import_hf_clip(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
     checkpoint.write_config(workdir, config)
     tx = train.make_optimizer(config, params)
     state = {"step": np.asarray(0, np.int32), "params": params, "opt_state": tx.init(params)}
-    mgr = checkpoint.manager(workdir)
-    checkpoint.save(mgr, 0, state, {"step": 0, "imported_from": str(hf_dir.absolute())})
-    mgr.wait_until_finished()
+    with checkpoint.Checkpointer(workdir, config) as ckpt:
+        ckpt.save(0, state, None)
     return config
 
 
@@ -356,9 +355,9 @@ def export_hf_clip(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, ste
     like = abstract_params(config, tokenizer.vocab_size, tokenizer.pad_id)
     tx = train.make_optimizer(config, like)
     target = {"step": jax.ShapeDtypeStruct((), np.int32), "params": like, "opt_state": jax.eval_shape(tx.init, like)}
-    state, _ = checkpoint.restore(checkpoint.manager(workdir), target, step)
-    hf = hf_config_for(config, state["params"], tokenizer)
-    return write_hf_clip(out_dir, hf, state["params"], config, tokenizer)
+    params, _ = checkpoint.load_params(workdir, config, target, step)
+    hf = hf_config_for(config, params, tokenizer)
+    return write_hf_clip(out_dir, hf, params, config, tokenizer)
 
 
 def hf_config_for(config: ml_collections.ConfigDict, params: dict, tokenizer) -> dict:
