@@ -245,6 +245,11 @@ def cmd_convert(args, overrides) -> int:
     return 0
 
 
+def _add_config_args(p: argparse.ArgumentParser, *, help: str) -> None:
+    p.add_argument("--config", default=None, help=help)
+    p.add_argument("--config-arg", default=None, help="argument passed to get_config(arg)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prodclip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,15 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="re-evaluate a finished run from its workdir")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default=None, help="default: the config saved in the workdir")
-    p.add_argument("--config-arg", default=None)
+    _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("embed", help="embed a catalog split into a sharded, resumable embedding store")
     p.add_argument("--workdir", required=True, help="the trained run")
     p.add_argument("--out", required=True, help="store directory (re-run with the same --out to resume)")
     p.add_argument("--split", default="test", help="which split of config.data to embed (default: test)")
-    p.add_argument("--config", default=None, help="default: the config saved in the workdir")
-    p.add_argument("--config-arg", default=None)
+    _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_embed)
     p = sub.add_parser("search", help="top-k items of an embedding store for a text or image query")
     p.add_argument("query", nargs="?", default=None, help="text query, e.g. 'navy striped shirt'")
@@ -284,16 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--html", default=None, help="write a grid of the result images to this HTML file")
     p.add_argument("--png", default=None, help="write a grid of the result images to this PNG file")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
-    p.add_argument("--config", default=None, help="default: the config saved in the workdir")
-    p.add_argument("--config-arg", default=None)
+    _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("data", help="build a TFDS dataset into a data_dir, or inspect a prepared one")
     p.add_argument("action", choices=("build", "inspect"))
     p.add_argument("dataset", help="synthetic_products | product_catalog (inspect: any prepared dataset)")
     p.add_argument("--data-dir", required=True, help="the TFDS data_dir")
-    p.add_argument("--config", default=None, help="build: python config whose data.* fields describe the catalog")
-    p.add_argument("--config-arg", default=None)
+    _add_config_args(p, help="build: python config whose data.* fields describe the catalog")
     p.add_argument("--show-skipped", type=int, default=20, help="build: skipped rows to print")
     p.add_argument("--split", default="train", help="inspect: split of the sample grid")
     p.add_argument("--grid", default=None, help="inspect: write a PNG grid of sample pairs here")
@@ -303,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True, help="a new directory; `prodclip eval --workdir OUT` reads it")
     p.add_argument("--best", action="store_true", help="export the best checkpoint by checkpoint.best_metric")
-    p.add_argument("--config", default=None, help="default: the config saved in the workdir")
-    p.add_argument("--config-arg", default=None)
+    _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("convert", help="import a HF / OpenAI CLIP directory, or export a run as one")
@@ -312,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", help="import: a HF CLIP dir (config.json + model.safetensors); export: a workdir")
     p.add_argument("--out", required=True, help="import: the new workdir; export: the HF dir to write")
     p.add_argument("--step", type=int, default=None, help="export: the checkpoint step (default: latest)")
-    p.add_argument("--config", default=None, help="import: a config file for the non-model fields")
-    p.add_argument("--config-arg", default=None)
+    _add_config_args(p, help="import: a config file for the non-model fields")
     p.set_defaults(fn=cmd_convert)
 
     args, extra = parser.parse_known_args(argv)
