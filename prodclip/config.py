@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.path = ""
     c.data.train_split = "train"
     c.data.eval_splits = ("test", "compositional")
-    c.data.image_column = "image"
+    c.data.image_column = "image"  # image bytes / path column, or a path template such as "images/{id}.jpg"
     c.data.title_template = "{title}"
     c.data.id_column = "id"
     c.data.label_columns = ("category", "colour", "pattern")

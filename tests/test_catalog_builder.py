@@ -239,3 +239,21 @@ def test_synthetic_products_matches_embedded_catalog(tmp_path):
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no prepared TFDS dataset 'product_catalog'"):
         TfdsSource("product_catalog", tmp_path, "train")
+
+
+def test_image_path_template_reads_files_named_by_id(tmp_path):
+    from prodclip.data.catalog import CatalogSource
+    images = tmp_path / "images"
+    images.mkdir()
+    expected = {}
+    for item_id, colour in ((7, (255, 0, 0)), (9, (0, 0, 255))):
+        pixels = np.full((8, 6, 3), colour, np.uint8)
+        Image.fromarray(pixels).save(images / f"{item_id}.png")
+        expected[item_id] = pixels
+    manifest = tmp_path / "styles.csv"
+    manifest.write_text("id,productDisplayName\n7,Red Tee\n9,Blue Tee\n11,Missing Photo\n")
+    source = CatalogSource(manifest, image_column="images/{id}.png", title_template="{productDisplayName}")
+    assert [source[i]["title"] for i in range(len(source))] == ["Red Tee", "Blue Tee"]
+    for i, item_id in enumerate((7, 9)):
+        np.testing.assert_array_equal(source[i]["image"], expected[item_id])
+    assert dict(source.report.skipped) == {"missing_image": 1}

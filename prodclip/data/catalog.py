@@ -227,7 +227,7 @@ def read_catalog(path: str | pathlib.Path, *, image_column: str = "image", id_co
             report.skip(index, item_id, str(e), f"title template {title_template!r}")
             continue
         try:
-            data = _image_bytes(row.get(image_column), root)
+            data = _image_bytes(render_title(image_column, row) if "{" in image_column else row.get(image_column), root)
             decode_image(data)  # first, so that a decompression bomb is reported as oversized
             with Image.open(io.BytesIO(data)) as probe:
                 mode, image_format = probe.mode, probe.format or ""
