@@ -265,12 +265,14 @@ class Checkpointer:
         return self.manager.best_step() if self.best_metric else None
 
     def restore(self, target: Any, data_iterator: Iterator | None = None,
-                step: int | None = None) -> tuple[Any, dict] | None:
+                step: int | None = None, *, move_damaged: bool = True) -> tuple[Any, dict] | None:
         """The newest valid checkpoint (or `step`) restored onto `target`'s structure and shardings.
 
         Returns (state, meta), or None when there is no checkpoint. A damaged checkpoint is
-        moved aside with a warning and the previous one tried; `data_iterator`, if given,
-        is set to the restored position. Raises NoValidCheckpoint if all are damaged.
+        skipped with a warning and the previous one tried; a resuming run (`move_damaged`)
+        also moves it aside so that it can save that step again, while read-only users
+        (eval, export) leave the workdir untouched. `data_iterator`, if given, is set to the
+        restored position. Raises NoValidCheckpoint if all are damaged.
         """
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
         if not steps:
@@ -284,11 +286,15 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure to read back means this checkpoint is unusable
                 problems.append(f"step {candidate}: {type(e).__name__}: {str(e)[:300]}")
                 log.warning("checkpoint at step %d is damaged (%s); trying the previous one", candidate, problems[-1])
-                self._move_aside(candidate)
+                if move_damaged:
+                    self._move_aside(candidate)
         raise NoValidCheckpoint(f"no valid checkpoint in {self.manager.directory}: " + " | ".join(problems))
 
     def _restore_verified(self, step: int, target: Any, data_iterator: Iterator | None) -> tuple[Any, dict]:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if "shapes" not in meta or "digests" not in meta:
+            raise IncompatibleWorkdir(f"the checkpoint of step {step} in {self.manager.directory} was written by an "
+                                      "older prodclip (no shapes/digests in its meta); it is left untouched")
         wanted = _shapes(target)
         differ = [f"{k}: saved {v}, now {wanted.get(k)}" for k, v in meta["shapes"].items() if wanted.get(k) != v]
         differ += [f"{k}: not in the checkpoint" for k in wanted.keys() - meta["shapes"].keys()]
@@ -364,7 +370,7 @@ def load_params(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, 
         if wrong:
             raise ValueError(f"export {workdir} is damaged: params differ from their digests in {', '.join(wrong[:5])}")
         return params, meta
-    restored = Checkpointer(workdir, config).restore(target_state, step=step)
+    restored = Checkpointer(workdir, config).restore(target_state, step=step, move_damaged=False)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'} and no {EXPORT_MARKER} in {workdir}")
     state, meta = restored
