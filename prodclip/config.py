@@ -119,6 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.activation = "gelu"  # gelu | quick_gelu
     c.model.image.proj_bias = False
     c.model.image.patch_bias = True  # a bias in the patch embedding (OpenAI CLIP has none)
+    c.model.image.stem = "patch"  # patch (linear patchify) | conv (patchify conv, then 3x3 stride-2 convs)
+    c.model.image.stem_depth = 2  # number of 3x3 stride-2 convs in the conv stem; patch_size % 2**stem_depth == 0
     c.model.image.pixel_norm = "imagenet"  # imagenet | clip: the mean/std the model normalises pixels with
     c.model.text = ml_collections.ConfigDict()
     c.model.text.preset = "ti"
@@ -358,6 +360,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.dtype": ("float32", "bfloat16"),
         "model.image.posemb": ("sincos2d", "learn"),
         "model.image.pooling": ("cls", "gap", "map"),
+        "model.image.stem": ("patch", "conv"),
         "model.image.activation": ("gelu", "quick_gelu"),
         "model.text.mask": ("causal", "bidirectional"),
         "model.text.pooling": ("eot", "cls", "mean"),
@@ -377,6 +380,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"model.image.patch_size={patch} does not divide data.image_size={size}; "
             f"valid patch sizes: {[p for p in range(1, size + 1) if size % p == 0]}"
         )
+    depth = config.model.image.stem_depth
+    if config.model.image.stem == "conv" and (depth < 1 or patch % 2 ** depth):
+        raise ConfigError(f"model.image.stem='conv' with model.image.stem_depth={depth} needs a patch size divisible "
+                          f"by {2 ** depth}, got model.image.patch_size={patch}; valid stem_depth: "
+                          f"{[d for d in range(1, 8) if patch % 2 ** d == 0]}")
     for name, tower, presets in (("image", config.model.image, VIT_PRESETS), ("text", config.model.text, TEXT_PRESETS)):
         dims = tower_dims(tower, presets)
         if dims["width"] % dims["num_heads"]:

@@ -324,7 +324,7 @@ def export_problems(config: ml_collections.ConfigDict) -> list[str]:
     want = {
         "model.image.pooling": (m.image.pooling, "cls"), "model.image.posemb": (m.image.posemb, "learn"),
         "model.image.pre_norm": (m.image.pre_norm, True), "model.image.patch_bias": (m.image.patch_bias, False),
-        "model.image.proj_bias": (m.image.proj_bias, False), "model.text.proj_bias": (m.text.proj_bias, False),
+        "model.image.proj_bias": (m.image.proj_bias, False), "model.image.stem": (m.image.stem, "patch"), "model.text.proj_bias": (m.text.proj_bias, False),
         "model.text.mask": (m.text.mask, "causal"), "model.text.pooling": (m.text.pooling, "eot"),
         "loss.name": (config.loss.name, "softmax"),
     }

@@ -51,6 +51,14 @@ def test_wrong_type_rejected(override):
         config_lib.apply_overrides(quickstart(), [override])
 
 
+def test_conv_stem_depth_must_divide_patch():
+    c = config_lib.base_config()
+    config_lib.apply_overrides(c, ["--config.model.image.stem=conv", "--config.data.image_size=48",
+                                   "--config.model.image.patch_size=12", "--config.model.image.stem_depth=3"])
+    with pytest.raises(config_lib.ConfigError, match=r"divisible by 8, got model.image.patch_size=12; valid stem_depth: \[1, 2\]"):
+        config_lib.validate(c)
+
+
 def test_non_divisible_patch_size_rejected():
     c = quickstart()
     config_lib.apply_overrides(c, ["--config.model.image.patch_size=7"])

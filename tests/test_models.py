@@ -43,6 +43,39 @@ def test_patch_embedding_equals_strided_conv():
     np.testing.assert_allclose(ours, conv, rtol=1e-5, atol=1e-5)
 
 
+def _numpy_conv(x, kernel, bias, stride):
+    """Reference conv in numpy: x [B, H, W, I], kernel [k, k, I, O]; 'SAME' padding for k=3, stride 2
+    (pad 0 before, 1 after for even H) and 'VALID' for k = stride (a patchify)."""
+    k = kernel.shape[0]
+    b, h, w, _ = x.shape
+    if k > stride:
+        x = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    out = np.zeros((b, h // stride, w // stride, kernel.shape[-1]))
+    for i in range(h // stride):
+        for j in range(w // stride):
+            window = x[:, stride * i:stride * i + k, stride * j:stride * j + k]
+            out[:, i, j] = np.einsum("bhwi,hwio->bo", window, kernel)
+    return out + bias
+
+
+@pytest.mark.parametrize("stem_depth,strides", [(3, [2, 2, 2]), (2, [2, 2, 2]), (1, [4, 2])])
+def test_conv_stem_matches_numpy_reference(stem_depth, strides):
+    model = vit(stem="conv", stem_depth=stem_depth)
+    stem = model.conv_stem
+    assert [c.strides for c in stem.convs] in (strides, [(s, s) for s in strides])
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    h = x.astype(np.float64)
+    for conv, norm, stride in zip(stem.convs, stem.norms, strides):
+        h = _numpy_conv(h, np.asarray(conv.kernel[...]), np.asarray(conv.bias[...]), stride)
+        h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
+        h = h * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+        h = np.asarray(jax.nn.gelu(h, approximate=False))
+    h = h @ np.asarray(stem.out.kernel[...])[0, 0] + np.asarray(stem.out.bias[...])
+    np.testing.assert_allclose(stem(jnp.asarray(x)), h.reshape(2, 16, 32), rtol=1e-4, atol=1e-4)
+    emb, patches = model(jnp.zeros((2, 32, 32, 3), jnp.uint8))
+    assert emb.shape == (2, 16) and patches.shape == (2, 16, 32)
+
+
 @pytest.mark.parametrize("mask,pooling", [("causal", "eot"), ("bidirectional", "mean"), ("bidirectional", "cls"),
                                           ("causal", "mean"), ("bidirectional", "eot")])
 def test_text_padding_does_not_change_embedding(mask, pooling):

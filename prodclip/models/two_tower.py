@@ -77,7 +77,7 @@ def build_model(config: ml_collections.ConfigDict, *, vocab_size: int, pad_id: i
         image_size=config.data.image_size, patch_size=m.image.patch_size, mlp_ratio=m.image.mlp_ratio,
         embed_dim=m.embed_dim, pooling=m.image.pooling, posemb=m.image.posemb, pre_norm=m.image.pre_norm,
         activation=m.image.activation, proj_bias=m.image.proj_bias, dtype=dtype, remat=m.remat, rngs=rngs,
-        patch_bias=m.image.patch_bias, pixel_mean=pixel_mean, pixel_std=pixel_std,
+        patch_bias=m.image.patch_bias, stem=m.image.stem, stem_depth=m.image.stem_depth, pixel_mean=pixel_mean, pixel_std=pixel_std,
         **image_dims,
     )
     text_tower = TextTransformer(

@@ -30,6 +30,36 @@ def sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.
     return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
+class ConvStem(nnx.Module):
+    """Convolutional patch embedding (after Xiao et al. 2021, "Early convolutions help transformers see better").
+
+    A patchify convolution (kernel = stride = patch_size / 2**depth; skipped when that is 1),
+    then `depth` 3x3 stride-2 convolutions, each conv followed by LayerNorm over channels and
+    GELU, with channels doubling up to `width`, then a 1x1 convolution to `width`. It yields
+    the same token grid as the linear patchify stem, but edges and shapes that straddle patch
+    borders reach the transformer as features. Starting with a patchify keeps the full-resolution
+    activations (the costly part on CPU) out of the stem.
+    """
+
+    def __init__(self, patch_size: int, width: int, rngs: nnx.Rngs, *, depth: int = 2, dtype=jnp.float32):
+        if depth < 1 or patch_size % 2 ** depth:
+            raise ValueError(f"a conv stem of depth {depth} needs patch_size divisible by {2 ** depth}, got {patch_size}")
+        first = patch_size // 2 ** depth
+        shapes = ([(first, first)] if first > 1 else []) + [(3, 2)] * depth  # (kernel, stride) per conv
+        channels = [max(width // 2 ** (len(shapes) - 1 - i), 8) for i in range(len(shapes))]
+        ins = [3, *channels[:-1]]
+        self.convs = nnx.List([nnx.Conv(i, o, (k, k), strides=s, padding="SAME" if k > s else "VALID",
+                                        dtype=dtype, rngs=rngs) for i, o, (k, s) in zip(ins, channels, shapes)])
+        self.norms = nnx.List([nnx.LayerNorm(o, epsilon=1e-5, dtype=dtype, rngs=rngs) for o in channels])
+        self.out = nnx.Conv(channels[-1], width, (1, 1), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, S, S, 3] normalised pixels -> [B, (S/patch)², width]."""
+        for conv, norm in zip(self.convs, self.norms):
+            x = jax.nn.gelu(norm(conv(x)), approximate=False)
+        return rearrange(self.out(x), "b h w c -> b (h w) c")
+
+
 class VisionTransformer(nnx.Module):
     """Image tower.
 
@@ -41,6 +71,7 @@ class VisionTransformer(nnx.Module):
       posemb: 'sincos2d' (fixed) or 'learn'.
       pre_norm: a LayerNorm on the tokens before the blocks (as OpenAI CLIP).
       patch_bias: a bias in the patch embedding (OpenAI CLIP has none).
+      stem: 'patch' (a linear map of each flattened patch, as ViT and CLIP) or 'conv' (ConvStem with `stem_depth` 3x3 stride-2 convs).
       pixel_mean, pixel_std: per-channel statistics on a 0..255 scale.
     """
 
@@ -48,6 +79,7 @@ class VisionTransformer(nnx.Module):
         self, *, image_size, patch_size, width, depth, num_heads, mlp_ratio, embed_dim, rngs: nnx.Rngs,
         pooling="gap", posemb="sincos2d", pre_norm=False, activation="gelu", proj_bias=False,
         pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, dtype=jnp.float32, remat=False, patch_bias=True,
+        stem="patch", stem_depth=2,
     ):
         self.patch_size = patch_size
         self.grid = image_size // patch_size
@@ -56,7 +88,10 @@ class VisionTransformer(nnx.Module):
         self.pixel_mean = tuple(float(v) for v in pixel_mean)
         self.pixel_std = tuple(float(v) for v in pixel_std)
         self.width = width
-        self.patch_embed = layers.dense(patch_size * patch_size * 3, width, rngs, dtype=dtype, use_bias=patch_bias)
+        if stem == "conv":
+            self.conv_stem = ConvStem(patch_size, width, rngs, depth=stem_depth, dtype=dtype)
+        else:
+            self.patch_embed = layers.dense(patch_size * patch_size * 3, width, rngs, dtype=dtype, use_bias=patch_bias)
         num_tokens = self.grid * self.grid + (1 if pooling == "cls" else 0)
         if posemb == "learn":
             self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (num_tokens, width)))
@@ -88,9 +123,12 @@ class VisionTransformer(nnx.Module):
         Returns (embedding [B, embed_dim] not normalised, patch tokens [B, grid², width]).
         """
         x = (images.astype(jnp.float32) - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
-        p = self.patch_size
-        x = rearrange(x, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=p, p2=p).astype(self.dtype)
-        x = self.patch_embed(x)
+        if hasattr(self, "conv_stem"):
+            x = self.conv_stem(x.astype(self.dtype))
+        else:
+            p = self.patch_size
+            x = rearrange(x, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=p, p2=p).astype(self.dtype)
+            x = self.patch_embed(x)
         if self.pooling == "cls":
             cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
