@@ -100,11 +100,13 @@ def match_log_odds(logits: jax.Array) -> jax.Array:
     return logits[..., 1] - logits[..., 0]
 
 
-def make_itm_fn(graphdef, params, *, batch_size: int = 256) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def make_itm_fn(graphdef, params, *, batch_size: int = 256,
+                log_odds: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """itm_fn(images [N, S, S, 3] uint8, token_ids [N, L] int32) -> p(match) [N] float32, numpy.
 
     Runs both towers and the fusion encoder on each pair, in padded batches of
     `batch_size` (one compilation). The form other modules take an ITM scorer in.
+    With `log_odds`, returns `match_log_odds` instead of the probability (no saturation at 1).
     """
     from prodclip.train import merge_model
 
@@ -114,7 +116,7 @@ def make_itm_fn(graphdef, params, *, batch_size: int = 256) -> Callable[[np.ndar
         _, image_tokens = model.image_tower(images)
         _, text_tokens = model.text_tower(token_ids)
         logits = itm_logits(model, image_tokens, text_tokens, model.text_tower.valid_tokens(token_ids))
-        return jax.nn.softmax(logits, axis=-1)[:, 1]
+        return match_log_odds(logits) if log_odds else jax.nn.softmax(logits, axis=-1)[:, 1]
 
     def itm_fn(images: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         images, token_ids = np.asarray(images), np.asarray(token_ids)
