@@ -202,3 +202,18 @@ def test_fusion_step_on_8_devices_equals_1_device():
                          num_steps=1)
     assert other[0]["itm_loss"] != pytest.approx(ref_history[0]["itm_loss"], rel=1e-4)
     assert other[0]["contrastive_loss"] == pytest.approx(ref_history[0]["contrastive_loss"], rel=1e-6)
+
+
+def test_runs_saved_before_the_fusion_keys_still_resume(tmp_path):
+    """A config.json without model.fusion / loss.itm_weight (written before they existed) matches the defaults."""
+    import json
+
+    from prodclip import checkpoint
+
+    (tmp_path / "checkpoints" / "200").mkdir(parents=True)
+    saved = checkpoint.config_to_dict(tiny_config())
+    del saved["model"]["fusion"], saved["loss"]["itm_weight"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    checkpoint.check_workdir(tmp_path, tiny_config())
+    with pytest.raises(checkpoint.IncompatibleWorkdir, match="model.fusion.enabled"):
+        checkpoint.check_workdir(tmp_path, tiny_config(**FUSION))
