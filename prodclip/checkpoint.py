@@ -30,7 +30,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from prodclip.config import ConfigError
+from prodclip.config import ConfigError, base_config
 from prodclip.faults import NonFiniteError
 
 log = logging.getLogger("prodclip")
@@ -159,6 +159,17 @@ def changed_fields(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     return changes
 
 
+def _fill_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` with every key it lacks taken from `defaults` (nested dicts)."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _fill_defaults(out[key], value)
+    return out
+
+
 def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
     """Steps with a committed checkpoint directory (in-progress `*.orbax-checkpoint-tmp*` excluded)."""
     directory = pathlib.Path(workdir) / "checkpoints"
@@ -181,7 +192,9 @@ def check_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict
     saved_path = workdir / "config.json"
     if not saved_path.exists():
         raise IncompatibleWorkdir(f"{workdir} has checkpoints (steps {steps}) but no config.json to compare with")
-    changes = changed_fields(json.loads(saved_path.read_text()), config_to_dict(config))
+    # A field added to prodclip after the run was saved counts as its default (e.g. model.fusion.*).
+    saved = _fill_defaults(json.loads(saved_path.read_text()), config_to_dict(base_config()))
+    changes = changed_fields(saved, config_to_dict(config))
     if not changes:
         return
     listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)

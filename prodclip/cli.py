@@ -186,11 +186,18 @@ def cmd_search(args, overrides) -> int:
         store_lib.check_fingerprint(store, store_lib.model_fingerprint(params, tokenizer, config))
         if args.image is not None:
             label = f"image {args.image}"
-            query_emb = search.encode_image_queries(graphdef, params, search.load_query_image(args.image, config)[None])
+            query = {"image": search.load_query_image(args.image, config)}
+            query_emb = search.encode_image_queries(graphdef, params, query["image"][None])
         else:
             label = args.query
+            query = {"text": args.query}
             query_emb = search.encode_text_queries(graphdef, params, tokenizer, [args.query])
-        hits = search.search(store, query_emb, args.k, chunk_size=config.embed.chunk_size)[0]
+        k, rerank = args.k, None
+        if config.model.fusion.enabled and config.eval.rerank_k > 0:  # fusion re-ranks the top rerank_k
+            k, rerank = max(args.k, config.eval.rerank_k), search.fusion_reranker(graphdef, params, tokenizer,
+                                                                                  store, config)
+        hits = search.search(store, query_emb, k, chunk_size=config.embed.chunk_size, rerank=rerank,
+                             query=query)[0][:args.k]
         if args.html or args.png:
             images = search.store_images(store, [h["index"] for h in hits])
             if args.html:

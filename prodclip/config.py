@@ -137,12 +137,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text.eot_rule = "last_nonpad"
     c.model.text.eos_id = -1
     c.model.text.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's size
+    # Fusion encoder (ALBEF/BLIP): text tokens cross-attend to the image patch tokens, an ITM head
+    # on the first token scores match / no match; trained on hard negatives, re-ranks the top-k.
+    c.model.fusion = ml_collections.ConfigDict()
+    c.model.fusion.enabled = False  # False: no fusion params, no ITM loss, no re-ranking
+    c.model.fusion.depth = 2  # blocks of self-attention, cross-attention, MLP
+    c.model.fusion.width = 128
+    c.model.fusion.num_heads = 4
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
     c.loss.label_smoothing = 0.0
     # Pairs sharing a product id or an identical title are positives too (all_gather loss only).
     c.loss.extra_positives = True
+    # With model.fusion.enabled: total loss = contrastive + itm_weight * ITM (hard negatives).
+    c.loss.itm_weight = 1.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3
@@ -199,6 +208,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.confusion_png = True
     c.eval.linear_probe_labels = ()  # labels to fit a linear probe for (needs the train split)
     c.eval.min_class_count = 0  # zero-shot only over classes with at least this many train items  # write <workdir>/confusion/<split>_<label>.png
+    # With model.fusion.enabled: re-score each query's two-tower top rerank_k with the fusion head
+    # (0 = no re-ranking); rerank_mode "itm" ranks by the ITM log-odds alone, "itm+itc" adds the
+    # two-tower logit (logit_scale * cosine), as BLIP does.
+    c.eval.rerank_k = 32
+    c.eval.rerank_mode = "itm+itc"
 
     # `prodclip embed` / `prodclip search` (prodclip/evaluate/store.py, prodclip/search.py).
     c.embed = ml_collections.ConfigDict()
@@ -372,6 +386,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "parallel.loss": ("all_gather", "ring"),
         "embed.mode": ("image", "text", "mix"),
         "checkpoint.best_mode": ("max", "min"),
+        "eval.rerank_mode": ("itm", "itm+itc"),
     }.items():
         _check_choice(config, key, choices)
     size, patch = config.data.image_size, config.model.image.patch_size
@@ -402,6 +417,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"optim.warmup_steps={config.optim.warmup_steps} exceeds train.num_steps={config.train.num_steps}"
         )
     _validate_parallel(config)
+    _validate_fusion(config)
     if config.data.name == "tfds" and not (config.data.tfds_name and config.data.data_dir):
         raise ConfigError("data.name='tfds' needs data.tfds_name and data.data_dir (a prepared TFDS data_dir)")
     if config.data.num_workers < 0:
@@ -458,3 +474,25 @@ def _validate_parallel(config: ml_collections.ConfigDict) -> None:
     if accum <= 0 or config.train.batch_size % accum:
         raise ConfigError(f"train.grad_accum_steps={accum} must be positive and divide "
                           f"train.batch_size={config.train.batch_size}")
+
+
+def _validate_fusion(config: ml_collections.ConfigDict) -> None:
+    """model.fusion.*, loss.itm_weight, eval.rerank_*: shapes, ranges, and the steps the ITM loss runs in."""
+    f = config.model.fusion
+    if config.eval.rerank_k < 0:
+        raise ConfigError(f"'eval.rerank_k' must be >= 0 (0 = no re-ranking), got {config.eval.rerank_k}")
+    if not f.enabled:
+        return
+    if f.depth < 1 or f.width < 1 or f.num_heads < 1 or f.width % f.num_heads:
+        raise ConfigError(f"model.fusion: depth {f.depth}, width {f.width} and num_heads {f.num_heads} must be "
+                          "positive, and width divisible by num_heads")
+    if config.loss.itm_weight < 0:
+        raise ConfigError(f"'loss.itm_weight' must be >= 0, got {config.loss.itm_weight}")
+    # The ITM loss needs the global-batch similarities and the towers' token states in one step.
+    if config.parallel.strategy != "sharded" or config.parallel.loss != "all_gather":
+        raise ConfigError("model.fusion.enabled=True trains with parallel.strategy='sharded' and "
+                          "parallel.loss='all_gather' (hard negatives are drawn from the gathered [B, B] "
+                          f"similarities); got strategy={config.parallel.strategy!r}, loss={config.parallel.loss!r}")
+    if config.train.grad_accum_steps != 1:
+        raise ConfigError("model.fusion.enabled=True needs train.grad_accum_steps=1: GradCache caches embedding "
+                          "gradients only, and the ITM loss also reads the towers' token states")

@@ -333,9 +333,9 @@ def export_problems(config: ml_collections.ConfigDict) -> list[str]:
         dims = config_lib.tower_dims(m[tower], config_lib.VIT_PRESETS if tower == "image" else config_lib.TEXT_PRESETS)
         if not float(dims["width"] * m[tower].mlp_ratio).is_integer():
             problems.append(f"model.{tower}.mlp_ratio={m[tower].mlp_ratio} gives a fractional MLP width")
-    fusion = m.get("fusion")
-    if fusion is not None and (fusion.get("enabled") or fusion.get("depth")):
-        problems.append("model.fusion (CLIPModel has no fusion encoder)")
+    if m.fusion.enabled:
+        problems.append("model.fusion.enabled=True (CLIPModel has no fusion encoder or ITM head, and prodclip "
+                        "does not drop trained weights silently; `prodclip export` keeps the whole model)")
     return problems
 
 

@@ -30,8 +30,7 @@ from prodclip.evaluate.store import Store, StoreError
 
 log = logging.getLogger("prodclip")
 
-# A fusion re-ranker: (query, hits) -> hits in a new order with new scores. Fusion
-# heads (another issue) plug in here; search itself never needs one.
+# A re-ranker: (query, hits) -> hits in a new order with new scores, e.g. `fusion_reranker`.
 Reranker = Callable[[dict, list[dict]], list[dict]]
 
 
@@ -122,6 +121,48 @@ def search(store: Store, query_emb: np.ndarray, k: int, *, chunk_size: int = ret
                 for r, (s, i) in enumerate(zip(scores[q], index[q]))]
         out.append(rerank(query or {}, hits) if rerank is not None else hits)
     return out
+
+
+def fusion_reranker(graphdef, params, tokenizer, store: Store, config) -> Reranker:
+    """A `Reranker` that re-scores hits with the run's fusion encoder (model.fusion.enabled).
+
+    The query dict holds "text" (a string) or "image" ([S, S, 3] uint8). A text query is
+    matched against each hit's catalog image, an image query against each hit's title.
+    Scores follow eval.rerank_mode: the ITM log-odds, or plus logit_scale * the hit's
+    cosine ("itm+itc"). Hits keep "two_tower_rank" and "two_tower_score"; equal scores
+    keep the two-tower order. When the store's catalog images cannot be re-opened, the
+    hits come back unchanged, with a warning.
+    """
+    from prodclip import losses
+    from prodclip.data import pipeline
+    from prodclip.models import fusion
+
+    itm_fn = fusion.make_itm_fn(graphdef, params, batch_size=max(1, config.eval.rerank_k), log_odds=True)
+    itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
+
+    def rerank(query: dict, hits: list[dict]) -> list[dict]:
+        if not hits:
+            return hits
+        n = len(hits)
+        if "text" in query:
+            images = store_images(store, [h["index"] for h in hits])
+            if any(image is None for image in images):
+                log.warning("fusion re-ranking skipped: the store's catalog images are unavailable")
+                return hits
+            images = np.stack([pipeline.fit_to_square(image, config.data.image_size, config.data.resize)
+                               for image in images])
+            token_ids = np.repeat(tokenizer([query["text"]]), n, axis=0)
+        else:
+            images = np.repeat(np.asarray(query["image"])[None], n, axis=0)
+            token_ids = tokenizer([str(h["title"]) for h in hits])
+        scores = itm_fn(images, token_ids).astype(np.float64)
+        if config.eval.rerank_mode == "itm+itc":
+            scores = scores + itc_scale * np.asarray([h["score"] for h in hits])
+        order = np.lexsort((np.arange(n), -scores))
+        return [{**hits[i], "rank": r + 1, "score": float(scores[i]), "two_tower_rank": hits[i]["rank"],
+                 "two_tower_score": hits[i]["score"]} for r, i in enumerate(order)]
+
+    return rerank
 
 
 # ----------------------------------------------------------------------------- showing results

@@ -182,10 +182,18 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
     """
     schedule = learning_rate_schedule(config)
     loss_and_grads = make_loss_and_grads(config, graphdef, pair_loss)
+    fusion_loss_and_grads = None
+    if config.model.fusion.enabled:  # contrastive + ITM on hard negatives (prodclip/itm.py)
+        from prodclip import itm
+        fusion_loss_and_grads = itm.make_loss_and_grads(config, graphdef, pair_loss or make_pair_loss(config))
 
     def step(state, batch):
         params = state["params"]
-        loss, grads = loss_and_grads(params, batch)
+        extra_metrics = {}
+        if fusion_loss_and_grads is not None:
+            loss, grads, extra_metrics = fusion_loss_and_grads(params, batch, state["step"])
+        else:
+            loss, grads = loss_and_grads(params, batch)
         if reduce_grads is not None:
             grads = reduce_grads(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -196,6 +204,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
             "logit_scale": model.logit_scale(),
             "logit_bias": model.logit_bias[...],
             "learning_rate": schedule(state["step"]),
+            **extra_metrics,
         }
         return {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                 "opt_state": opt_state}, metrics

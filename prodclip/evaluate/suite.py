@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from prodclip.data import pipeline
-from prodclip.evaluate import baselines, retrieval, zeroshot
+from prodclip.evaluate import baselines, rerank, retrieval, zeroshot
 
 
 @functools.lru_cache(maxsize=8)
@@ -133,13 +133,20 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
     """Flat metrics: 'i2t/R@1', ..., 't2i/R@10', and 'zeroshot/<label>/top1', ... for one split.
 
     Retrieval matches by product id when a product has several rows, else by identical
-    title (see `retrieval_keys`).
+    title (see `retrieval_keys`). With a fusion encoder and eval.rerank_k > 0, also
+    'i2t/rerank/R@1', ... for the fusion-re-ranked top-k (see rerank.py).
     """
     if len(source) == 0:
         raise ValueError(f"split {split!r} has no items to evaluate")
-    image_emb, text_emb = embed_source(graphdef, params, source, tokenizer, config)
+    if rerank.enabled(config):  # the towers' token states too, for the fusion encoder
+        split_states = rerank.embed_split(graphdef, params, source, tokenizer, config)
+        image_emb, text_emb = split_states["image_emb"], split_states["text_emb"]
+    else:
+        image_emb, text_emb = embed_source(graphdef, params, source, tokenizer, config)
     keys, rule = retrieval_keys(source)
     metrics = retrieval.two_way_retrieval(image_emb, text_emb, keys, keys, ks=tuple(config.eval.ks))
+    if rerank.enabled(config):
+        metrics.update(rerank.two_way_reranked(graphdef, params, split_states, keys, config))
     metrics["num_items"] = len(source)
     metrics["distinct_keys"] = int(len(np.unique(keys)))
     metrics["match_by_product_id"] = int(rule == "product_id")
@@ -182,7 +189,8 @@ def format_table(results: dict[str, Any]) -> str:
     for m in metrics:
         cells = [f"{results[s][m]:.3f}" if m in results[s] else "" for s in splits]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    side_by_side = rerank.format_side_by_side(results)
+    return "\n".join(lines) + (f"\n\nfusion re-ranking:\n\n{side_by_side}" if side_by_side else "")
 
 
 def write_results(workdir: str | pathlib.Path, results: dict[str, Any], *, step: int | None = None,

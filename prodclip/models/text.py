@@ -83,6 +83,13 @@ class TextTransformer(nnx.Module):
         )
         self.projection = layers.dense(width, embed_dim, rngs, dtype=dtype, use_bias=proj_bias)
 
+    def valid_tokens(self, token_ids: jax.Array) -> jax.Array:
+        """[B, L] bool: the tokens attention may read (not padding, not after the end token)."""
+        if self.eot_rule == "last_nonpad":
+            return token_ids != self.pad_id
+        end = end_positions(token_ids, self.pad_id, self.eot_rule, self.eos_id)
+        return jnp.arange(token_ids.shape[1])[None, :] <= end[:, None]
+
     def __call__(self, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """token_ids: [B, L] int32, padded with pad_id.
 
@@ -90,10 +97,7 @@ class TextTransformer(nnx.Module):
         """
         length = token_ids.shape[1]
         end = end_positions(token_ids, self.pad_id, self.eot_rule, self.eos_id)
-        if self.eot_rule == "last_nonpad":
-            valid = token_ids != self.pad_id
-        else:
-            valid = jnp.arange(length)[None, :] <= end[:, None]
+        valid = self.valid_tokens(token_ids)
         x = self.token_embed(token_ids).astype(self.dtype) + self.pos_embed[...][:length].astype(self.dtype)
         x = self.encoder(x, mask_from_valid(valid, self.causal))
         if self.pooling == "eot":

@@ -9,6 +9,7 @@ from flax import nnx
 
 from prodclip import config as config_lib
 from prodclip import losses
+from prodclip.models.fusion import FusionEncoder, build_fusion
 from prodclip.models.text import TextTransformer
 from prodclip.models.vit import PIXEL_STATS, VisionTransformer
 
@@ -27,12 +28,15 @@ class TwoTower(nnx.Module):
       image_tower, text_tower: the towers (see vit.py / text.py).
       log_logit_scale: scalar; the logit scale is exp(log_logit_scale), clamped at `logit_scale_max`.
       logit_bias: scalar, used by the sigmoid loss.
+      fusion: the fusion encoder with its ITM head (models/fusion.py), or None (no params).
     """
 
     def __init__(self, image_tower: VisionTransformer, text_tower: TextTransformer, *,
-                 logit_scale_init: float, logit_bias_init: float, logit_scale_max: float = 100.0):
+                 logit_scale_init: float, logit_bias_init: float, logit_scale_max: float = 100.0,
+                 fusion: FusionEncoder | None = None):
         self.image_tower = image_tower
         self.text_tower = text_tower
+        self.fusion = fusion
         self.log_logit_scale = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32))
         self.logit_bias = nnx.Param(jnp.asarray(logit_bias_init, jnp.float32))
         self.logit_scale_max = logit_scale_max
@@ -87,7 +91,10 @@ def build_model(config: ml_collections.ConfigDict, *, vocab_size: int, pad_id: i
         eot_rule=m.text.eot_rule, eos_id=m.text.eos_id,
         **text_dims,
     )
+    # Built after the towers, so the towers' initial weights do not depend on model.fusion.
+    fusion = build_fusion(config, image_width=image_dims["width"], text_width=text_dims["width"], rngs=rngs,
+                          dtype=dtype)
     return TwoTower(
         image_tower, text_tower, logit_scale_init=m.logit_scale_init, logit_bias_init=m.logit_bias_init,
-        logit_scale_max=m.logit_scale_max,
+        logit_scale_max=m.logit_scale_max, fusion=fusion,
     )

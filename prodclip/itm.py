@@ -1,0 +1,131 @@
+"""Image-text matching (ITM) with hard negatives, and the fusion train step's loss.
+
+ALBEF's recipe (Li et al., 2021, sec. 3.2), over the global batch: for each image
+one negative text is drawn from the softmax of its similarity row, with the
+positives excluded, and for each text one negative image likewise. The fusion
+encoder then classifies B positive and 2B negative pairs (match / no match).
+
+Conventions:
+
+* ``logits``: ``[B, B]`` float32, ``logit_scale * image_emb @ text_emb.T`` (rows
+  images, columns texts), the contrastive loss's logits. Sampling treats them as
+  constants (no gradient flows through the choice of negatives).
+* ``positives``: ``[B, B]`` bool, True where a pair must not be a negative (the
+  diagonal, and pairs sharing a product id or an identical title; see
+  `prodclip.train.batch_positives`).
+
+Across devices: in the sharded step (jit over the mesh) every array here is a
+global array. The ``[B, B]`` similarities come from the all-gathered embeddings,
+the draw uses one key for the whole global batch, and the chosen negatives' token
+states are gathered from the devices that own them, so the samples and the loss
+are those of one device with the same key.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from prodclip.models import fusion
+
+# (image_tokens [N, S, Wi], text_tokens [N, L, Wt], text_valid [N, L] bool) -> ITM logits [N, 2].
+PairScorer = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+# Folded into the run's seed so the negatives' stream is independent of parameter init.
+_SAMPLER_STREAM = 0x17A
+
+
+def sample_hard_negatives(key: jax.Array, logits: jax.Array, positives: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One column per row, drawn from softmax(logits[row]) restricted to the row's non-positive columns.
+
+    Args:
+      key: a PRNG key.
+      logits: [R, C] float, unnormalised log-probabilities.
+      positives: [R, C] bool, columns that are never drawn for that row.
+
+    Returns:
+      (index [R] int32, has_negative [R] bool). A row whose columns are all positives
+      gets index -1 and has_negative False.
+    """
+    logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
+    has_negative = ~jnp.all(positives, axis=1)
+    # Gumbel-max over -inf-masked logits: a masked column never wins against a finite one.
+    masked = jnp.where(positives, -jnp.inf, logits)
+    masked = jnp.where(has_negative[:, None], masked, 0.0)
+    index = jax.random.categorical(key, masked, axis=1).astype(jnp.int32)
+    return jnp.where(has_negative, index, -1), has_negative
+
+
+def itm_loss(key: jax.Array, logits: jax.Array, positives: jax.Array, image_tokens: jax.Array,
+             text_tokens: jax.Array, text_valid: jax.Array, score_pairs: PairScorer) -> tuple[jax.Array, dict]:
+    """ITM cross-entropy over B positives and 2B hard negatives.
+
+    Args:
+      key: PRNG key of this step's draw.
+      logits: [B, B] image-text similarity logits (rows images, columns texts).
+      positives: [B, B] bool (the diagonal is added here).
+      image_tokens: [B, S, Wi]; text_tokens: [B, L, Wt]; text_valid: [B, L] bool.
+      score_pairs: the fusion encoder on N pairs, see `PairScorer`.
+
+    Returns:
+      (loss: scalar float32 in nats, the mean cross-entropy over the pairs that exist
+       (a row without any negative adds no negative pair);
+       metrics: {"itm_accuracy", "itm_negatives"} scalars, accuracy over those pairs and
+       the number of negative pairs).
+    """
+    b = logits.shape[0]
+    positives = positives | jnp.eye(b, dtype=bool)
+    key_text, key_image = jax.random.split(key)
+    negative_text, has_text = sample_hard_negatives(key_text, logits, positives)  # one per image
+    negative_image, has_image = sample_hard_negatives(key_image, logits.T, positives.T)  # one per text
+    rows = jnp.arange(b, dtype=jnp.int32)
+    image_index = jnp.concatenate([rows, rows, jnp.maximum(negative_image, 0)])
+    text_index = jnp.concatenate([rows, jnp.maximum(negative_text, 0), rows])
+    labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+    weights = jnp.concatenate([jnp.ones(b, bool), has_text, has_image]).astype(jnp.float32)
+    pair_logits = score_pairs(image_tokens[image_index], text_tokens[text_index], text_valid[text_index])
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(pair_logits.astype(jnp.float32), labels)
+    total = jnp.sum(weights)
+    correct = (jnp.argmax(pair_logits, axis=-1) == labels).astype(jnp.float32)
+    metrics = {"itm_accuracy": jnp.sum(weights * correct) / total, "itm_negatives": total - b}
+    return jnp.sum(weights * cross_entropy) / total, metrics
+
+
+def sampler_key(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    """The negatives' key of train step `step`: a function of (config.seed, step) only, so a resumed run and
+    any device layout draw the same negatives."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _SAMPLER_STREAM), step)
+
+
+def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss):
+    """The fusion train step's loss: loss_and_grads(params, batch, step) -> (loss, grads, metrics).
+
+    loss = contrastive (`pair_loss` on the global batch) + loss.itm_weight * ITM, where the
+    ITM negatives are drawn from the contrastive logits with `sampler_key(config, step)`.
+    metrics: contrastive_loss, itm_loss, itm_accuracy, itm_negatives (scalars).
+    """
+    from prodclip.train import batch_positives, merge_model
+
+    def loss_fn(params, batch, key):
+        model = merge_model(graphdef, params)
+        out = model(batch["images"], batch["token_ids"])
+        contrastive = pair_loss(out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"], batch)
+        logits = out["logit_scale"] * jnp.einsum("id,td->it", out["image_emb"], out["text_emb"],
+                                                  preferred_element_type=jnp.float32)
+        score_pairs = lambda image_tokens, text_tokens, text_valid: fusion.itm_logits(
+            model, image_tokens, text_tokens, text_valid)
+        itm, metrics = itm_loss(key, logits, batch_positives(batch), out["image_tokens"], out["text_tokens"],
+                                model.text_tower.valid_tokens(batch["token_ids"]), score_pairs)
+        metrics.update(contrastive_loss=contrastive, itm_loss=itm)
+        return contrastive + config.loss.itm_weight * itm, metrics
+
+    def loss_and_grads(params, batch, step):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch,
+                                                                           sampler_key(config, step))
+        return loss, grads, metrics
+
+    return loss_and_grads

@@ -1,0 +1,133 @@
+"""Fusion encoder (ALBEF / BLIP style) with an image-text matching (ITM) head.
+
+The text tower's token states attend to each other (self-attention over the valid
+tokens, bidirectional), then to the image tower's patch tokens taken before pooling
+(cross-attention), then pass an MLP; after `depth` such pre-LN blocks, a linear
+head on the first token gives two logits, [no match, match]. The two-tower
+embeddings stay what they were: the fusion encoder only re-scores candidate pairs.
+
+Shapes: N pairs, L text tokens, S image tokens, Wt / Wi the towers' widths,
+W the fusion width.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from prodclip.models import layers
+from prodclip.models.text import mask_from_valid
+
+
+class FusionBlock(nnx.Module):
+    """Pre-LN: x + self_attn(ln(x)), x + cross_attn(ln(x), image tokens), x + mlp(ln(x))."""
+
+    def __init__(self, width: int, image_width: int, num_heads: int, mlp_ratio: float, rngs: nnx.Rngs, *,
+                 activation: str = "gelu", dtype=jnp.float32):
+        self.norm1 = layers.layer_norm(width, rngs, dtype)
+        self.self_attn = layers.Attention(width, num_heads, rngs, dtype=dtype)
+        self.norm2 = layers.layer_norm(width, rngs, dtype)
+        self.cross_attn = layers.Attention(width, num_heads, rngs, context_width=image_width, dtype=dtype)
+        self.norm3 = layers.layer_norm(width, rngs, dtype)
+        self.mlp = layers.Mlp(width, int(width * mlp_ratio), rngs, activation=activation, dtype=dtype)
+
+    def __call__(self, x: jax.Array, image_tokens: jax.Array, self_mask: jax.Array) -> jax.Array:
+        """x: [N, L, W]; image_tokens: [N, S, Wi]; self_mask: bool [N, 1, L, L]. Returns [N, L, W]."""
+        x = x + self.self_attn(self.norm1(x), mask=self_mask)
+        x = x + self.cross_attn(self.norm2(x), context=image_tokens)
+        return x + self.mlp(self.norm3(x))
+
+
+class FusionEncoder(nnx.Module):
+    """Text token states (projected to `width`) -> `depth` fusion blocks -> LayerNorm -> ITM head on token 0."""
+
+    def __init__(self, *, text_width: int, image_width: int, width: int, depth: int, num_heads: int,
+                 rngs: nnx.Rngs, mlp_ratio: float = 4.0, activation: str = "gelu", dtype=jnp.float32,
+                 remat: bool = False):
+        self.dtype = dtype
+        self.remat = remat
+        self.text_in = layers.dense(text_width, width, rngs, dtype=dtype)
+        self.blocks = nnx.List([FusionBlock(width, image_width, num_heads, mlp_ratio, rngs, activation=activation,
+                                            dtype=dtype) for _ in range(depth)])
+        self.norm = layers.layer_norm(width, rngs, dtype)
+        self.itm_head = layers.dense(width, 2, rngs, dtype=dtype)
+
+    def __call__(self, text_tokens: jax.Array, text_valid: jax.Array, image_tokens: jax.Array) -> jax.Array:
+        """text_tokens [N, L, Wt], text_valid [N, L] bool, image_tokens [N, S, Wi] -> ITM logits [N, 2] float32.
+
+        Logit 1 is "match", logit 0 "no match".
+        """
+        x = self.text_in(text_tokens.astype(self.dtype))
+        image_tokens = image_tokens.astype(self.dtype)
+        mask = mask_from_valid(text_valid, causal=False)
+        for block in self.blocks:
+            if self.remat:
+                x = nnx.remat(lambda blk, h, img, m: blk(h, img, m))(block, x, image_tokens, mask)
+            else:
+                x = block(x, image_tokens, mask)
+        return self.itm_head(self.norm(x)[:, 0]).astype(jnp.float32)
+
+
+def build_fusion(config: ml_collections.ConfigDict, *, image_width: int, text_width: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32) -> FusionEncoder | None:
+    """The fusion encoder of `config.model.fusion`, or None when it is disabled (no params at all)."""
+    f = config.model.fusion
+    if not f.enabled:
+        return None
+    return FusionEncoder(text_width=text_width, image_width=image_width, width=f.width, depth=f.depth,
+                         num_heads=f.num_heads, mlp_ratio=config.model.text.mlp_ratio,
+                         activation=config.model.text.activation, dtype=dtype, remat=config.model.remat, rngs=rngs)
+
+
+def itm_logits(model, image_tokens: jax.Array, text_tokens: jax.Array, text_mask: jax.Array) -> jax.Array:
+    """ITM logits [N, 2] float32 of N (image, text) pairs of a TwoTower `model` with a fusion encoder.
+
+    image_tokens: [N, S, Wi] the image tower's patch tokens; text_tokens: [N, L, Wt] the text
+    tower's token states; text_mask: [N, L] bool valid text tokens (`text_tower.valid_tokens`).
+    """
+    if model.fusion is None:
+        raise ValueError("this model has no fusion encoder (model.fusion.enabled=False): no ITM scores")
+    return model.fusion(text_tokens, text_mask, image_tokens)
+
+
+def match_log_odds(logits: jax.Array) -> jax.Array:
+    """[N, 2] ITM logits -> [N] log p(match) / p(no match), the re-ranking score."""
+    return logits[..., 1] - logits[..., 0]
+
+
+def make_itm_fn(graphdef, params, *, batch_size: int = 256,
+                log_odds: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """itm_fn(images [N, S, S, 3] uint8, token_ids [N, L] int32) -> p(match) [N] float32, numpy.
+
+    Runs both towers and the fusion encoder on each pair, in padded batches of
+    `batch_size` (one compilation). The form other modules take an ITM scorer in.
+    With `log_odds`, returns `match_log_odds` instead of the probability (no saturation at 1).
+    """
+    from prodclip.train import merge_model
+
+    @jax.jit
+    def probabilities(p, images, token_ids):
+        model = merge_model(graphdef, p)
+        _, image_tokens = model.image_tower(images)
+        _, text_tokens = model.text_tower(token_ids)
+        logits = itm_logits(model, image_tokens, text_tokens, model.text_tower.valid_tokens(token_ids))
+        return match_log_odds(logits) if log_odds else jax.nn.softmax(logits, axis=-1)[:, 1]
+
+    def itm_fn(images: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+        images, token_ids = np.asarray(images), np.asarray(token_ids)
+        if len(images) != len(token_ids):
+            raise ValueError(f"itm_fn: {len(images)} images but {len(token_ids)} token rows; they are pairs")
+        out = []
+        for start in range(0, len(images), batch_size):
+            n = min(batch_size, len(images) - start)
+            pad = lambda x: np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)]) if n < batch_size else x
+            chunk = probabilities(params, pad(images[start:start + n]), pad(token_ids[start:start + n]))
+            out.append(np.asarray(chunk)[:n])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    return itm_fn

@@ -1,0 +1,219 @@
+"""Fusion encoder, hard-negative sampler and ITM loss; the fusion train step on 8 fake devices vs 1.
+
+Statistical bound of the sampler test: with the sampler's own fixed keys the test is
+deterministic; a correct sampler exceeds the chi-square threshold chi2.ppf(1 - 1e-6, df)
+with probability 1e-6 per row (4 rows), and the same counts must exceed it against a 10%
+wrong temperature and against uniform sampling (the test can fail).
+"""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from multihost_worker import VOCAB, tiny_batch, tiny_config
+from scipy import stats
+
+from prodclip import itm, parallel, train
+from prodclip.config import ConfigError
+from prodclip.models import fusion
+
+FUSION = {"model.fusion.enabled": True, "model.fusion.width": 16, "model.fusion.depth": 1,
+          "model.fusion.num_heads": 2}
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def test_sampler_never_returns_a_positive():
+    rng = np.random.default_rng(0)
+    b = 48
+    positives = rng.random((b, b)) < 0.3
+    positives |= np.eye(b, dtype=bool)
+    positives[5] = True  # a row with no negative at all
+    # Positives get by far the largest logits: any leak through the mask would be drawn.
+    logits = np.where(positives, 50.0, rng.normal(size=(b, b))).astype(np.float32)
+    sample = jax.jit(itm.sample_hard_negatives)
+    for seed in range(20):
+        index, has_negative = map(np.asarray, sample(jax.random.key(seed), jnp.asarray(logits), jnp.asarray(positives)))
+        assert index[5] == -1 and not has_negative[5]
+        rows = np.flatnonzero(has_negative)
+        assert len(rows) == b - 1
+        assert not positives[rows, index[rows]].any()
+        assert np.all((index[rows] >= 0) & (index[rows] < b))
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = counts.sum() * probs
+    return float(np.sum((counts - expected) ** 2 / expected))
+
+
+def test_sampler_frequencies_follow_the_masked_softmax():
+    rng = np.random.default_rng(1)
+    rows, cols, draws = 4, 10, 50_000
+    logits = rng.uniform(-2.0, 2.0, (rows, cols)).astype(np.float32)
+    positives = np.zeros((rows, cols), bool)
+    for r in range(rows):
+        positives[r, rng.choice(cols, size=r + 1, replace=False)] = True
+    # Each row repeated `draws` times: every repeat is an independent draw of one key.
+    index, _ = itm.sample_hard_negatives(jax.random.key(7), jnp.asarray(np.repeat(logits, draws, axis=0)),
+                                         jnp.asarray(np.repeat(positives, draws, axis=0)))
+    index = np.asarray(index).reshape(rows, draws)
+    for r in range(rows):
+        allowed = ~positives[r]
+        counts = np.bincount(index[r], minlength=cols)
+        assert counts[positives[r]].sum() == 0
+        counts = counts[allowed]
+        threshold = stats.chi2.ppf(1 - 1e-6, df=allowed.sum() - 1)
+
+        def softmax(x):
+            e = np.exp(x - x.max())
+            return e / e.sum()
+        assert chi_square(counts, softmax(logits[r, allowed].astype(np.float64))) < threshold, r
+        # The test has power: a 10% temperature error or uniform sampling is rejected.
+        assert chi_square(counts, softmax(1.1 * logits[r, allowed].astype(np.float64))) > threshold, r
+        assert chi_square(counts, np.full(allowed.sum(), 1 / allowed.sum())) > threshold, r
+
+
+# ----------------------------------------------------------------------------- ITM loss
+
+
+def test_itm_loss_matches_numpy_when_each_draw_is_forced():
+    """Each image (and text) has exactly one allowed negative, so the draw is known; the loss is
+    checked against a numpy cross-entropy with a hand-made pair scorer."""
+    rng = np.random.default_rng(2)
+    b, s, length, width = 6, 3, 4, 5
+    allowed = np.zeros((b, b), bool)
+    for i in range(1, b):
+        allowed[i, (i + 1) % b] = True  # image 0 has no negative text; text 1 has no negative image
+    positives = ~allowed
+    image_tokens = rng.normal(size=(b, s, width)).astype(np.float32)
+    text_tokens = rng.normal(size=(b, length, width)).astype(np.float32)
+    text_valid = rng.random((b, length)) < 0.7
+    text_valid[:, 0] = True
+
+    def score_pairs(img, txt, valid):
+        pooled = jnp.sum(txt * valid[..., None], axis=1) / jnp.sum(valid, axis=1, keepdims=True)
+        return jnp.stack([jnp.zeros(img.shape[0]), jnp.sum(img.mean(axis=1) * pooled, axis=-1)], axis=-1)
+
+    loss, metrics = itm.itm_loss(jax.random.key(0), jnp.asarray(rng.normal(size=(b, b)).astype(np.float32)),
+                                 jnp.asarray(positives), jnp.asarray(image_tokens), jnp.asarray(text_tokens),
+                                 jnp.asarray(text_valid), score_pairs)
+
+    def match_logit(i, t):
+        pooled = (text_tokens[t] * text_valid[t][:, None]).sum(0) / text_valid[t].sum()
+        return float(image_tokens[i].mean(0) @ pooled)
+    pairs = [(i, i, 1) for i in range(b)]
+    pairs += [(i, (i + 1) % b, 0) for i in range(1, b)]  # each image's only negative text
+    pairs += [(t - 1 if t else b - 1, t, 0) for t in range(b) if t != 1]  # each text's only negative image
+    ce, correct = [], []
+    for i, t, label in pairs:
+        two = np.array([0.0, match_logit(i, t)])
+        ce.append(np.logaddexp(*two) - two[label])
+        correct.append(int(np.argmax(two)) == label)
+    assert float(loss) == pytest.approx(np.mean(ce), rel=1e-5)
+    assert float(metrics["itm_accuracy"]) == pytest.approx(np.mean(correct))
+    assert float(metrics["itm_negatives"]) == 2 * b - 2
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build(config):
+    return train.create_model(config, types.SimpleNamespace(vocab_size=VOCAB, pad_id=0), seed=0)
+
+
+def test_disabled_fusion_has_no_params_and_enabled_towers_are_unchanged():
+    _, plain = build(tiny_config())
+    _, fused = build(tiny_config(**FUSION))
+    assert "fusion" not in plain and "fusion" in fused
+    for name in ("image_tower", "text_tower"):  # the fusion encoder is built after the towers
+        for a, b in zip(jax.tree.leaves(plain[name]), jax.tree.leaves(fused[name])):
+            np.testing.assert_array_equal(a, b)
+    # The ITM head reads the first token: padding after it must not change the logits.
+    config = tiny_config(**FUSION)
+    graphdef, params = build(config)
+    model = train.merge_model(graphdef, params)
+    rng = np.random.default_rng(3)
+    text = jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32)
+    image = jnp.asarray(rng.normal(size=(2, 4, 16)), jnp.float32)
+    valid = jnp.asarray(np.arange(8)[None] < np.array([[3], [5]]))
+    logits = fusion.itm_logits(model, image, text, valid)
+    noisy = text.at[:, 6:].set(100.0)  # only padding positions change
+    np.testing.assert_allclose(fusion.itm_logits(model, image, noisy, valid), logits, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fusion.itm_logits(model, image[::-1], text, valid), logits)  # images matter
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"parallel.strategy": "pmap"}, "parallel.strategy='sharded'"),
+    ({"parallel.loss": "ring", "loss.extra_positives": False}, "all_gather"),
+    ({"train.grad_accum_steps": 2}, "grad_accum_steps=1"),
+    ({"model.fusion.num_heads": 3}, "divisible by num_heads"),
+    ({"eval.rerank_mode": "itc"}, "eval.rerank_mode"),
+])
+def test_config_rejects_fusion_combinations(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**{**FUSION, **overrides})
+
+
+# ----------------------------------------------------------------------------- sharded step
+
+
+def run_steps(config, mesh, num_steps=2):
+    """Host params after `num_steps` and each step's metrics, through parallel.compile_train_step."""
+    graphdef, params = build(config)
+    tx = train.make_optimizer(config, params)
+    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    compiled = parallel.compile_train_step(
+        config, mesh, lambda loss, reduce: train.make_train_step(config, graphdef, tx, loss, reduce),
+        train.make_pair_loss(config), state)
+    state = compiled.place_state(state)
+    history = []
+    for step in range(num_steps):
+        state, metrics = compiled.step(state, compiled.place_batch(tiny_batch(config, seed=step)))
+        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    return jax.device_get(compiled.global_state(state)["params"]), history
+
+
+def test_fusion_step_on_8_devices_equals_1_device():
+    """(data=4, fsdp=2) mesh, fusion kernels FSDP-sharded: same losses, ITM accuracy and params as 1 device.
+
+    Tolerances as tests/test_parallel.py: losses rtol 1e-5; params rtol 1e-4, atol 1e-5.
+    """
+    config = tiny_config(**FUSION)
+    ref_params, ref_history = run_steps(config, parallel.make_mesh(config, devices=jax.devices()[:1]))
+    sharded = tiny_config(**FUSION, **{"parallel.mesh_shape": (4, 2)})
+    mesh = parallel.make_mesh(sharded)
+    assert mesh.devices.size == 8
+    specs = parallel.tree_shardings(build(sharded)[1], mesh, sharded.parallel.fsdp_min_size)["fusion"]
+    assert any("fsdp" in s.spec for s in jax.tree.leaves(specs)), "no fusion param is sharded: vacuous test"
+    params, history = run_steps(sharded, mesh)
+    for step, (got, want) in enumerate(zip(history, ref_history)):
+        for key in ("loss", "contrastive_loss", "itm_loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
+        assert got["itm_accuracy"] == want["itm_accuracy"]
+        assert got["loss"] == pytest.approx(got["contrastive_loss"] + config.loss.itm_weight * got["itm_loss"],
+                                            rel=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    # The draw matters: another sampler seed (same init, same batches) gives another ITM loss.
+    _, other = run_steps(tiny_config(**FUSION, seed=1), parallel.make_mesh(config, devices=jax.devices()[:1]),
+                         num_steps=1)
+    assert other[0]["itm_loss"] != pytest.approx(ref_history[0]["itm_loss"], rel=1e-4)
+    assert other[0]["contrastive_loss"] == pytest.approx(ref_history[0]["contrastive_loss"], rel=1e-6)
+
+
+def test_runs_saved_before_the_fusion_keys_still_resume(tmp_path):
+    """A config.json without model.fusion / loss.itm_weight (written before they existed) matches the defaults."""
+    import json
+
+    from prodclip import checkpoint
+
+    (tmp_path / "checkpoints" / "200").mkdir(parents=True)
+    saved = checkpoint.config_to_dict(tiny_config())
+    del saved["model"]["fusion"], saved["loss"]["itm_weight"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    checkpoint.check_workdir(tmp_path, tiny_config())
+    with pytest.raises(checkpoint.IncompatibleWorkdir, match="model.fusion.enabled"):
+        checkpoint.check_workdir(tmp_path, tiny_config(**FUSION))
