@@ -14,7 +14,8 @@ read shard by shard, and the look-ups run as chunked top-k over the stores.
 
 Written into REPORT:
   audit.csv    one row per listing, likeliest mismatch first: rank, row, id, title, cosine,
-               match_probability, flagged, looks_like (titles), looks_like_ids, title_matches_ids;
+               match_probability, flagged, looks_like (a JSON list of titles), looks_like_ids and
+               title_matches_ids (space-separated ids; flagged listings only);
                unscorable listings (unreadable image, empty title, ...) follow with status
                "unscorable" and the reason: none is dropped.
   audit.html   the flagged listings with thumbnails, then the unscorable ones.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import base64
 import copy
 import csv
+import dataclasses
 import html
 import json
 import logging
@@ -66,14 +68,28 @@ def store_rows(store: store_lib.Store, rows: np.ndarray) -> np.ndarray:
         np.zeros((0, store.shards[0].shape[1]), np.float32)
 
 
-def nearest_others(queries: np.ndarray, store: store_lib.Store, own_rows: np.ndarray, k: int,
-                   chunk_size: int) -> np.ndarray:
-    """[Q, k] int64 best store rows per query, the query's own row left out (-1 where fewer exist)."""
-    _, index = search.top_k(store.shards, queries, k + 1, chunk_size=chunk_size)
+def nearest_others(queries: np.ndarray, store: store_lib.Store, own_rows: np.ndarray, k: int, chunk_size: int,
+                   *, distinct_titles: bool = False) -> np.ndarray:
+    """[Q, k] int64 best store rows per query, the query's own row left out (-1 where fewer exist).
+
+    distinct_titles: keep one row per title (compared as pairs.title_key), none with the own row's title.
+    """
+    from prodclip.evaluate.pairs import title_key
+
+    depth = 3 * k + 1 if distinct_titles else k + 1
+    _, index = search.top_k(store.shards, queries, depth, chunk_size=chunk_size)
     out = np.full((len(queries), k), -1, np.int64)
     for q, (hits, own) in enumerate(zip(index, own_rows)):
-        others = hits[hits != own][:k]
-        out[q, :len(others)] = others
+        seen, kept = {title_key(store.titles[own])}, []
+        for hit in hits:
+            key = title_key(store.titles[hit]) if distinct_titles else hit
+            if hit == own or key in seen:
+                continue
+            seen.add(key)
+            kept.append(hit)
+            if len(kept) == k:
+                break
+        out[q, :len(kept)] = kept
     return out
 
 
@@ -121,7 +137,7 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     for start in range(0, len(flagged), block):
         rows = flagged[start:start + block]
         looks_like = np.concatenate([looks_like, nearest_others(store_rows(image_store, rows), title_store, rows,
-                                                                k, chunk)])
+                                                                k, chunk, distinct_titles=True)])
         title_matches = np.concatenate([title_matches, nearest_others(store_rows(title_store, rows), image_store,
                                                                       rows, k, chunk)])
         bar.update(len(rows))
@@ -132,7 +148,7 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     summary = {
         "catalog": str(catalog), "num_listings": int(len(cos) + len(unscorable)), "num_scored": int(len(cos)),
         "num_unscorable": len(unscorable), "num_flagged": int(len(flagged)), "score": score,
-        "threshold": threshold, "calibration": calibration.__dict__,
+        "threshold": threshold, "calibration": dataclasses.asdict(calibration),
         "unscorable_reasons": source.report.to_dict()["skipped"],
     }
     shown = flagged[:config.match.report_rows]
@@ -155,7 +171,7 @@ def _write_csv(path: pathlib.Path, order: np.ndarray, cos: np.ndarray, prob: np.
                 "rank": rank, "row": row, "id": titles.ids[row], "title": titles.titles[row],
                 "cosine": f"{cos[row]:.6f}", "match_probability": f"{prob[row]:.6f}",
                 "flagged": int(row in neighbours),
-                "looks_like": " | ".join(titles.titles[i] for i in looks if i >= 0),
+                "looks_like": json.dumps([titles.titles[i] for i in looks if i >= 0], ensure_ascii=False),
                 "looks_like_ids": " ".join(str(titles.ids[i]) for i in looks if i >= 0),
                 "title_matches_ids": " ".join(str(titles.ids[i]) for i in matches if i >= 0),
                 "status": "scored", "reason": "",

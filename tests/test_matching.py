@@ -11,25 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from sklearn.calibration import calibration_curve
+from sklearn.metrics import roc_auc_score
 
-from prodclip import cli
-from prodclip.data import synthetic
+from prodclip import cli, train
+from prodclip import config as config_lib
+from prodclip.data import pipeline, synthetic
 from prodclip.evaluate import matching, pairs
+from test_search import TINY as SEARCH_TINY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Memorises a 256-item synthetic catalog in 64 steps (~20 s on 2 cores); val has 160 items to fit on.
-TINY = [
-    "--config.data.num_train=256", "--config.data.num_val=160", "--config.data.num_test=32",
-    "--config.data.num_compositional=32", "--config.data.image_size=32", "--config.data.augment=False",
-    "--config.model.image.patch_size=8", "--config.model.image.depth=1", "--config.model.text.depth=1",
-    "--config.model.image.width=64", "--config.model.text.width=64", "--config.model.embed_dim=32",
-    "--config.model.image.num_heads=2", "--config.model.text.num_heads=2",
-    "--config.train.batch_size=64", "--config.train.num_steps=64", "--config.optim.warmup_steps=8",
-    "--config.optim.learning_rate=3e-3", "--config.train.log_every=32", "--config.train.eval_every=0",
-    "--config.train.progress_bar=False", "--config.eval.batch_size=64", "--config.tokenizer.vocab_size=300",
-    "--config.eval.zeroshot_labels=category", "--config.eval.confusion_png=False",
-]
+# test_search's tiny run (memorises a 256-item synthetic catalog in 64 steps) with 160 val items to fit on.
+TINY = [*SEARCH_TINY, "--config.data.num_val=160", "--config.eval.zeroshot_labels=category",
+        "--config.eval.confusion_png=False"]
 
 
 # ----------------------------------------------------------------------------- the pair benchmark
@@ -151,17 +145,19 @@ def test_ece_against_a_loop_and_sklearn_bins():
     rng = np.random.default_rng(2)
     prob = np.concatenate([rng.random(997), [0.0, 1.0, 0.2]])  # 0.2 sits on a bin edge
     labels = (rng.random(1000) < prob).astype(int)
-    num_bins, total = 10, 0.0
+    num_bins, total, observed, predicted = 10, 0.0, [], []
     edges = np.linspace(0, 1, num_bins + 1)
     for b in range(num_bins):
-        lo, hi = edges[b], edges[b + 1]
-        inside = (prob > lo) & (prob <= hi) if b else (prob <= hi)
+        inside = (prob > edges[b]) & (prob <= edges[b + 1]) if b else (prob <= edges[1])
         if inside.any():
             total += inside.sum() / len(prob) * abs(labels[inside].mean() - prob[inside].mean())
+            observed.append(labels[inside].mean())
+            predicted.append(prob[inside].mean())
     assert matching.expected_calibration_error(prob, labels, num_bins) == pytest.approx(total, abs=1e-12)
-    observed, predicted = calibration_curve(labels, prob, n_bins=num_bins)
-    assert np.all(np.abs(observed - predicted) <= 1)  # the same bins, non-empty ones only
-    assert len(observed) == num_bins
+    # the loop's bins are scikit-learn's reliability-curve bins
+    sk_observed, sk_predicted = calibration_curve(labels, prob, n_bins=num_bins)
+    np.testing.assert_allclose(sk_observed, observed, atol=1e-12)
+    np.testing.assert_allclose(sk_predicted, predicted, atol=1e-12)
 
 
 def test_native_and_platt_calibration():
@@ -189,7 +185,6 @@ def test_combined_score_uses_both_scores():
     w_cos, w_itm, _ = calibration.combined
     assert w_cos > 0 and w_itm > 0 and calibration.best_score() == "combined"
     probabilities = calibration.probabilities(cos, itm)
-    from sklearn.metrics import roc_auc_score
     auc = {name: roc_auc_score(labels, p) for name, p in probabilities.items()}
     assert auc["combined"] > max(auc["two_tower"], auc["fusion"]) + 0.005
     assert set(calibration.thresholds) == {"two_tower", "fusion", "combined"}
@@ -213,7 +208,7 @@ def test_match_calibration_reduces_ece_on_val(trained_run, tmp_path):
     results = json.loads((out / "match.json").read_text())
     val = results["val"]
     assert val["calibration"]["method"] == "platt" and val["calibration"]["fit_split"] == "val"
-    assert val["two_tower"]["all"]["ece"] < val["ece_raw_cosine"] - 0.05
+    assert val["two_tower"]["all"]["ece"] < 0.6 * val["ece_raw_cosine"]
     assert set(val["two_tower"]) >= {"all", "random", "same_type", "attribute_swap"}
     # the memorised train split: its own titles are told apart from random ones
     assert results["train"]["two_tower"]["random"]["roc_auc"] > 0.9
@@ -223,18 +218,12 @@ def test_match_calibration_reduces_ece_on_val(trained_run, tmp_path):
 
 def test_itm_probabilities_follow_the_pairs(trained_run):
     """The fusion hook gets each pair's own photo and title, in pair order."""
-    from prodclip import train
-    from prodclip.cli import _load_config
-    import argparse
-
-    config = _load_config(argparse.Namespace(config=None, config_arg=None, workdir=str(trained_run)), [])
+    config = config_lib.load_config_json(trained_run / "config.json")
     _, _, tokenizer, sources, _, _ = train.load_trained(config, trained_run, {"test": None})
     source = sources["test"]
-    sampler = pairs.sampler_for_source(source, "category", ("colour", "pattern"))
-    pair_set = pairs.build_pairs(sampler, seed=0)
+    pair_set = pairs.build_pairs(pairs.sampler_for_source(source, "category", ("colour", "pattern")), seed=0)
     fake_itm = lambda images, ids: (ids[:, 1] % 7 + images[:, 0, 0, 0] % 3) / 10.0  # noqa: E731
     got = matching.itm_probabilities(fake_itm, source, pair_set, tokenizer, config)
-    from prodclip.data import pipeline
     first_pixel = np.asarray([pipeline.fit_to_square(source[int(i)]["image"], config.data.image_size,
                                                      config.data.resize)[0, 0, 0] for i in pair_set.image_index])
     expected = (tokenizer(pair_set.titles)[:, 1] % 7 + first_pixel % 3) / 10.0
@@ -277,7 +266,11 @@ def test_audit_ranks_injected_mismatches_first(trained_run, tmp_path, capsys):
     precision_at_k = np.mean([bool(injected[i]) for i in top])
     assert precision_at_k >= 0.5  # chance is 0.1
     flagged = [r for r in scored if r["flagged"] == "1"]
-    assert flagged and all(len(r["looks_like_ids"].split()) == 3 for r in flagged)
+    assert flagged and all(len(r["looks_like_ids"].split()) == 3 == len(r["title_matches_ids"].split())
+                           and r["id"] not in r["title_matches_ids"].split() for r in flagged)
+    for r in flagged:  # "looks like": three distinct titles, none the listing's own
+        looks = [pairs.title_key(t) for t in json.loads(r["looks_like"])]
+        assert len(set(looks)) == 3 and pairs.title_key(r["title"]) not in looks
     page = (out / "audit.html").read_text()
     assert page.count("data:image/png;base64") >= 4 * min(len(flagged), 100) and "looks like" in page
 

@@ -366,12 +366,17 @@ def evaluate(scored: ScoredPairs, calibration: Calibration, *, num_bins: int = 1
 def format_table(results: dict) -> str:
     """A markdown table: one row per (score, negative kind) with the headline metrics."""
     columns = ("roc_auc", "pr_auc", "accuracy", "precision", "recall", "f1", "kappa", "ece", "num_pairs")
-    lines = [f"pairs of `{results['split']}`; threshold ({results['calibration']['rule']}) chosen on "
-             f"`{results['calibration']['fit_split']}`; raw-cosine ECE {results['ece_raw_cosine']:.3f}", "",
+    calibration = results["calibration"]
+    lines = [f"pairs of `{results['split']}`; {calibration['method']} calibration and threshold "
+             f"({calibration['rule']}) fit on `{calibration['fit_split']}`; raw-cosine ECE "
+             f"{results['ece_raw_cosine']:.3f}; {results['edited_titles']} attribute_swap titles edited; "
+             f"items without a negative: {results['missing_negatives']}", "",
              "| score | negatives | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
     for name in SCORES:
         for kind, row in results.get(name, {}).items():
-            cells = [str(row[c]) if c == "num_pairs" else f"{row[c]:.3f}" for c in columns]
+            # ECE only over all pairs: one kind against the positives has another class balance than the fit
+            cells = [str(row[c]) if c == "num_pairs" else "" if c == "ece" and kind != "all" else f"{row[c]:.3f}"
+                     for c in columns]
             lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
