@@ -1,4 +1,4 @@
-"""`prodclip train | eval | export | convert | data | embed | search`: the command line.
+"""`prodclip train | eval | export | convert | data | embed | search | match | audit`: the command line.
 
     prodclip train --config configs/quickstart.py --workdir runs/qs [--config.train.num_steps=100 ...]
     prodclip eval  --workdir runs/qs [--config.eval.batch_size=512 ...]
@@ -8,6 +8,8 @@
     prodclip search "navy striped shirt" --store stores/qs_test --workdir runs/qs [-k 10] [--html out.html]
     prodclip convert import HF_CLIP_DIR --out runs/clip   |   prodclip convert export runs/qs --out HF_DIR
     prodclip export --workdir runs/qs --out exports/qs [--best]
+    prodclip match --workdir runs/qs [--split test] [--out DIR]
+    prodclip audit --workdir runs/qs --catalog catalog.parquet --out REPORT
 
 `train` resumes from the workdir's newest valid checkpoint; its exit codes are listed in
 prodclip/faults.py (75: preempted and saved, rerun to resume; 3: NaN/Inf).
@@ -215,6 +217,45 @@ def cmd_search(args, overrides) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- match / audit (issue 13)
+
+
+def cmd_match(args, overrides) -> int:
+    from prodclip import train
+    from prodclip.evaluate import matching
+
+    config = _load_config(args, overrides)
+    splits = args.split or [config.data.eval_splits[0]]
+    try:
+        graphdef, params, tokenizer, split_sources, _, _ = train.load_trained(
+            config, args.workdir, dict.fromkeys([config.match.fit_split, *splits]))
+        results = matching.run_benchmark(graphdef, params, tokenizer, split_sources, config,
+                                         args.out or args.workdir, splits=splits, fit_split=config.match.fit_split)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"prodclip match: {e}", file=sys.stderr)
+        return 2
+    print("\n\n".join(matching.format_table(r) for r in results.values()))
+    return 0
+
+
+def cmd_audit(args, overrides) -> int:
+    from prodclip import audit, train
+
+    config = _load_config(args, overrides)
+    try:
+        graphdef, params, tokenizer, _, _, _ = train.load_trained(config, args.workdir, {})
+        calibration = audit.load_or_fit_calibration(graphdef, params, tokenizer, config, args.workdir, args.out,
+                                                    args.calibration)
+        summary = audit.audit_catalog(graphdef, params, tokenizer, config, args.catalog, args.out, calibration,
+                                      workdir=args.workdir, progress=config.train.progress_bar)
+    except (*_user_errors(), ValueError) as e:
+        print(f"prodclip audit: {e}", file=sys.stderr)
+        return 2
+    print(f"audited {summary['num_listings']} listings: {summary['num_flagged']} flagged as likely mismatches, "
+          f"{summary['num_unscorable']} unscorable; report in {args.out}/audit.html and audit.csv")
+    return 0
+
+
 def cmd_export(args, overrides) -> int:
     from prodclip import checkpoint, train
 
@@ -296,6 +337,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("match", help="pair benchmark: calibrated match verdicts per negative kind")
+    p.add_argument("--workdir", required=True, help="the trained run")
+    p.add_argument("--split", action="append", default=None,
+                   help="split to evaluate (repeatable; default: the first of data.eval_splits)")
+    p.add_argument("--out", default=None, help="where match.json/.md, the reliability PNGs and the calibration "
+                   "go (default: the workdir)")
+    _add_config_args(p, help="default: the config saved in the workdir")
+    p.set_defaults(fn=cmd_match)
+    p = sub.add_parser("audit", help="rank a catalog's listings by how likely the photo mismatches the title")
+    p.add_argument("--workdir", required=True, help="the trained run")
+    p.add_argument("--catalog", required=True, help="a parquet / CSV / JSONL catalog, columns as the run's data config")
+    p.add_argument("--out", required=True, help="report directory (re-run with the same --out to resume)")
+    p.add_argument("--calibration", default=None, help="a match_calibration.json (default: the workdir's, "
+                   "else fit now on match.fit_split)")
+    _add_config_args(p, help="default: the config saved in the workdir")
+    p.set_defaults(fn=cmd_audit)
 
     p = sub.add_parser("data", help="build a TFDS dataset into a data_dir, or inspect a prepared one")
     p.add_argument("action", choices=("build", "inspect"))

@@ -220,6 +220,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.embed.image_weight = 0.9  # mix: normalise(w * image + (1 - w) * title)
     c.embed.shard_size = 65536  # rows per .npy shard; a finished shard is skipped on resume
     c.embed.chunk_size = 8192  # gallery rows scored per step at search time (memory bound)
+
+    # `prodclip match` / `prodclip audit` (prodclip/evaluate/pairs.py, matching.py, prodclip/audit.py).
+    c.match = ml_collections.ConfigDict()
+    c.match.type_label = ""  # label naming the kind of product (same_type, attribute_swap); "" = data.label_columns[0]
+    c.match.swap_labels = ()  # attributes attribute_swap changes (colour, gender, ...); () = the other label columns
+    c.match.negative_kinds = ("random", "same_type", "attribute_swap")
+    c.match.seed = 0  # the pair benchmark is the same for the same catalog and seed
+    c.match.fit_split = "val"  # split the calibration, the combined score and the thresholds are fit on
+    c.match.calibration = "auto"  # auto (sigmoid loss: native logit scale/bias; softmax: platt) | native | platt
+    c.match.threshold_rule = "max_f1"  # max_f1 | target_precision
+    c.match.target_precision = 0.9  # for threshold_rule=target_precision
+    c.match.ece_bins = 15  # equal-width bins of the expected calibration error and reliability diagram
+    c.match.looks_like_k = 3  # audit: best-matching catalog titles / images shown per flagged listing
+    c.match.report_rows = 100  # audit: flagged listings shown (with thumbnails) in the HTML page
     return c
 
 
@@ -387,6 +401,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "embed.mode": ("image", "text", "mix"),
         "checkpoint.best_mode": ("max", "min"),
         "eval.rerank_mode": ("itm", "itm+itc"),
+        "match.calibration": ("auto", "native", "platt"),
+        "match.threshold_rule": ("max_f1", "target_precision"),
     }.items():
         _check_choice(config, key, choices)
     size, patch = config.data.image_size, config.model.image.patch_size
@@ -450,6 +466,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(f"optim.frozen_patterns: {pattern!r} is not a valid regex: {e}") from e
+    _validate_match(config)
     if config.data.name == "catalog" and not config.data.path:
         raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
 
@@ -496,3 +513,15 @@ def _validate_fusion(config: ml_collections.ConfigDict) -> None:
     if config.train.grad_accum_steps != 1:
         raise ConfigError("model.fusion.enabled=True needs train.grad_accum_steps=1: GradCache caches embedding "
                           "gradients only, and the ITM loss also reads the towers' token states")
+def _validate_match(config: ml_collections.ConfigDict) -> None:
+    """Values of match.* that cannot work."""
+    from prodclip.evaluate.pairs import NEGATIVE_KINDS as valid_kinds
+
+    m = config.match
+    bad = [k for k in m.negative_kinds if k not in valid_kinds]
+    if bad or not m.negative_kinds:
+        raise ConfigError(f"match.negative_kinds={tuple(m.negative_kinds)} must be a non-empty subset of {valid_kinds}")
+    if not 0.0 < m.target_precision <= 1.0:
+        raise ConfigError(f"'match.target_precision' must be in (0, 1], got {m.target_precision}")
+    if m.ece_bins < 2 or m.looks_like_k < 1 or m.report_rows < 0:
+        raise ConfigError("match.ece_bins must be >= 2, match.looks_like_k >= 1 and match.report_rows >= 0")

@@ -107,59 +107,81 @@ def embed_catalog(graphdef, params, source, tokenizer, config: ml_collections.Co
                   store_dir: str | pathlib.Path, *, split: str, workdir: str | pathlib.Path,
                   progress: bool = True) -> dict:
     """Embeds every item of `source` into `store_dir`; skips shards already written. Returns the header."""
+    mode = config.embed.mode
+    return embed_catalog_views(graphdef, params, source, tokenizer, config, {mode: store_dir}, split=split,
+                               workdir=workdir, progress=progress)[mode]
+
+
+def _open_or_create(store: pathlib.Path, header: dict, source) -> None:
+    if (store / HEADER).exists():
+        _check_same_settings(store / HEADER, json.loads((store / HEADER).read_text()), header)
+        return
+    (store / "shards").mkdir(parents=True, exist_ok=True)
+    titles = source.titles if hasattr(source, "titles") else [source[i]["title"] for i in range(len(source))]
+    with open(store / f"{ITEMS}.tmp", "w") as f:
+        for item_id, title in zip(_source_ids(source), titles):
+            f.write(json.dumps({"id": item_id, "title": title}) + "\n")
+    os.replace(store / f"{ITEMS}.tmp", store / ITEMS)
+    (store / f"{HEADER}.tmp").write_text(json.dumps(header, indent=2))
+    os.replace(store / f"{HEADER}.tmp", store / HEADER)
+
+
+def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict,
+                        store_dirs: dict[str, str | pathlib.Path], *, split: str, workdir: str | pathlib.Path,
+                        progress: bool = True) -> dict[str, dict]:
+    """Embeds every item of `source` once into one store per mode (store_dirs: image | text | mix -> dir).
+
+    A shard is computed only when some store lacks it (resume), and both towers run once for
+    all the stores. Returns mode -> header.
+    """
     from prodclip.evaluate import suite
 
-    store = pathlib.Path(store_dir)
     num_items = len(source)
     if num_items == 0:
         raise StoreError(f"split {split!r} of data.name={config.data.name!r} has no items: nothing to embed")
     e = config.embed
-    header = {
-        "version": STORE_VERSION,
-        "fingerprint": model_fingerprint(params, tokenizer, config),
-        "mode": e.mode,
-        "image_weight": float(e.image_weight) if e.mode == "mix" else None,
-        "shard_size": int(e.shard_size),
-        "num_items": num_items,
-        "catalog": {"split": split, "data": json.loads(config.data.to_json_best_effort())},
-        "workdir": str(pathlib.Path(workdir).absolute()),
-    }
-    if (store / HEADER).exists():
-        _check_same_settings(store / HEADER, json.loads((store / HEADER).read_text()), header)
-    else:
-        (store / "shards").mkdir(parents=True, exist_ok=True)
-        titles = source.titles if hasattr(source, "titles") else [source[i]["title"] for i in range(num_items)]
-        with open(store / f"{ITEMS}.tmp", "w") as f:
-            for item_id, title in zip(_source_ids(source), titles):
-                f.write(json.dumps({"id": item_id, "title": title}) + "\n")
-        os.replace(store / f"{ITEMS}.tmp", store / ITEMS)
-        (store / f"{HEADER}.tmp").write_text(json.dumps(header, indent=2))
-        os.replace(store / f"{HEADER}.tmp", store / HEADER)
+    stores = {mode: pathlib.Path(path) for mode, path in store_dirs.items()}
+    fingerprint, headers = model_fingerprint(params, tokenizer, config), {}
+    for mode, store in stores.items():
+        headers[mode] = {
+            "version": STORE_VERSION,
+            "fingerprint": fingerprint,
+            "mode": mode,
+            "image_weight": float(e.image_weight) if mode == "mix" else None,
+            "shard_size": int(e.shard_size),
+            "num_items": num_items,
+            "catalog": {"split": split, "data": json.loads(config.data.to_json_best_effort())},
+            "workdir": str(pathlib.Path(workdir).absolute()),
+        }
+        _open_or_create(store, headers[mode], source)
 
     import tqdm
 
-    shard_size = header["shard_size"]
+    shard_size = int(e.shard_size)
     num_shards = -(-num_items // shard_size)
     bar = tqdm.tqdm(total=num_items, desc="embed", unit="item", disable=not progress, dynamic_ncols=True)
     dim = None
     for index in range(num_shards):
         start, stop = index * shard_size, min((index + 1) * shard_size, num_items)
-        path = _shard_path(store, index)
-        if path.exists():
-            dim = np.load(path, mmap_mode="r").shape[1]
+        todo = {mode: _shard_path(store, index) for mode, store in stores.items()
+                if not _shard_path(store, index).exists()}
+        if not todo:
+            dim = np.load(_shard_path(next(iter(stores.values())), index), mmap_mode="r").shape[1]
             bar.update(stop - start)
             continue
         image_emb, text_emb = suite.embed_source(graphdef, params, _Rows(source, start, stop), tokenizer, config)
-        rows = product_vectors(image_emb, text_emb, e.mode, e.image_weight)
-        dim = rows.shape[1]
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, rows)
-        os.replace(tmp, path)
+        for mode, path in todo.items():
+            rows = product_vectors(image_emb, text_emb, mode, e.image_weight)
+            dim = rows.shape[1]
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, rows)
+            os.replace(tmp, path)
         bar.update(stop - start)
     bar.close()
-    header["dim"] = int(dim)
-    (store / HEADER).write_text(json.dumps(header, indent=2))
-    return header
+    for mode, store in stores.items():
+        headers[mode]["dim"] = int(dim)
+        (store / HEADER).write_text(json.dumps(headers[mode], indent=2))
+    return headers
 
 
 @dataclasses.dataclass

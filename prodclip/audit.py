@@ -1,0 +1,243 @@
+"""Catalog audit: find the listings whose photo does not match their title.
+
+    prodclip audit --workdir RUN --catalog catalog.parquet --out REPORT
+
+Every listing's own (photo, title) pair is scored with the run's match calibration
+(prodclip/evaluate/matching.py) and the listings are ranked from the likeliest mismatch.
+A listing is flagged when its match probability is below the calibration's threshold; for
+each flagged one the report shows the catalog titles its photo matches best ("looks like")
+and the catalog photos its title matches best.
+
+It scales like `prodclip embed`: the catalog is embedded once into two sharded stores
+(REPORT/stores/images, REPORT/stores/titles; re-running resumes them), own-pair scores are
+read shard by shard, and the look-ups run as chunked top-k over the stores.
+
+Written into REPORT:
+  audit.csv    one row per listing, likeliest mismatch first: rank, row, id, title, cosine,
+               match_probability, flagged, looks_like (a JSON list of titles), looks_like_ids and
+               title_matches_ids (space-separated ids; flagged listings only);
+               unscorable listings (unreadable image, empty title, ...) follow with status
+               "unscorable" and the reason: none is dropped.
+  audit.html   the flagged listings with thumbnails, then the unscorable ones.
+  audit.json   counts, threshold, calibration.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import csv
+import dataclasses
+import html
+import json
+import logging
+import pathlib
+
+import ml_collections
+import numpy as np
+
+from prodclip import search
+from prodclip.evaluate import matching
+from prodclip.evaluate import store as store_lib
+
+log = logging.getLogger("prodclip")
+
+AUDIT_SPLIT = "audit"
+CSV_FIELDS = ("rank", "row", "id", "title", "cosine", "match_probability", "flagged", "looks_like",
+              "looks_like_ids", "title_matches_ids", "status", "reason")
+
+
+def catalog_config(config: ml_collections.ConfigDict, catalog: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The run's config with data.* pointing at one catalog file (columns named as the run's data config)."""
+    config = copy.deepcopy(config)
+    config.data.name = "catalog"
+    config.data.path = str(pathlib.Path(catalog).absolute())
+    return config
+
+
+def own_pair_cosines(image_store: store_lib.Store, title_store: store_lib.Store) -> np.ndarray:
+    """[N] float64 cosine of each listing's photo with its own title, read one shard at a time."""
+    return np.concatenate([np.einsum("nd,nd->n", np.asarray(a, np.float64), np.asarray(b, np.float64))
+                           for a, b in zip(image_store.shards, title_store.shards)])
+
+
+def store_rows(store: store_lib.Store, rows: np.ndarray) -> np.ndarray:
+    """[R, D] float32 rows of a store (memory-mapped shards; only these rows are read)."""
+    shard_size = store.header["shard_size"]
+    return np.stack([np.asarray(store.shards[r // shard_size][r % shard_size]) for r in rows]) if len(rows) else \
+        np.zeros((0, store.shards[0].shape[1]), np.float32)
+
+
+def nearest_others(queries: np.ndarray, store: store_lib.Store, own_rows: np.ndarray, k: int, chunk_size: int,
+                   *, distinct_titles: bool = False) -> np.ndarray:
+    """[Q, k] int64 best store rows per query, the query's own row left out (-1 where fewer exist).
+
+    distinct_titles: keep one row per title (compared as pairs.title_key), none with the own row's title.
+    """
+    from prodclip.evaluate.pairs import title_key
+
+    depth = 3 * k + 1 if distinct_titles else k + 1
+    _, index = search.top_k(store.shards, queries, depth, chunk_size=chunk_size)
+    out = np.full((len(queries), k), -1, np.int64)
+    for q, (hits, own) in enumerate(zip(index, own_rows)):
+        seen, kept = {title_key(store.titles[own])}, []
+        for hit in hits:
+            key = title_key(store.titles[hit]) if distinct_titles else hit
+            if hit == own or key in seen:
+                continue
+            seen.add(key)
+            kept.append(hit)
+            if len(kept) == k:
+                break
+        out[q, :len(kept)] = kept
+    return out
+
+
+def _own_itm(itm_fn: matching.ItmFn, source, tokenizer, config) -> np.ndarray:
+    from prodclip.data import pipeline
+
+    return np.concatenate([np.asarray(itm_fn(b["images"], b["token_ids"]), np.float64).reshape(-1)
+                           for b in pipeline.eval_batches(source, tokenizer, config)])
+
+
+def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict, catalog: str | pathlib.Path,
+                  out_dir: str | pathlib.Path, calibration: matching.Calibration, *, workdir: str | pathlib.Path,
+                  itm_fn: matching.ItmFn | None = None, progress: bool = True) -> dict:
+    """Scores, ranks and reports every listing of `catalog` (see the module docstring). Returns the summary."""
+    import tqdm
+
+    from prodclip.data import sources
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = catalog_config(config, catalog)
+    source = sources.open_catalog(config, sources.catalog_file(config.data.path, AUDIT_SPLIT))
+    unscorable = source.report.to_dict()["skipped_rows"]
+    stores = {"image": out / "stores" / "images", "text": out / "stores" / "titles"}
+    store_lib.embed_catalog_views(graphdef, params, source, tokenizer, config, stores, split=AUDIT_SPLIT,
+                                  workdir=workdir, progress=progress)
+    image_store, title_store = store_lib.open_store(stores["image"]), store_lib.open_store(stores["text"])
+
+    cos = own_pair_cosines(image_store, title_store)
+    if itm_fn is not None and calibration.combined is None:
+        log.warning("the calibration was fit without a fusion head; ranking by the two-tower score only")
+        itm_fn = None
+    itm = _own_itm(itm_fn, source, tokenizer, config) if itm_fn is not None else None
+    score = calibration.best_score()
+    prob = calibration.probabilities(cos, itm)[score]
+    threshold = calibration.thresholds[score]
+    order = np.argsort(prob, kind="stable")
+    flagged = order[prob[order] < threshold]
+
+    k, chunk = config.match.looks_like_k, config.embed.chunk_size
+    looks_like = np.zeros((0, k), np.int64)
+    title_matches = np.zeros((0, k), np.int64)
+    block = 4096
+    bar = tqdm.tqdm(total=len(flagged), desc="looks like", unit="listing", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(flagged), block):
+        rows = flagged[start:start + block]
+        looks_like = np.concatenate([looks_like, nearest_others(store_rows(image_store, rows), title_store, rows,
+                                                                k, chunk, distinct_titles=True)])
+        title_matches = np.concatenate([title_matches, nearest_others(store_rows(title_store, rows), image_store,
+                                                                      rows, k, chunk)])
+        bar.update(len(rows))
+    bar.close()
+    neighbours = {int(r): (looks_like[i], title_matches[i]) for i, r in enumerate(flagged)}
+
+    _write_csv(out / "audit.csv", order, cos, prob, neighbours, title_store, unscorable)
+    summary = {
+        "catalog": str(catalog), "num_listings": int(len(cos) + len(unscorable)), "num_scored": int(len(cos)),
+        "num_unscorable": len(unscorable), "num_flagged": int(len(flagged)), "score": score,
+        "threshold": threshold, "calibration": dataclasses.asdict(calibration),
+        "unscorable_reasons": source.report.to_dict()["skipped"],
+    }
+    shown = flagged[:config.match.report_rows]
+    thumbs = [int(r) for r in shown] + [int(i) for r in shown for i in neighbours[int(r)][1] if i >= 0]
+    images = dict(zip(thumbs, search.store_images(image_store, thumbs))) if thumbs else {}
+    _write_html(out / "audit.html", summary, shown, cos, prob, neighbours, title_store, images, unscorable)
+    (out / "audit.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _write_csv(path: pathlib.Path, order: np.ndarray, cos: np.ndarray, prob: np.ndarray, neighbours: dict,
+               titles: store_lib.Store, unscorable: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for rank, row in enumerate(order, start=1):
+            row = int(row)
+            looks, matches = neighbours.get(row, ((), ()))
+            writer.writerow({
+                "rank": rank, "row": row, "id": titles.ids[row], "title": titles.titles[row],
+                "cosine": f"{cos[row]:.6f}", "match_probability": f"{prob[row]:.6f}",
+                "flagged": int(row in neighbours),
+                "looks_like": json.dumps([titles.titles[i] for i in looks if i >= 0], ensure_ascii=False),
+                "looks_like_ids": " ".join(str(titles.ids[i]) for i in looks if i >= 0),
+                "title_matches_ids": " ".join(str(titles.ids[i]) for i in matches if i >= 0),
+                "status": "scored", "reason": "",
+            })
+        for bad in unscorable:
+            writer.writerow({"row": bad["row"], "id": bad["id"], "status": "unscorable",
+                             "reason": f"{bad['reason']}: {bad['detail']}".rstrip(": ")})
+
+
+def _thumbnail(image: np.ndarray | None, width: int) -> str:
+    if image is None:
+        return f'<div class="missing" style="width:{width}px;height:{width}px">no image</div>'
+    data = base64.b64encode(search._png_bytes(image)).decode()
+    return f'<img src="data:image/png;base64,{data}" width="{width}">'
+
+
+def _write_html(path: pathlib.Path, summary: dict, shown: np.ndarray, cos: np.ndarray, prob: np.ndarray,
+                neighbours: dict, titles: store_lib.Store, images: dict, unscorable: list[dict]) -> None:
+    esc = lambda text: html.escape(str(text))  # noqa: E731
+    rows = []
+    for rank, row in enumerate(shown, start=1):
+        row = int(row)
+        looks, matches = neighbours[row]
+        looks_like = "".join(f"<li>{esc(titles.titles[i])}</li>" for i in looks if i >= 0)
+        matched = "".join(f"<figure>{_thumbnail(images.get(int(i)), 64)}<figcaption>{esc(titles.titles[i])}"
+                          "</figcaption></figure>" for i in matches if i >= 0)
+        rows.append(f"<tr><td>{rank}</td><td>{_thumbnail(images.get(row), 96)}</td>"
+                    f"<td><b>{esc(titles.titles[row])}</b><br><small>id {esc(titles.ids[row])} &middot; "
+                    f"p(match) {prob[row]:.3f} &middot; cos {cos[row]:.3f}</small></td>"
+                    f"<td>looks like:<ol>{looks_like}</ol></td><td><div class='grid'>{matched}</div></td></tr>")
+    bad = "".join(f"<tr><td>{esc(b['row'])}</td><td>{esc(b['id'])}</td><td>{esc(b['reason'])}</td>"
+                  f"<td>{esc(b['detail'])}</td></tr>" for b in unscorable)
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>prodclip audit</title><style>"
+        "body{font-family:sans-serif}td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}"
+        ".grid{display:flex;gap:6px}figure{width:80px;margin:0}figcaption{font-size:10px}"
+        ".missing{background:#ddd;font-size:10px}</style>"
+        f"<h2>Catalog audit: {esc(summary['catalog'])}</h2>"
+        f"<p>{summary['num_listings']} listings: {summary['num_scored']} scored, {summary['num_flagged']} flagged "
+        f"(p(match) &lt; {summary['threshold']:.3f}, {esc(summary['score'])} score), "
+        f"{summary['num_unscorable']} unscorable. Showing the {len(shown)} likeliest mismatches.</p>"
+        "<table><tr><th>#</th><th>photo</th><th>title</th><th>its photo</th><th>its title matches these photos"
+        f"</th></tr>{''.join(rows)}</table>"
+        f"<h3>Unscorable listings ({len(unscorable)})</h3><table><tr><th>row</th><th>id</th><th>reason</th>"
+        f"<th>detail</th></tr>{bad}</table>\n")
+    path.write_text(page, encoding="utf-8")
+
+
+def load_or_fit_calibration(graphdef, params, tokenizer, config: ml_collections.ConfigDict,
+                            workdir: str | pathlib.Path, out_dir: str | pathlib.Path,
+                            calibration_path: str | pathlib.Path | None = None,
+                            itm_fn: matching.ItmFn | None = None) -> matching.Calibration:
+    """The given calibration file, else the run's (workdir/match_calibration.json), else one fit now on the
+    run's config.match.fit_split and saved into out_dir."""
+    from prodclip.data import sources
+
+    for path in (calibration_path, pathlib.Path(workdir) / matching.CALIBRATION_FILE):
+        if path is not None and pathlib.Path(path).exists():
+            return matching.Calibration.load(path)
+    if calibration_path is not None:
+        raise FileNotFoundError(f"calibration file not found: {calibration_path}")
+    split = config.match.fit_split
+    log.info("no %s in %s: fitting the match calibration on split %r", matching.CALIBRATION_FILE, workdir, split)
+    source = sources.make_source(config, split)
+    scored = matching.score_split(graphdef, params, source, tokenizer, config, split, itm_fn=itm_fn)
+    calibration = matching.calibrate(scored, params, config)
+    pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    calibration.save(pathlib.Path(out_dir) / matching.CALIBRATION_FILE)
+    return calibration

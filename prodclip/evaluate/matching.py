@@ -1,0 +1,398 @@
+"""Match verdicts for (image, title) pairs: scores, calibrated probabilities, a threshold, metrics.
+
+Scores, one per pair:
+  two_tower  cosine of the L2-normalised embeddings, calibrated to a probability
+             p = sigmoid(scale * cos + bias): the sigmoid loss's own logit_scale and logit_bias
+             ("native"), or a Platt fit (a 1-feature logistic regression) on the fit split's pairs,
+             which the softmax loss needs because its scores carry no absolute level.
+  fusion     the ITM probability of a fusion head, where the caller passes `itm_fn`.
+  combined   sigmoid(w_cos * cos + w_itm * logit(p_itm) + b), a logistic regression over both
+             scores fit on the fit split, as retrieval re-ranking mixes ITC and ITM.
+
+A threshold on each probability is chosen on the fit split (max F1, or the lowest threshold
+that reaches a target precision); the metrics (scikit-learn) are reported per negative kind.
+Everything fitted (scales, weights, thresholds) is a `Calibration`, saved as JSON so that
+`prodclip audit` applies the same verdicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Callable
+
+import numpy as np
+from sklearn import metrics as sk_metrics
+from sklearn.linear_model import LogisticRegression
+
+from prodclip.evaluate import pairs as pairs_lib
+
+log = logging.getLogger("prodclip")
+
+# images [B, S, S, 3] uint8, token_ids [B, L] int32 -> [B] ITM probabilities (a fusion head).
+ItmFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+CALIBRATION_FILE = "match_calibration.json"
+SCORES = ("two_tower", "fusion", "combined")
+_EPS = 1e-6
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def raw_cosine_probability(cos: np.ndarray) -> np.ndarray:
+    """The uncalibrated reading of a cosine as a probability: clip(cos, 0, 1)."""
+    return np.clip(np.asarray(cos, np.float64), 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def fit_logistic(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+    """(weights [F], bias) of an unregularised logistic regression of labels [P] on features [P, F]."""
+    if len(np.unique(labels)) < 2:
+        raise ValueError("calibration needs both matched and mismatched pairs; the fit split has one class only")
+    model = LogisticRegression(C=1e6, max_iter=1000).fit(np.asarray(features, np.float64), labels)
+    return model.coef_[0].astype(np.float64), float(model.intercept_[0])
+
+
+def choose_threshold(prob: np.ndarray, labels: np.ndarray, rule: str = "max_f1",
+                     target_precision: float = 0.9) -> tuple[float, bool]:
+    """(threshold, reached): predict a match where prob >= threshold.
+
+    max_f1: the threshold of the highest F1 on these pairs (reached is True).
+    target_precision: the lowest threshold whose precision on these pairs is >= target (the most
+    recall at that precision); if none reaches it, the threshold of the highest precision, reached=False.
+    """
+    precision, recall, thresholds = sk_metrics.precision_recall_curve(labels, prob)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    if rule == "max_f1":
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+        return float(thresholds[int(np.argmax(f1))]), True
+    if rule == "target_precision":
+        ok = np.flatnonzero(precision >= target_precision)
+        if len(ok):
+            return float(thresholds[ok[0]]), True  # thresholds ascend: the first is the lowest
+        return float(thresholds[int(np.argmax(precision))]), False
+    raise ValueError(f"threshold rule {rule!r} is not one of max_f1, target_precision")
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What turns pair scores into verdicts, fit on one split.
+
+    method: "native" | "platt"; p_two_tower = sigmoid(scale * cos + bias).
+    combined: (w_cos, w_itm, bias) of the combined score, or None without a fusion head.
+    thresholds: score name -> probability threshold; reached: score name -> target precision reached.
+    """
+
+    method: str
+    scale: float
+    bias: float
+    thresholds: dict[str, float]
+    reached: dict[str, bool]
+    rule: str
+    target_precision: float
+    fit_split: str
+    combined: tuple[float, float, float] | None = None
+
+    def two_tower(self, cos: np.ndarray) -> np.ndarray:
+        """[P] cosines -> [P] match probabilities."""
+        return sigmoid(self.scale * np.asarray(cos, np.float64) + self.bias)
+
+    def combine(self, cos: np.ndarray, itm_prob: np.ndarray) -> np.ndarray:
+        """[P] cosines and ITM probabilities -> [P] combined match probabilities."""
+        if self.combined is None:
+            raise ValueError("this calibration was fit without a fusion head; it has no combined score")
+        w_cos, w_itm, bias = self.combined
+        return sigmoid(w_cos * np.asarray(cos, np.float64) + w_itm * logit(itm_prob) + bias)
+
+    def probabilities(self, cos: np.ndarray, itm_prob: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Score name -> [P] probabilities (fusion and combined only with ITM probabilities)."""
+        out = {"two_tower": self.two_tower(cos)}
+        if itm_prob is not None:
+            out["fusion"] = np.asarray(itm_prob, np.float64)
+            if self.combined is not None:
+                out["combined"] = self.combine(cos, itm_prob)
+        return out
+
+    def best_score(self) -> str:
+        """The score verdicts use: combined when fit, else two_tower."""
+        return "combined" if self.combined is not None else "two_tower"
+
+    def save(self, path: str | pathlib.Path) -> None:
+        pathlib.Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> "Calibration":
+        data = json.loads(pathlib.Path(path).read_text())
+        try:
+            calibration = cls(**data)
+        except TypeError as e:
+            raise ValueError(f"{path} is not a match calibration ({e})") from e
+        if calibration.combined is not None:
+            calibration.combined = tuple(calibration.combined)
+        return calibration
+
+
+def fit_calibration(cos: np.ndarray, labels: np.ndarray, *, loss_name: str, method: str = "auto",
+                    logit_scale: float | None = None, logit_bias: float | None = None,
+                    itm_prob: np.ndarray | None = None, rule: str = "max_f1", target_precision: float = 0.9,
+                    fit_split: str = "val") -> Calibration:
+    """Fits the two-tower calibration (and the combined score and thresholds) on [P] pair cosines and labels.
+
+    method: auto (native for loss_name 'sigmoid', else platt) | native | platt. native needs
+    the model's logit_scale (exp'd, clamped) and logit_bias.
+    """
+    if method == "auto":
+        method = "native" if loss_name == "sigmoid" else "platt"
+    if method == "native":
+        if logit_scale is None or logit_bias is None:
+            raise ValueError("native calibration needs the model's logit_scale and logit_bias")
+        scale, bias = float(logit_scale), float(logit_bias)
+    elif method == "platt":
+        weights, bias = fit_logistic(np.asarray(cos)[:, None], labels)
+        scale = float(weights[0])
+    else:
+        raise ValueError(f"calibration method {method!r} is not one of auto, native, platt")
+    calibration = Calibration(method, scale, bias, {}, {}, rule, float(target_precision), fit_split)
+    if itm_prob is not None:
+        weights, bias = fit_logistic(np.stack([np.asarray(cos, np.float64), logit(itm_prob)], axis=1), labels)
+        calibration.combined = (float(weights[0]), float(weights[1]), bias)
+    for name, prob in calibration.probabilities(cos, itm_prob).items():
+        calibration.thresholds[name], calibration.reached[name] = choose_threshold(prob, labels, rule,
+                                                                                   target_precision)
+    return calibration
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def expected_calibration_error(prob: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
+    """Sum over equal-width probability bins of (bin share) * |mean label - mean probability|.
+
+    Bins are those of sklearn.calibration.calibration_curve(strategy='uniform').
+    """
+    prob, labels = np.asarray(prob, np.float64), np.asarray(labels, np.float64)
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    bins = np.searchsorted(edges[1:-1], prob)
+    counts = np.bincount(bins, minlength=num_bins)
+    gap = np.abs(np.bincount(bins, labels, num_bins) - np.bincount(bins, prob, num_bins))
+    return float(gap.sum() / max(counts.sum(), 1))
+
+
+def classification_metrics(prob: np.ndarray, labels: np.ndarray, threshold: float,
+                           num_bins: int = 15) -> dict[str, float]:
+    """ROC-AUC, PR-AUC, and accuracy / precision / recall / F1 / Cohen's kappa at prob >= threshold, plus ECE."""
+    predicted = (np.asarray(prob) >= threshold).astype(np.int32)
+    both = len(np.unique(labels)) == 2
+    return {
+        "roc_auc": float(sk_metrics.roc_auc_score(labels, prob)) if both else float("nan"),
+        "pr_auc": float(sk_metrics.average_precision_score(labels, prob)) if both else float("nan"),
+        "accuracy": float(sk_metrics.accuracy_score(labels, predicted)),
+        "precision": float(sk_metrics.precision_score(labels, predicted, zero_division=0)),
+        "recall": float(sk_metrics.recall_score(labels, predicted, zero_division=0)),
+        "f1": float(sk_metrics.f1_score(labels, predicted, zero_division=0)),
+        "kappa": float(sk_metrics.cohen_kappa_score(labels, predicted)),
+        "ece": expected_calibration_error(prob, labels, num_bins),
+        "num_pairs": int(len(labels)),
+        "num_positive": int(np.sum(labels)),
+    }
+
+
+def metrics_by_kind(prob: np.ndarray, pair_set: pairs_lib.PairSet, threshold: float,
+                    num_bins: int = 15) -> dict[str, dict[str, float]]:
+    """Metrics on all pairs ("all") and on the positives against each negative kind alone,
+    and against each swapped attribute ("attribute_swap:<label>")."""
+    kinds = np.asarray(pair_set.kinds)
+    groups = {"all": np.ones(len(kinds), bool)}
+    for kind in dict.fromkeys(pair_set.kinds):
+        if kind != pairs_lib.POSITIVE:
+            groups[kind] = (kinds == kind) | (kinds == pairs_lib.POSITIVE)
+    attributes = np.asarray(pair_set.attributes)
+    for attribute in sorted(set(pair_set.attributes) - {""}):
+        groups[f"attribute_swap:{attribute}"] = (attributes == attribute) | (kinds == pairs_lib.POSITIVE)
+    return {name: classification_metrics(prob[mask], pair_set.labels[mask], threshold, num_bins)
+            for name, mask in groups.items()}
+
+
+def reliability_diagram(curves: dict[str, np.ndarray], labels: np.ndarray, path: str | pathlib.Path, *,
+                        num_bins: int = 15, title: str = "") -> None:
+    """A PNG: observed match rate against mean predicted probability per bin, one line per curve
+    (name -> [P] probabilities), with each curve's ECE in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect")
+    for name, prob in curves.items():
+        observed, predicted = calibration_curve(labels, prob, n_bins=num_bins, strategy="uniform")
+        ece = expected_calibration_error(prob, labels, num_bins)
+        ax.plot(predicted, observed, marker="o", markersize=3, label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlabel("predicted match probability")
+    ax.set_ylabel("observed match rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- scoring a pair set
+
+
+def pair_cosines(image_emb: np.ndarray, title_emb: np.ndarray, pair_set: pairs_lib.PairSet,
+                 encode_titles: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """[P] float64 cosines of a pair set.
+
+    image_emb, title_emb: [N, D] float32 L2-normalised embeddings of the split's photos and titles;
+    edited titles (title_index -1) are embedded with `encode_titles` (N strings -> [N, D]).
+    """
+    texts = title_emb[np.maximum(pair_set.title_index, 0)].astype(np.float64)
+    edited = np.flatnonzero(pair_set.title_index < 0)
+    if len(edited):
+        texts[edited] = encode_titles([pair_set.titles[i] for i in edited])
+    return np.einsum("pd,pd->p", image_emb[pair_set.image_index].astype(np.float64), texts)
+
+
+class _PairRows:
+    """A pair set over a split as a source: row p = (photo of pair p, title of pair p)."""
+
+    def __init__(self, source, pair_set: pairs_lib.PairSet):
+        self.source, self.pair_set = source, pair_set
+
+    def __len__(self) -> int:
+        return len(self.pair_set)
+
+    def __getitem__(self, p: int) -> dict:
+        item = self.source[int(self.pair_set.image_index[int(p)])]
+        return {"image": item["image"], "title": self.pair_set.titles[int(p)], "id": int(p)}
+
+
+def itm_probabilities(itm_fn: ItmFn, source, pair_set: pairs_lib.PairSet, tokenizer, config) -> np.ndarray:
+    """[P] ITM probabilities of a pair set, batched through the eval pipeline (fitted photos, token ids)."""
+    from prodclip.data import pipeline
+
+    out = [np.asarray(itm_fn(batch["images"], batch["token_ids"]), np.float64).reshape(-1)
+           for batch in pipeline.eval_batches(_PairRows(source, pair_set), tokenizer, config)]
+    return np.concatenate(out)
+
+
+@dataclasses.dataclass
+class ScoredPairs:
+    """A split's pair set with its cosines [P] and, with a fusion head, ITM probabilities [P]."""
+
+    split: str
+    pair_set: pairs_lib.PairSet
+    cos: np.ndarray
+    itm_prob: np.ndarray | None = None
+
+
+def score_split(graphdef, params, source, tokenizer, config, split: str, *, itm_fn: ItmFn | None = None
+                ) -> ScoredPairs:
+    """Builds the split's pair benchmark (config.match) and scores every pair."""
+    from prodclip.evaluate import suite
+
+    type_label, swap_labels = benchmark_labels(config, source)
+    sampler = pairs_lib.sampler_for_source(source, type_label, swap_labels)
+    pair_set = pairs_lib.build_pairs(sampler, config.match.negative_kinds, seed=config.match.seed)
+    image_emb, title_emb = suite.embed_source(graphdef, params, source, tokenizer, config)
+    encode = suite.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
+    cos = pair_cosines(image_emb, title_emb, pair_set, encode)
+    itm = itm_probabilities(itm_fn, source, pair_set, tokenizer, config) if itm_fn is not None else None
+    return ScoredPairs(split, pair_set, cos, itm)
+
+
+def benchmark_labels(config, source) -> tuple[str, tuple[str, ...]]:
+    """(type label, swap labels) from config.match, defaulting to data.label_columns[0] and the rest."""
+    columns = [c for c in config.data.label_columns if c in getattr(source, "labels", {})]
+    type_label = config.match.type_label or (columns[0] if columns else "")
+    swap = tuple(config.match.swap_labels) or tuple(c for c in columns if c != type_label)
+    if not type_label:
+        raise ValueError("the pair benchmark needs a product-type label: set match.type_label to a label "
+                         f"column of the catalog (data.label_columns = {tuple(config.data.label_columns)})")
+    return type_label, swap
+
+
+def model_logit_scale_bias(params, logit_scale_max: float) -> tuple[float, float]:
+    """The model's (logit_scale, logit_bias) as the sigmoid loss uses them (scale exp'd, clamped)."""
+    scale = float(np.exp(np.asarray(params["log_logit_scale"], np.float64)))
+    return min(scale, float(logit_scale_max)), float(np.asarray(params["logit_bias"]))
+
+
+def calibrate(scored: ScoredPairs, params, config) -> Calibration:
+    """Fits a Calibration (config.match) on one scored split."""
+    m = config.match
+    scale, bias = model_logit_scale_bias(params, config.model.logit_scale_max)
+    return fit_calibration(scored.cos, scored.pair_set.labels, loss_name=config.loss.name, method=m.calibration,
+                           logit_scale=scale, logit_bias=bias,
+                           itm_prob=scored.itm_prob, rule=m.threshold_rule, target_precision=m.target_precision,
+                           fit_split=scored.split)
+
+
+def evaluate(scored: ScoredPairs, calibration: Calibration, *, num_bins: int = 15,
+             plot_path: str | pathlib.Path | None = None) -> dict:
+    """Per score name and negative kind, the metrics at the calibration's threshold; the raw cosine's ECE
+    beside the calibrated one; the pair counts. With plot_path, the reliability diagram PNG."""
+    labels = scored.pair_set.labels
+    probabilities = calibration.probabilities(scored.cos, scored.itm_prob)
+    results = {"split": scored.split, "calibration": dataclasses.asdict(calibration),
+               "missing_negatives": scored.pair_set.missing, "edited_titles": int(scored.pair_set.edited.sum()),
+               "ece_raw_cosine": expected_calibration_error(raw_cosine_probability(scored.cos), labels, num_bins)}
+    for name, prob in probabilities.items():
+        results[name] = metrics_by_kind(prob, scored.pair_set, calibration.thresholds[name], num_bins)
+    if plot_path is not None:
+        curves = {"raw cosine": raw_cosine_probability(scored.cos)}
+        curves.update({f"{name} (calibrated)" if name == "two_tower" else name: prob
+                       for name, prob in probabilities.items()})
+        reliability_diagram(curves, labels, plot_path, num_bins=num_bins,
+                            title=f"{scored.split}: calibration fit on {calibration.fit_split}")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """A markdown table: one row per (score, negative kind) with the headline metrics."""
+    columns = ("roc_auc", "pr_auc", "accuracy", "precision", "recall", "f1", "kappa", "ece", "num_pairs")
+    calibration = results["calibration"]
+    lines = [f"pairs of `{results['split']}`; {calibration['method']} calibration and threshold "
+             f"({calibration['rule']}) fit on `{calibration['fit_split']}`; raw-cosine ECE "
+             f"{results['ece_raw_cosine']:.3f}; {results['edited_titles']} attribute_swap titles edited; "
+             f"items without a negative: {results['missing_negatives']}", "",
+             "| score | negatives | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for name in SCORES:
+        for kind, row in results.get(name, {}).items():
+            # ECE only over all pairs: one kind against the positives has another class balance than the fit
+            cells = [str(row[c]) if c == "num_pairs" else "" if c == "ece" and kind != "all" else f"{row[c]:.3f}"
+                     for c in columns]
+            lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_benchmark(graphdef, params, tokenizer, split_sources: dict, config, out_dir: str | pathlib.Path, *,
+                  splits: list[str], fit_split: str, itm_fn: ItmFn | None = None) -> dict:
+    """`prodclip match`: calibrate on `fit_split`, evaluate each of `splits`; writes match.json, match.md,
+    match_reliability_<split>.png and the calibration (CALIBRATION_FILE) into out_dir. Returns the results."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scored = {s: score_split(graphdef, params, split_sources[s], tokenizer, config, s, itm_fn=itm_fn)
+              for s in dict.fromkeys([fit_split, *splits])}
+    calibration = calibrate(scored[fit_split], params, config)
+    calibration.save(out_dir / CALIBRATION_FILE)
+    results = {s: evaluate(scored[s], calibration, num_bins=config.match.ece_bins,
+                           plot_path=out_dir / f"match_reliability_{s}.png") for s in splits}
+    (out_dir / "match.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (out_dir / "match.md").write_text("\n\n".join(format_table(r) for r in results.values()) + "\n")
+    return results
