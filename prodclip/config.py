@@ -192,7 +192,9 @@ def base_config() -> ml_collections.ConfigDict:
     # distinct title is embedded once (prodclip/text_cache.py) and steps run only the image tower.
     c.train.text_cache = "auto"  # auto | off
     c.train.text_cache_dir = ""  # where caches live (keyed by tokenizer + weights); empty = <workdir>/text_cache
-    c.train.max_train_seconds = 0.0  # stop training after this much wall-clock (then checkpoint + eval); 0 = no limit
+    # Stop training after this much wall-clock from the end of the first (compiling) step, then checkpoint
+    # and evaluate as at the last step; 0 = no limit. Resuming such a run continues towards num_steps.
+    c.train.max_train_seconds = 0.0
 
     # Devices, sharding and hosts (see prodclip/parallel.py).
     c.parallel = ml_collections.ConfigDict()

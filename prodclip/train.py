@@ -314,6 +314,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             with jax.transfer_guard_device_to_host("disallow"):
                 state, metrics = compiled.step(state, batch)
             pending.append(metrics)
+            if step == start_step + 1 and config.train.max_train_seconds:
+                jax.block_until_ready(state)  # the time budget counts training steps, not the first compilation
+                t_loop = time.time()
             out_of_time = 0 < config.train.max_train_seconds < time.time() - t_loop
             if step % config.train.log_every == 0 or step == num_steps or out_of_time:
                 faults.check_finite(pending, first_step=step - len(pending) + 1)
