@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from test_finetune import tiny_config as finetune_config
+
 from prodclip import config as config_lib
 from prodclip import losses, train
 from prodclip.models import matcher as matcher_lib
@@ -81,26 +83,12 @@ def test_all_positive_row_gets_a_positive_label(matcher):
     assert np.asarray(labels).all()
 
 
-def tiny_config(**overrides):
-    c = config_lib.base_config()
-    c.data.image_size = 16
-    c.tokenizer.context_length = 8
-    c.model.embed_dim = D
-    for tower in (c.model.image, c.model.text):
-        tower.update(dict(preset="mu", width=16, depth=1, num_heads=2, mlp_ratio=2.0))
-    c.model.image.patch_size = 8
-    c.model.matcher.kind = "concat"
-    c.model.matcher.hidden = 5
-    c.loss.matcher_weight = 0.5
-    c.optim.warmup_steps = 0
-    for key, value in overrides.items():
-        config_lib.set_field(c, key, value)
-    config_lib.validate(c)
-    return c
-
-
 def test_train_loss_adds_the_weighted_matcher_term_and_itm_fn_scores_pairs():
-    config = tiny_config()
+    config = finetune_config()
+    config.model.embed_dim = D
+    config.model.matcher.update(dict(kind="concat", hidden=5))
+    config.loss.matcher_weight = 0.5
+    config_lib.validate(config)
     model = two_tower.build_model(config, vocab_size=30, pad_id=0, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model, nnx.Param)
     params = state.to_pure_dict()

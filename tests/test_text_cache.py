@@ -8,30 +8,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+
+from test_finetune import BATCH, CONTEXT, VOCAB
+from test_finetune import init as finetune_model
+from test_finetune import tiny_config as finetune_config
 
 from prodclip import config as config_lib
 from prodclip import text_cache, train
-from prodclip.models import two_tower
 
-VOCAB, CONTEXT, BATCH, NUM_TITLES = 40, 8, 8, 12
+NUM_TITLES = 12
 
 
 def tiny_config(**overrides):
-    c = config_lib.base_config()
-    c.data.image_size = 16
-    c.tokenizer.context_length = CONTEXT
-    c.model.embed_dim = 8
-    for tower in (c.model.image, c.model.text):
-        tower.update(dict(preset="mu", width=16, depth=2, num_heads=2, mlp_ratio=2.0))
-    c.model.image.patch_size = 8
-    c.optim.warmup_steps = 0
-    c.optim.learning_rate = 1e-2
-    c.optim.lock_text = True
+    """test_finetune's tiny model with a locked text tower; eval.batch_size 5 sets the cache's chunk size."""
     # Attention key biases have an exactly-zero true gradient; a large Adam eps keeps their float
     # noise from becoming full-size updates (as in tests/multihost_worker.py).
-    c.optim.eps = 1e-3
-    c.train.num_steps = 10
+    c = finetune_config(lock_text=True, eps=1e-3, clip_norm=1.0)
     c.eval.batch_size = 5
     for key, value in overrides.items():
         config_lib.set_field(c, key, value)
@@ -59,9 +51,7 @@ def batches(num):
 @pytest.fixture(scope="module")
 def model():
     config = tiny_config()
-    build = lambda: two_tower.build_model(config, vocab_size=VOCAB, pad_id=0, rngs=nnx.Rngs(0))
-    graphdef, _ = nnx.split(nnx.eval_shape(build), nnx.Param)
-    params = jax.jit(lambda: nnx.split(build(), nnx.Param)[1].to_pure_dict())()
+    graphdef, params = finetune_model()
     encode = jax.jit(lambda p, t: train.merge_model(graphdef, p).encode_text(t))
     return config, graphdef, params, encode
 
