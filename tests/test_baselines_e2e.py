@@ -28,6 +28,7 @@ def make_bert_dir(directory: pathlib.Path) -> transformers.BertModel:
     return model
 
 
+@pytest.mark.slow  # ~35 s, mostly compiling the 8-device step; the wiring check, not a must-show of issue 14
 def test_resnet_locked_bert_matcher_run(tmp_path):
     hf_model = make_bert_dir(tmp_path / "bert")
     c = config_lib.base_config()
@@ -37,15 +38,15 @@ def test_resnet_locked_bert_matcher_run(tmp_path):
     c.data.title_dropout_prob = 0.0
     c.tokenizer.context_length = 12
     c.model.embed_dim = 8
-    c.model.image.update(dict(kind="resnet", pooling="map"))
-    c.model.image.resnet.update(dict(depth=18, width_mult=0.125, norm_groups=4, pool_heads=4))
+    c.model.image.update(dict(kind="resnet", pooling="gap"))
+    c.model.image.resnet.update(dict(depth=18, width_mult=0.125, norm_groups=4))
     convert_bert.use_pretrained_text(c, tmp_path / "bert", pooling="cls")
     c.model.matcher.kind = "concat"
     c.optim.lock_text = True
     c.optim.warmup_steps = 0
     c.train.update(dict(batch_size=16, num_steps=10_000, log_every=2, eval_every=0, progress_bar=False,
                         max_train_seconds=2.0))
-    c.eval.update(dict(batch_size=32, zeroshot_labels=("category",), confusion_png=False))
+    c.eval.update(dict(batch_size=32, zeroshot_labels=(), confusion_png=False))
     c.checkpoint.async_save = False
     c.lock()
     workdir = tmp_path / "run"

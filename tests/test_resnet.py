@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from multihost_worker import NUM_STEPS, tiny_config, tiny_model
+from multihost_worker import tiny_config, tiny_model
 from test_parallel import assert_same_training, one_device_mesh, run_steps
 
 from prodclip import parallel
@@ -123,7 +123,7 @@ def test_bad_resnet_configs_are_refused(overrides, message):
 @pytest.fixture(scope="module")
 def resnet_reference():
     config = tiny_config(**RESNET)
-    return run_steps(config, one_device_mesh(config), num_steps=NUM_STEPS)
+    return run_steps(config, one_device_mesh(config), num_steps=2)
 
 
 def test_resnet_sharded_step_matches_one_device(resnet_reference):
