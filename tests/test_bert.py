@@ -182,3 +182,13 @@ def test_minilm_sentence_embeddings_match_transformers_and_sentence_transformers
     sentence_transformers = pytest.importorskip("sentence_transformers")
     documented = sentence_transformers.SentenceTransformer(str(model_dir), device="cpu").encode(TITLES)
     np.testing.assert_allclose(ours, documented, atol=1e-4, rtol=0)
+
+
+def test_clip_export_refuses_baseline_towers():
+    from prodclip import convert
+
+    config = config_lib.base_config()
+    config.model.image.kind, config.model.text.kind, config.model.matcher.kind = "resnet", "bert", "concat"
+    problems = " ".join(convert.export_problems(config))
+    for option in ("model.image.kind='resnet'", "model.text.kind='bert'", "model.matcher.kind='concat'"):
+        assert option in problems
