@@ -122,6 +122,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.stem = "patch"  # patch (linear patchify) | conv (patchify conv, then 3x3 stride-2 convs)
     c.model.image.stem_depth = 2  # number of 3x3 stride-2 convs in the conv stem; patch_size % 2**stem_depth == 0
     c.model.image.pixel_norm = "imagenet"  # imagenet | clip: the mean/std the model normalises pixels with
+    # --- baselines (issue 14): a ResNet image tower instead of the ViT (prodclip/models/resnet.py).
+    c.model.image.kind = "vit"  # vit | resnet (resnet uses pooling gap | map and the fields below)
+    c.model.image.resnet = ml_collections.ConfigDict()
+    c.model.image.resnet.depth = 50  # 18 (basic blocks) | 26 | 50 (bottleneck blocks)
+    c.model.image.resnet.width_mult = 1.0  # stem channels = round(64 * width_mult); stages x1, x2, x4, x8
+    c.model.image.resnet.norm_groups = 32  # GroupNorm groups (per-example statistics: exact under any sharding)
+    c.model.image.resnet.pool_heads = 8  # attention-pooling heads (model.image.pooling='map')
     c.model.text = ml_collections.ConfigDict()
     c.model.text.preset = "ti"
     c.model.text.width = config_dict.placeholder(int)
@@ -144,6 +151,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.fusion.depth = 2  # blocks of self-attention, cross-attention, MLP
     c.model.fusion.width = 128
     c.model.fusion.num_heads = 4
+    # --- baselines (issue 14): a BERT text tower (prodclip/models/bert.py), e.g. a pretrained MiniLM.
+    c.model.text.kind = "transformer"  # transformer (pre-LN, text.py) | bert (post-LN, token types; mask bidirectional)
+    c.model.text.pretrained = ""  # a local HF BERT dir (config.json + model.safetensors) whose weights start the tower
+    c.model.text.bert = ml_collections.ConfigDict()
+    c.model.text.bert.type_vocab_size = 2
+    c.model.text.bert.max_positions = 512  # rows of the position table (>= tokenizer.context_length)
+    c.model.text.bert.layer_norm_eps = 1e-12
+    c.model.text.bert.projection = True  # False: the pooled state is the embedding (needs embed_dim == width)
+    # --- baselines (issue 14): a concat-fusion matcher on the two embeddings (prodclip/models/matcher.py).
+    c.model.matcher = ml_collections.ConfigDict()
+    c.model.matcher.kind = "none"  # none | concat ([u, v, |u-v|, u*v] -> MLP -> match logit)
+    c.model.matcher.hidden = 256
+    c.model.matcher.depth = 2  # hidden layers of the MLP
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
@@ -152,6 +172,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.extra_positives = True
     # With model.fusion.enabled: total loss = contrastive + itm_weight * ITM (hard negatives).
     c.loss.itm_weight = 1.0
+    c.loss.matcher_weight = 1.0  # weight of the matcher's BCE (model.matcher.kind != 'none') beside the contrastive loss
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3
@@ -178,6 +199,13 @@ def base_config() -> ml_collections.ConfigDict:
     # GradCache: split each step's batch into k micro-batches; the gradient is still the
     # full-batch contrastive gradient, at one micro-batch's activation memory.
     c.train.grad_accum_steps = 1
+    # --- baselines (issue 14). LiT text cache: with optim.lock_text and no title augmentation, each
+    # distinct title is embedded once (prodclip/text_cache.py) and steps run only the image tower.
+    c.train.text_cache = "auto"  # auto | off
+    c.train.text_cache_dir = ""  # where caches live (keyed by tokenizer + weights); empty = <workdir>/text_cache
+    # Stop training after this much wall-clock from the end of the first (compiling) step, then checkpoint
+    # and evaluate as at the last step; 0 = no limit. Resuming such a run continues towards num_steps.
+    c.train.max_train_seconds = 0.0
 
     # Devices, sharding and hosts (see prodclip/parallel.py).
     c.parallel = ml_collections.ConfigDict()
@@ -403,10 +431,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "eval.rerank_mode": ("itm", "itm+itc"),
         "match.calibration": ("auto", "native", "platt"),
         "match.threshold_rule": ("max_f1", "target_precision"),
+        "model.image.kind": ("vit", "resnet"),
+        "model.text.kind": ("transformer", "bert"),
+        "model.matcher.kind": ("none", "concat"),
+        "train.text_cache": ("auto", "off"),
     }.items():
         _check_choice(config, key, choices)
     size, patch = config.data.image_size, config.model.image.patch_size
-    if patch <= 0 or size % patch:
+    if config.model.image.kind == "vit" and (patch <= 0 or size % patch):
         raise ConfigError(
             f"model.image.patch_size={patch} does not divide data.image_size={size}; "
             f"valid patch sizes: {[p for p in range(1, size + 1) if size % p == 0]}"
@@ -434,6 +466,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     _validate_parallel(config)
     _validate_fusion(config)
+    _validate_baselines(config)
     if config.data.name == "tfds" and not (config.data.tfds_name and config.data.data_dir):
         raise ConfigError("data.name='tfds' needs data.tfds_name and data.data_dir (a prepared TFDS data_dir)")
     if config.data.num_workers < 0:
@@ -471,6 +504,43 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
 
 
+def _validate_baselines(config: ml_collections.ConfigDict) -> None:
+    """The ResNet / BERT towers, the matcher and the LiT text cache (issue 14)."""
+    from prodclip.models import resnet
+
+    m = config.model
+    if m.image.kind == "resnet":
+        r = m.image.resnet
+        if r.depth not in resnet.DEPTHS:
+            raise ConfigError(f"model.image.resnet.depth={r.depth} is not one of {sorted(resnet.DEPTHS)}")
+        if m.image.pooling not in ("gap", "map"):
+            raise ConfigError(f"model.image.pooling={m.image.pooling!r}: a ResNet pools with 'gap' or 'map'")
+        stem, outs = resnet.stage_channels(r.depth, r.width_mult)
+        if stem < 1 or r.norm_groups < 1 or any(c % r.norm_groups for c in (stem, *outs)):
+            raise ConfigError(f"model.image.resnet.norm_groups={r.norm_groups} must divide every channel count "
+                              f"{(stem, *outs)} (width_mult={r.width_mult})")
+        if m.image.pooling == "map" and outs[-1] % r.pool_heads:
+            raise ConfigError(f"model.image.resnet.pool_heads={r.pool_heads} does not divide the final width {outs[-1]}")
+    if m.text.kind == "bert":
+        if m.text.mask != "bidirectional":
+            raise ConfigError("model.text.kind='bert' is bidirectional: set model.text.mask='bidirectional'")
+        if m.text.pooling not in ("cls", "mean"):
+            raise ConfigError(f"model.text.pooling={m.text.pooling!r}: a BERT tower pools with 'cls' or 'mean'")
+        if m.text.bert.max_positions < config.tokenizer.context_length:
+            raise ConfigError(f"model.text.bert.max_positions={m.text.bert.max_positions} is below "
+                              f"tokenizer.context_length={config.tokenizer.context_length}")
+        width = tower_dims(m.text, TEXT_PRESETS)["width"]
+        if not m.text.bert.projection and m.embed_dim != width:
+            raise ConfigError(f"model.text.bert.projection=False needs model.embed_dim == the text width {width}, "
+                              f"got {m.embed_dim}")
+    elif m.text.pretrained:
+        raise ConfigError("model.text.pretrained (a HF BERT dir) needs model.text.kind='bert'")
+    if m.matcher.kind != "none" and (m.matcher.hidden < 1 or m.matcher.depth < 1):
+        raise ConfigError("model.matcher.hidden and model.matcher.depth must be >= 1")
+    if config.train.max_train_seconds < 0:
+        raise ConfigError(f"train.max_train_seconds must be >= 0, got {config.train.max_train_seconds}")
+
+
 def _validate_parallel(config: ml_collections.ConfigDict) -> None:
     """Option combinations of parallel.* and train.grad_accum_steps that cannot work."""
     p = config.parallel
@@ -500,6 +570,10 @@ def _validate_fusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"'eval.rerank_k' must be >= 0 (0 = no re-ranking), got {config.eval.rerank_k}")
     if not f.enabled:
         return
+    if config.model.image.kind != "vit" or config.model.text.kind != "transformer":
+        raise ConfigError("model.fusion.enabled=True reads the ViT's patch tokens and the text Transformer's token "
+                          f"states; got model.image.kind={config.model.image.kind!r}, "
+                          f"model.text.kind={config.model.text.kind!r} (valid: 'vit' and 'transformer')")
     if f.depth < 1 or f.width < 1 or f.num_heads < 1 or f.width % f.num_heads:
         raise ConfigError(f"model.fusion: depth {f.depth}, width {f.width} and num_heads {f.num_heads} must be "
                           "positive, and width divisible by num_heads")

@@ -329,6 +329,10 @@ def export_problems(config: ml_collections.ConfigDict) -> list[str]:
         "loss.name": (config.loss.name, "softmax"),
     }
     problems = [f"{key}={have!r} (CLIP needs {need!r})" for key, (have, need) in want.items() if have != need]
+    for key, have, need in (("model.image.kind", m.image.kind, "vit"), ("model.text.kind", m.text.kind, "transformer"),
+                            ("model.matcher.kind", m.matcher.kind, "none")):
+        if have != need:
+            problems.append(f"{key}={have!r} (CLIP needs {need!r})")
     for tower in ("image", "text"):
         dims = config_lib.tower_dims(m[tower], config_lib.VIT_PRESETS if tower == "image" else config_lib.TEXT_PRESETS)
         if not float(dims["width"] * m[tower].mlp_ratio).is_integer():

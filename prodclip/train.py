@@ -26,6 +26,7 @@ from prodclip.data import pipeline, sources
 from prodclip.data import tokenizer as tokenizer_lib
 from prodclip.evaluate import suite
 from prodclip.metrics_writer import MetricsWriter
+from prodclip.models import matcher as matcher_lib
 from prodclip.models import two_tower
 
 log = logging.getLogger("prodclip")
@@ -159,11 +160,18 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss: 
 
     def embed(params, batch):
         model = merge_model(graphdef, params)
-        return model.encode_image(batch["images"]), model.encode_text(batch["token_ids"])
+        # A locked text tower's embeddings may come with the batch (LiT text cache, text_cache.py).
+        text_emb = batch["text_emb"] if "text_emb" in batch else model.encode_text(batch["token_ids"])
+        return model.encode_image(batch["images"]), text_emb
 
     def loss_on_embeddings(params, image_emb, text_emb, batch):
         model = merge_model(graphdef, params)
-        return pair_loss(image_emb, text_emb, model.logit_scale(), model.logit_bias[...], batch)
+        loss = pair_loss(image_emb, text_emb, model.logit_scale(), model.logit_bias[...], batch)
+        if model.matcher is not None:
+            positives = batch_positives(batch) if config.loss.extra_positives else None
+            loss = loss + config.loss.matcher_weight * matcher_lib.matcher_loss(
+                model.matcher, image_emb, text_emb, positives)
+        return loss
 
     def loss_and_grads(params, batch):
         if accum > 1:
@@ -270,6 +278,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if config.model.init_checkpoint:
         params = checkpoint.restore_params(config.model.init_checkpoint, params)
         log.info("model: params initialised from %s", config.model.init_checkpoint)
+    elif config.model.text.pretrained:
+        from prodclip import convert_bert
+        params = convert_bert.load_text_tower(config.model.text.pretrained, config, params)
+        log.info("model: text tower initialised from %s", config.model.text.pretrained)
     tx = make_optimizer(config, params)
     state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
     num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -293,19 +305,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if start_step:
         log.info("resumed from the checkpoint of step %d", start_step)
 
+    # --- LiT text cache: a locked text tower embeds each distinct title once (text_cache.py).
+    from prodclip import text_cache as text_cache_lib
+    text_cache = text_cache_lib.for_run(config, workdir, graphdef, compiled.global_state(state)["params"],
+                                        tokenizer, split_sources["train"])
+
     # --- Loop. Checkpoints every checkpoint.every_steps and at the end; SIGTERM/SIGINT saves the
     # current step and raises faults.Preempted; NaN/Inf raises faults.NonFiniteError, saving nothing.
     num_steps = config.train.num_steps
     progress = _progress_bar(num_steps, config.train.progress_bar, initial=start_step)
     pending: list[dict] = []
-    t_log = time.time()
+    t_log = t_loop = time.time()
     with faults.StopRequests() as stop, ckpt:
         for step in range(start_step + 1, num_steps + 1):
-            batch = compiled.place_batch(next(train_iter))
+            batch = next(train_iter)
+            batch = compiled.place_batch(text_cache.attach(batch) if text_cache else batch)
             with jax.transfer_guard_device_to_host("disallow"):
                 state, metrics = compiled.step(state, batch)
             pending.append(metrics)
-            if step % config.train.log_every == 0 or step == num_steps:
+            if step == start_step + 1 and config.train.max_train_seconds:
+                jax.block_until_ready(state)  # the time budget counts training steps, not the first compilation
+                t_loop = time.time()
+            out_of_time = 0 < config.train.max_train_seconds < time.time() - t_loop
+            if step % config.train.log_every == 0 or step == num_steps or out_of_time:
                 faults.check_finite(pending, first_step=step - len(pending) + 1)
                 host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
                 dt = time.time() - t_log
@@ -320,12 +342,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 writer.write(step, val, prefix="val/")
                 t_log = time.time()
             stopping = stop.requested(step)
-            if ckpt.should_save(step, num_steps, stopping=stopping, val_metrics=val):
+            if ckpt.should_save(step, num_steps, stopping=stopping or out_of_time, val_metrics=val):
                 faults.check_finite(pending, first_step=step - len(pending) + 1)
                 ckpt.save(step, compiled.global_state(state), train_iter, val_metrics=val)
             if stopping:
                 raise faults.Preempted(step, stop.received)
             progress.update(1)
+            if out_of_time:
+                log.info("train.max_train_seconds=%s reached at step %d", config.train.max_train_seconds, step)
+                break
     progress.close()
     train_iter.close()
     train_seconds = time.time() - t_start
@@ -337,6 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                  plot_dir=workdir / "confusion")
     results["train_seconds"] = train_seconds
     results["num_params"] = int(num_params)
+    results["train_steps"] = int(jax.device_get(state["step"]))
     suite.write_results(workdir, results, step=num_steps)
     writer.close()
     return results

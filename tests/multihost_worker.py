@@ -47,11 +47,11 @@ _MODELS = {}
 
 
 def tiny_model(config):
-    """(graphdef, params, tx, state) with f32 params; models are built once per (dtype, remat)."""
+    """(graphdef, params, tx, state) with f32 params; models are built once per model config."""
     import jax.numpy as jnp
     from prodclip import train
 
-    key = (config.model.dtype, config.model.remat)
+    key = config.model.to_json()
     if key not in _MODELS:
         _MODELS[key] = train.create_model(config, types.SimpleNamespace(vocab_size=VOCAB, pad_id=0), seed=0)
     graphdef, params = _MODELS[key]

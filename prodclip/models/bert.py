@@ -1,0 +1,103 @@
+"""BERT text tower: word + position + token-type embeddings -> post-LN encoder -> [CLS] or mean pooling.
+
+Numerically the encoder of `transformers.BertModel` (tests/test_bert.py checks it within 1e-4),
+so pretrained BERT-family weights (e.g. all-MiniLM-L6-v2) load into it with
+prodclip/convert_bert.py. Differences from the CLIP-style text tower (text.py): the
+LayerNorm comes *after* each residual sum (post-LN), the embeddings are normalised before
+the first block, attention is always bidirectional with padding masked, and there is no final
+LayerNorm. Dropout is not implemented (prodclip trains towers without it).
+
+Shapes: B batch, L tokens, W width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prodclip.models import layers
+from prodclip.models.text import mask_from_valid
+
+
+def _layer_norm(width, eps, rngs, dtype):
+    return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, rngs=rngs)
+
+
+class PostLNBlock(nnx.Module):
+    """BERT layer: x = ln1(x + attn(x)); x = ln2(x + mlp(x))."""
+
+    def __init__(self, width, num_heads, mlp_ratio, eps, rngs, *, activation="gelu", dtype=jnp.float32):
+        self.attn = layers.Attention(width, num_heads, rngs, dtype=dtype)
+        self.norm1 = _layer_norm(width, eps, rngs, dtype)
+        self.mlp = layers.Mlp(width, int(round(width * mlp_ratio)), rngs, activation=activation, dtype=dtype)
+        self.norm2 = _layer_norm(width, eps, rngs, dtype)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        x = self.norm1(x + self.attn(x, mask=mask))
+        return self.norm2(x + self.mlp(x))
+
+
+class BertTextTower(nnx.Module):
+    """Text tower with BERT's architecture.
+
+    Args:
+      vocab_size, width, depth, num_heads, mlp_ratio: encoder shape (mlp width = width * mlp_ratio).
+      embed_dim: output embedding size.
+      pooling: 'cls' (the first token's final state) or 'mean' (over non-pad tokens).
+      pad_id: the padding id; padding keys are masked and left out of mean pooling.
+      type_vocab_size, max_positions, layer_norm_eps: BERT's config fields.
+      projection: a dense map width -> embed_dim after pooling; False: the pooled state is the
+        embedding (a pretrained sentence encoder's own space; embed_dim must equal width).
+    """
+
+    def __init__(self, *, vocab_size, width, depth, num_heads, mlp_ratio, embed_dim, rngs: nnx.Rngs, pooling="cls",
+                 pad_id=0, type_vocab_size=2, max_positions=512, layer_norm_eps=1e-12, activation="gelu",
+                 projection=True, proj_bias=False, dtype=jnp.float32, remat=False):
+        self.pooling = pooling
+        self.pad_id = pad_id
+        self.dtype = dtype
+        self.remat = remat
+        init = nnx.initializers.normal(0.02)
+        self.token_embed = nnx.Embed(vocab_size, width, embedding_init=init, rngs=rngs)
+        self.pos_embed = nnx.Param(init(rngs.params(), (max_positions, width)))
+        self.type_embed = nnx.Param(init(rngs.params(), (type_vocab_size, width)))
+        self.embed_norm = _layer_norm(width, layer_norm_eps, rngs, dtype)
+        self.blocks = nnx.List([PostLNBlock(width, num_heads, mlp_ratio, layer_norm_eps, rngs, activation=activation,
+                                            dtype=dtype) for _ in range(depth)])
+        self.projection = layers.dense(width, embed_dim, rngs, dtype=dtype, use_bias=proj_bias) if projection else None
+
+    def __call__(self, token_ids: jax.Array, token_type_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """token_ids: [B, L] int32 padded with pad_id; token_type_ids: [B, L] int32 (default all 0).
+
+        Returns (embedding [B, embed_dim] not normalised, token states [B, L, width]).
+        """
+        length = token_ids.shape[1]
+        types = jnp.zeros_like(token_ids) if token_type_ids is None else token_type_ids
+        x = (self.token_embed(token_ids) + self.pos_embed[...][:length][None]
+             + jnp.take(self.type_embed[...], types, axis=0))
+        x = self.embed_norm(x.astype(self.dtype))
+        valid = token_ids != self.pad_id
+        mask = mask_from_valid(valid, causal=False)
+        for block in self.blocks:
+            x = nnx.remat(lambda blk, h, m: blk(h, m))(block, x, mask) if self.remat else block(x, mask)
+        if self.pooling == "cls":
+            pooled = x[:, 0]
+        else:
+            weights = valid[..., None].astype(x.dtype)
+            pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+        return (pooled if self.projection is None else self.projection(pooled)), x
+
+
+def build_bert(config, vocab_size: int, pad_id: int, dtype, rngs: nnx.Rngs) -> BertTextTower:
+    """The BERT text tower of `config.model` (model.text.kind='bert')."""
+    from prodclip import config as config_lib
+
+    m = config.model
+    b = m.text.bert
+    return BertTextTower(
+        vocab_size=vocab_size, mlp_ratio=m.text.mlp_ratio, embed_dim=m.embed_dim, pooling=m.text.pooling,
+        pad_id=pad_id, type_vocab_size=b.type_vocab_size, max_positions=b.max_positions,
+        layer_norm_eps=b.layer_norm_eps, activation=m.text.activation, projection=b.projection,
+        proj_bias=m.text.proj_bias, dtype=dtype, remat=m.remat, rngs=rngs,
+        **config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS))

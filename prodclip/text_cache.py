@@ -1,0 +1,138 @@
+"""LiT text cache: a locked text tower's embedding of every distinct title, computed once.
+
+With `optim.lock_text` the text tower never changes, so the embedding of a title is the same
+at every step. When the titles are not augmented either (no title-word dropout), each
+distinct tokenized title is embedded once before training; every batch then carries its
+rows of the cache as `text_emb` and the step runs only the image tower (train.py's `embed`).
+
+A cache lives in `<train.text_cache_dir or workdir/text_cache>/<key>/`:
+
+    token_ids.npy   [N, L] int32    the distinct tokenized titles (sorted rows)
+    text_emb.npy    [N, D] float32  their L2-normalised embeddings, memory-mapped when read
+
+`key` is a SHA-256 over the text tower's weights, the tokenizer's vocabulary and settings,
+and the text model's config, so runs (e.g. seeds) sharing a locked tower share its cache,
+and a different tower or tokenizer never reads another's. Files are written to a temporary
+name and renamed, so a cache that exists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from prodclip.data import pipeline
+
+log = logging.getLogger("prodclip")
+
+
+class TextCacheMiss(KeyError):
+    """A batch holds a title the cache has no embedding for."""
+
+
+def applies(config: ml_collections.ConfigDict) -> bool:
+    """True when the cache is on: train.text_cache='auto', a locked text tower and no title augmentation."""
+    augmented = config.data.augment and config.data.title_dropout_prob > 0
+    return config.train.text_cache == "auto" and config.optim.lock_text and not augmented
+
+
+def cache_key(text_params: Any, tokenizer, config: ml_collections.ConfigDict) -> str:
+    """16 hex chars identifying what maps token ids to text embeddings (weights, tokenizer, text config)."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(text_params)[0],
+                             key=lambda pl: jax.tree_util.keystr(pl[0])):
+        array = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    h.update(json.dumps(sorted(tokenizer.hf.get_vocab().items())).encode())
+    h.update(f"{tokenizer.context_length}:{tokenizer.lowercase}:{tokenizer.pad_id}".encode())
+    h.update(json.dumps({"text": config.model.text.to_dict(), "embed_dim": config.model.embed_dim,
+                         "dtype": config.model.dtype}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+class TextCache:
+    """Looks up the cached embedding of each tokenized title.
+
+    token_ids: [N, L] int32 distinct rows; text_emb: [N, D] float32 (a memmap is fine).
+    """
+
+    def __init__(self, token_ids: np.ndarray, text_emb: np.ndarray, directory: pathlib.Path | None = None):
+        self.token_ids = token_ids
+        self.text_emb = text_emb
+        self.directory = directory
+        self.index = {row.tobytes(): i for i, row in enumerate(np.ascontiguousarray(token_ids, np.int32))}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, token_ids: np.ndarray) -> np.ndarray:
+        """[B, L] int32 -> [B, D] float32. Raises TextCacheMiss naming the first unknown row."""
+        rows = []
+        for i, row in enumerate(np.ascontiguousarray(token_ids, np.int32)):
+            j = self.index.get(row.tobytes())
+            if j is None:
+                raise TextCacheMiss(f"batch row {i}: token ids {row.tolist()} are not in the text cache "
+                                    f"{self.directory}; titles must come from the train split, unaugmented "
+                                    f"(set train.text_cache='off' otherwise)")
+            rows.append(j)
+        return np.asarray(self.text_emb[np.asarray(rows)], np.float32)
+
+    def attach(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch plus 'text_emb' [B, D] float32 for its token_ids."""
+        return {**batch, "text_emb": self.lookup(batch["token_ids"])}
+
+
+def build_or_load(directory: str | pathlib.Path, token_ids: np.ndarray, encode_text, batch_size: int) -> TextCache:
+    """The cache in `directory` if it covers every row of `token_ids`, else a new one written there.
+
+    token_ids: [M, L] int32 (duplicates allowed). encode_text: [b, L] int32 -> [b, D] float32
+    for b = batch_size (the last chunk is padded to it, so one compilation serves all).
+    """
+    directory = pathlib.Path(directory)
+    distinct = np.unique(np.asarray(token_ids, np.int32), axis=0)
+    ids_path, emb_path = directory / "token_ids.npy", directory / "text_emb.npy"
+    if ids_path.is_file() and emb_path.is_file():
+        cache = TextCache(np.load(ids_path), np.load(emb_path, mmap_mode="r"), directory)
+        if all(row.tobytes() in cache.index for row in distinct):
+            log.info("text cache: %d titles read from %s", len(cache), directory)
+            return cache
+        distinct = np.unique(np.concatenate([cache.token_ids, distinct]), axis=0)
+    t0 = time.time()
+    chunks = []
+    for start in range(0, len(distinct), batch_size):
+        chunk = distinct[start:start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+        chunks.append(np.asarray(encode_text(padded), np.float32)[:len(chunk)])
+    text_emb = np.concatenate(chunks)
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, array in ((emb_path, text_emb), (ids_path, distinct)):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    log.info("text cache: embedded %d distinct titles in %.1f s into %s", len(distinct), time.time() - t0, directory)
+    return TextCache(np.load(ids_path), np.load(emb_path, mmap_mode="r"), directory)
+
+
+def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
+            train_source) -> TextCache | None:
+    """The run's text cache when `applies(config)`, built from the train split's titles; else None."""
+    if not applies(config):
+        return None
+    from prodclip.train import merge_model
+
+    encode = jax.jit(lambda p, t: merge_model(graphdef, p).encode_text(t))
+    key = cache_key(params["text_tower"], tokenizer, config)
+    root = pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else workdir / "text_cache"
+    token_ids = tokenizer(pipeline.source_titles(train_source))
+    return build_or_load(root / key, token_ids, lambda t: encode(params, t), config.eval.batch_size)
