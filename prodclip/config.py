@@ -574,6 +574,9 @@ def _validate_fusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("model.fusion.enabled=True reads the ViT's patch tokens and the text Transformer's token "
                           f"states; got model.image.kind={config.model.image.kind!r}, "
                           f"model.text.kind={config.model.text.kind!r} (valid: 'vit' and 'transformer')")
+    if config.model.matcher.kind != "none":
+        raise ConfigError("model.fusion.enabled=True and model.matcher.kind="
+                          f"{config.model.matcher.kind!r} are two match heads; use one (matcher.kind='none')")
     if f.depth < 1 or f.width < 1 or f.num_heads < 1 or f.width % f.num_heads:
         raise ConfigError(f"model.fusion: depth {f.depth}, width {f.width} and num_heads {f.num_heads} must be "
                           "positive, and width divisible by num_heads")
