@@ -167,6 +167,10 @@ def base_config() -> ml_collections.ConfigDict:
     # GradCache: split each step's batch into k micro-batches; the gradient is still the
     # full-batch contrastive gradient, at one micro-batch's activation memory.
     c.train.grad_accum_steps = 1
+    # JAX's persistent compilation cache (prodclip/compile_cache.py): a rerun or resume of the same
+    # step skips its compile. Empty dir = the user cache dir $XDG_CACHE_HOME/prodclip/jax (~/.cache/...).
+    c.train.compilation_cache = True
+    c.train.compilation_cache_dir = ""
 
     # Devices, sharding and hosts (see prodclip/parallel.py).
     c.parallel = ml_collections.ConfigDict()

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from prodclip import checkpoint, faults, gradcache, losses, parallel
+from prodclip import checkpoint, compile_cache, faults, gradcache, losses, parallel
 from prodclip import config as config_lib
 from prodclip.data import pipeline, sources
 from prodclip.data import tokenizer as tokenizer_lib
@@ -246,6 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     config_lib.validate(config)
     checkpoint.check_workdir(workdir, config, allow_config_change=allow_config_change)
     workdir = prepare_workdir(config, workdir)
+    if config.train.compilation_cache:
+        compile_cache.enable(config.train.compilation_cache_dir)
     writer = MetricsWriter(workdir)
     t_start = time.time()
 
@@ -293,8 +295,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     with faults.StopRequests() as stop, ckpt:
         for step in range(start_step + 1, num_steps + 1):
             batch = compiled.place_batch(next(train_iter))
+            t_step = time.time()
             with jax.transfer_guard_device_to_host("disallow"):
                 state, metrics = compiled.step(state, batch)
+            if step == start_step + 1:  # the call returns once compiled; the step itself runs asynchronously
+                log.info("first train step: traced and compiled in %.1f s", time.time() - t_step)
             pending.append(metrics)
             if step % config.train.log_every == 0 or step == num_steps:
                 faults.check_finite(pending, first_step=step - len(pending) + 1)
