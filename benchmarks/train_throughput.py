@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                       # quickstart, tiny_clip, vit_b16; JSON on stdout
     python benchmarks/train_throughput.py --configs tiny_clip --steps 20 --out tiny.json
     python benchmarks/train_throughput.py --configs quickstart --cache-dir /tmp/jaxcache   # persistent cache
+    python benchmarks/train_throughput.py --configs tiny_clip --profile /tmp/prof         # + where the time goes
 
 Each config runs in its own process (so peak RSS is that config's), on random data (input is
 not timed), through the trainer's own step: `train.make_train_step` compiled by
@@ -239,6 +240,36 @@ class ProdclipStep:
         return times
 
 
+def profile_ops(runner: ProdclipStep, out_dir: str, steps: int = 2) -> dict[str, Any]:
+    """Traces `steps` steps with jax.profiler (a Perfetto trace under out_dir) and sums XLA op time by kind.
+
+    Kinds are op names without their numeric suffix (`ynn_fusion` = matmuls run by
+    YNNPACK, `copy_bitcast_fusion` = layout copies, ...). Ops run concurrently on the CPU
+    thread pool, so the op total can exceed the wall time.
+    """
+    import collections
+    import glob
+    import gzip
+    import re
+
+    import jax
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        wall = sum(runner.run(steps))
+    trace = json.load(gzip.open(glob.glob(os.path.join(out_dir, "**", "*perfetto_trace.json.gz"), recursive=True)[-1]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    by_kind: collections.Counter = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        op = re.fullmatch(r"([a-z][a-z0-9_\-]*)(\.\d+)?", name)  # HLO instruction names, not runtime events
+        if e.get("ph") == "X" and op:
+            by_kind[op.group(1)] += e.get("dur", 0) / 1e6
+    total = sum(by_kind.values())
+    memory = runner.step.memory_analysis()
+    return {"steps": steps, "wall_s": wall, "op_s": total,
+            "op_share": {k: v / total for k, v in by_kind.most_common(15)},
+            "xla_temp_mib": memory.temp_size_in_bytes / 2**20, "xla_argument_mib": memory.argument_size_in_bytes / 2**20}
+
+
 def summarize(config, step_times: list[float], peak_flops: float) -> dict[str, Any]:
     """pairs/s, step time spread, model FLOP/s and MFU from measured step times and the measured peak."""
     batch = config.train.batch_size
@@ -253,7 +284,7 @@ def summarize(config, step_times: list[float], peak_flops: float) -> dict[str, A
 
 
 def measure(name: str, steps: int, warmup: int, peak_reps: int, cache_dir: str = "",
-            batch_size: int = 0) -> dict[str, Any]:
+            batch_size: int = 0, profile_dir: str = "", dtype: str = "") -> dict[str, Any]:
     """Everything this benchmark reports for one config, measured in this process."""
     import jax
     if cache_dir:
@@ -262,6 +293,8 @@ def measure(name: str, steps: int, warmup: int, peak_reps: int, cache_dir: str =
     config = CONFIGS[name]()
     if batch_size:
         config.train.batch_size = batch_size
+    if dtype:
+        config.model.dtype = dtype
     peak = matmul_peak_flops(reps=peak_reps)
     runner = ProdclipStep(config)
     first = runner.run(1)[0]
@@ -272,6 +305,8 @@ def measure(name: str, steps: int, warmup: int, peak_reps: int, cache_dir: str =
               "compile_cache_dir": cache_dir or None, "xla_flops_per_step": runner.xla_flops,
               "loss_after": runner.last_loss, **summarize(config, times, peak)}
     result["peak_rss_mb"] = peak_rss_mb()
+    if profile_dir:
+        result["profile"] = profile_ops(runner, os.path.join(profile_dir, name))
     result["devices"] = str(jax.devices()[0].device_kind)
     return result
 
@@ -292,6 +327,8 @@ def main() -> None:
     parser.add_argument("--peak-reps", type=int, default=10)
     parser.add_argument("--cache-dir", default="", help="JAX persistent compilation cache dir (empty = off)")
     parser.add_argument("--batch-size", type=int, default=0, help="override the configs' batch size (0 = theirs)")
+    parser.add_argument("--dtype", default="", help="override model.dtype (float32 | bfloat16)")
+    parser.add_argument("--profile", default="", help="also trace 2 steps into this dir and report op time by kind")
     parser.add_argument("--out", default="", help="also write the JSON here")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -300,13 +337,14 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown config(s) {unknown}; valid: {', '.join(CONFIGS)}")
     if args.single:
-        print(json.dumps(measure(names[0], args.steps, args.warmup, args.peak_reps, args.cache_dir, args.batch_size)))
+        print(json.dumps(measure(names[0], args.steps, args.warmup, args.peak_reps, args.cache_dir, args.batch_size,
+                                 args.profile, args.dtype)))
         return
     runs = []
     for name in names:  # one process per config: its own peak RSS, its own compile
         cmd = [sys.executable, os.path.abspath(__file__), "--single", "--configs", name, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--peak-reps", str(args.peak_reps), "--cache-dir", args.cache_dir,
-               "--batch-size", str(args.batch_size)]
+               "--batch-size", str(args.batch_size), "--profile", args.profile, "--dtype", args.dtype]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=REPO)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{name}: {runs[-1]['pairs_per_sec']:.1f} pairs/s, MFU {runs[-1]['mfu']:.1%}", file=sys.stderr)

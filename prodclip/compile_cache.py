@@ -29,13 +29,14 @@ def default_dir() -> pathlib.Path:
 def enable(cache_dir: str | os.PathLike = "", min_compile_seconds: float = MIN_COMPILE_SECONDS) -> pathlib.Path:
     """Points JAX's persistent compilation cache at `cache_dir` (empty: `default_dir()`); returns the dir in use.
 
-    Process-wide, and JAX opens its cache once per process: when another directory is
-    already set, that one stays in use (with a warning) and is returned.
+    Process-wide, and JAX opens its cache once per process: when a directory is already set
+    (an earlier call, `jax.config`, or the JAX_COMPILATION_CACHE_DIR environment variable),
+    that one stays in use, with its own settings, and is returned.
     """
     path = pathlib.Path(cache_dir).expanduser() if cache_dir else default_dir()
     current = jax.config.jax_compilation_cache_dir
     if current and pathlib.Path(current) != path:
-        log.warning("compilation cache: keeping %s (already set in this process), not %s", current, path)
+        log.info("compilation cache: %s (set before prodclip's %s)", current, path)
         return pathlib.Path(current)
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))

@@ -43,9 +43,10 @@ def test_analytic_flops_close_to_xla_cost_analysis():
     assert analytic <= step.xla_flops <= 1.25 * analytic
 
 
-def test_throughput_json_and_mfu_from_measured_peak():
+def test_throughput_json_and_mfu_from_measured_peak(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--configs", "micro", "--steps", "2",
-                          "--warmup", "0", "--peak-reps", "2"], capture_output=True, text=True, check=True, cwd=REPO)
+                          "--warmup", "0", "--peak-reps", "2", "--profile", str(tmp_path)],
+                         capture_output=True, text=True, check=True, cwd=REPO)
     report = json.loads(out.stdout)
     assert report["machine"]["cores"] == os.cpu_count()
     (run,) = report["runs"]
@@ -58,6 +59,9 @@ def test_throughput_json_and_mfu_from_measured_peak():
     assert run["model_flops_per_sec"] == pytest.approx(run["model_flops_per_pair"] * run["pairs_per_sec"])
     assert run["mfu"] == pytest.approx(run["model_flops_per_sec"] / run["matmul_peak_flops_per_sec"])
     assert math.isfinite(run["loss_after"])
+    profile = run["profile"]
+    assert profile["xla_temp_mib"] > 0 and 0 < sum(profile["op_share"].values()) <= 1 + 1e-9
+    assert any(kind in profile["op_share"] for kind in ("dot", "ynn_fusion", "xnn_fusion"))  # the matmuls
 
 
 def test_summarize_uses_the_given_peak():
