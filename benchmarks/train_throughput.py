@@ -82,31 +82,26 @@ def quickstart_config():
     return c
 
 
+def resized(config, *, image_size, patch, context, vocab, embed, image, text, batch):
+    """`config` with other shapes: image / text are (width, depth, heads)."""
+    config.data.image_size, config.model.image.patch_size = image_size, patch
+    config.tokenizer.context_length, config.model.text.vocab_size = context, vocab
+    config.model.embed_dim, config.train.batch_size = embed, batch
+    _tower(config.model.image, *image)
+    _tower(config.model.text, *text)
+    return config
+
+
 def vit_b16_config():
     """ViT-B/16 CLIP shapes (224 px, 12x768 image, 12x512 text, ctx 77, vocab 49408, embed 512), batch 8."""
-    c = tiny_clip_config()
-    c.data.image_size = 224
-    c.tokenizer.context_length = 77
-    c.model.embed_dim = 512
-    _tower(c.model.image, 768, 12, 12)
-    c.model.image.patch_size = 16
-    _tower(c.model.text, 512, 12, 8)
-    c.model.text.vocab_size = 49408
-    c.train.batch_size = 8
-    return c
+    return resized(tiny_clip_config(), image_size=224, patch=16, context=77, vocab=49408, embed=512,
+                   image=(768, 12, 12), text=(512, 12, 8), batch=8)
 
 
 def micro_config():
     """A micro model for tests (seconds, not minutes)."""
-    c = tiny_clip_config()
-    c.data.image_size = 16
-    c.tokenizer.context_length = 8
-    c.model.embed_dim = 32
-    _tower(c.model.image, 32, 1, 2)
-    _tower(c.model.text, 32, 1, 2)
-    c.model.text.vocab_size = 64
-    c.train.batch_size = 8
-    return c
+    return resized(tiny_clip_config(), image_size=16, patch=8, context=8, vocab=64, embed=32,
+                   image=(32, 1, 2), text=(32, 1, 2), batch=8)
 
 
 CONFIGS = {"quickstart": quickstart_config, "tiny_clip": tiny_clip_config, "vit_b16": vit_b16_config,
@@ -319,6 +314,15 @@ def machine() -> dict[str, Any]:
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
+def print_json(report: dict, out: str = "") -> None:
+    """Prints `report` as JSON on stdout, and writes it to `out` too when given."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIG_NAMES), help=f"comma-separated: {', '.join(CONFIGS)}")
@@ -348,12 +352,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=REPO)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{name}: {runs[-1]['pairs_per_sec']:.1f} pairs/s, MFU {runs[-1]['mfu']:.1%}", file=sys.stderr)
-    report = {"machine": machine(), "runs": runs}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print_json({"machine": machine(), "runs": runs}, args.out)
 
 
 if __name__ == "__main__":

@@ -264,11 +264,7 @@ def main() -> None:
           f"(MFU {p['mfu']:.1%}, peak RSS {p['peak_rss_mb']:.0f} MiB), open_clip {o['pairs_per_sec']:.1f} pairs/s "
           f"(MFU {o['mfu']:.1%}, peak RSS {o['peak_rss_mb']:.0f} MiB); ratio {result['ratio_median']:.2f}x "
           f"(median of rounds)", file=sys.stderr)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    tt.print_json(result, args.out)
 
 
 if __name__ == "__main__":
