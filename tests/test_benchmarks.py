@@ -5,6 +5,7 @@ Each runs a micro model for a couple of steps; the numbers themselves are not ch
 """
 
 import importlib
+import importlib.util
 import json
 import math
 import os
