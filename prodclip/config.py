@@ -206,6 +206,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Stop training after this much wall-clock from the end of the first (compiling) step, then checkpoint
     # and evaluate as at the last step; 0 = no limit. Resuming such a run continues towards num_steps.
     c.train.max_train_seconds = 0.0
+    # JAX's persistent compilation cache (prodclip/compile_cache.py): a rerun or resume of the same
+    # step skips its compile. Empty dir = the user cache dir $XDG_CACHE_HOME/prodclip/jax (~/.cache/...).
+    c.train.compilation_cache = True
+    c.train.compilation_cache_dir = ""
 
     # Devices, sharding and hosts (see prodclip/parallel.py).
     c.parallel = ml_collections.ConfigDict()

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from prodclip import checkpoint, faults, gradcache, losses, parallel
+from prodclip import checkpoint, compile_cache, faults, gradcache, losses, parallel
 from prodclip import config as config_lib
 from prodclip.data import pipeline, sources
 from prodclip.data import tokenizer as tokenizer_lib
@@ -263,6 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     config_lib.validate(config)
     checkpoint.check_workdir(workdir, config, allow_config_change=allow_config_change)
     workdir = prepare_workdir(config, workdir)
+    if config.train.compilation_cache:
+        compile_cache.enable(config.train.compilation_cache_dir)
     writer = MetricsWriter(workdir)
     t_start = time.time()
 
@@ -320,8 +322,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         for step in range(start_step + 1, num_steps + 1):
             batch = next(train_iter)
             batch = compiled.place_batch(text_cache.attach(batch) if text_cache else batch)
+            t_step = time.time()
             with jax.transfer_guard_device_to_host("disallow"):
                 state, metrics = compiled.step(state, batch)
+            if step == start_step + 1:  # the call returns once compiled; the step itself runs asynchronously
+                log.info("first train step: traced and compiled in %.1f s", time.time() - t_step)
             pending.append(metrics)
             if step == start_step + 1 and config.train.max_train_seconds:
                 jax.block_until_ready(state)  # the time budget counts training steps, not the first compilation

@@ -1,0 +1,124 @@
+"""The throughput benchmark's JSON and arithmetic, the open_clip comparison's plumbing, the compile cache.
+
+Each runs a micro model for a couple of steps; the numbers themselves are not checked
+(they depend on the machine), only that they are measured and combined correctly.
+"""
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+tt = importlib.import_module("train_throughput")
+
+
+def test_analytic_flops_by_hand():
+    """One pair of the micro config, counted by hand (see encoder_flops' docstring)."""
+    c = tt.micro_config()  # 16 px / patch 8 -> 4 patches + cls; width 32, 1 block, mlp 128; ctx 8; embed 32; batch 8
+    w, h = 32, 128
+    block = lambda t: t * (8 * w * w + 4 * w * h + 4 * t * w)
+    image = 2 * 4 * (8 * 8 * 3) * w + block(5) + 2 * w * 32
+    text = block(8) + 2 * w * 32
+    logits = 2 * 8 * 32
+    flops = tt.model_flops_per_pair(c)
+    assert flops["forward"] == image + text + logits
+    assert flops["train"] == 3 * (image + text + logits)
+
+
+def test_analytic_flops_close_to_xla_cost_analysis():
+    """XLA counts element-wise work too, so it is somewhat higher, never lower, than the matmul count."""
+    c = tt.tiny_clip_config()
+    c.train.batch_size = 4
+    step = tt.ProdclipStep(c)
+    analytic = tt.model_flops_per_pair(c)["train"] * 4
+    assert analytic <= step.xla_flops <= 1.25 * analytic
+
+
+def test_throughput_json_and_mfu_from_measured_peak(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--configs", "micro", "--steps", "2",
+                          "--warmup", "0", "--peak-reps", "2", "--profile", str(tmp_path)],
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    report = json.loads(out.stdout)
+    assert report["machine"]["cores"] == os.cpu_count()
+    (run,) = report["runs"]
+    for key in ("pairs_per_sec", "compile_s", "peak_rss_mb", "model_flops_per_sec", "matmul_peak_flops_per_sec",
+                "mfu", "xla_flops_per_step", "first_step_s"):
+        assert math.isfinite(run[key]) and run[key] > 0, key
+    st = run["step_time_s"]
+    assert st["n"] == 2 and st["min"] <= st["median"] <= st["max"]
+    assert run["pairs_per_sec"] == pytest.approx(run["batch_size"] / st["median"])
+    assert run["model_flops_per_sec"] == pytest.approx(run["model_flops_per_pair"] * run["pairs_per_sec"])
+    assert run["mfu"] == pytest.approx(run["model_flops_per_sec"] / run["matmul_peak_flops_per_sec"])
+    assert math.isfinite(run["loss_after"])
+    profile = run["profile"]
+    assert profile["xla_temp_mib"] > 0 and 0 < sum(profile["op_share"].values()) <= 1 + 1e-9
+    assert any(kind in profile["op_share"] for kind in ("dot", "ynn_fusion", "xnn_fusion"))  # the matmuls
+
+
+def test_summarize_uses_the_given_peak():
+    c = tt.micro_config()
+    s = tt.summarize(c, [0.5, 1.0, 2.0], peak_flops=1e9)
+    assert s["pairs_per_sec"] == 8 / 1.0
+    assert s["pairs_per_sec_mean"] == pytest.approx(8 * 3 / 3.5)
+    assert s["mfu"] == pytest.approx(tt.model_flops_per_pair(c)["train"] * 8 / 1e9)
+
+
+def test_open_clip_model_matches_prodclip_shapes():
+    """The open_clip side builds the same model: parameter counts agree, but for prodclip's logit bias
+    (a SigLIP parameter the softmax loss leaves unused)."""
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch ftfy wcwidth)")
+    vs = importlib.import_module("vs_open_clip")
+    c = tt.micro_config()
+    torch_step = vs.OpenClipStep(c)
+    jax_step = tt.ProdclipStep(c)
+    assert torch_step.num_params == jax_step.num_params - 1
+    times = torch_step.run(2)
+    assert len(times) == 2 and np.isfinite(torch_step.last_loss)
+
+
+def test_warmup_cosine_matches_optax():
+    optax = pytest.importorskip("optax")
+    vs = importlib.import_module("vs_open_clip")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 100, 1e-5)
+    for step in (0, 5, 10, 50, 99, 100, 150):
+        assert vs.warmup_cosine(step, 1e-3, 10, 100, 1e-5) == pytest.approx(float(schedule(step)), rel=1e-5, abs=1e-9)
+
+
+CACHE_SCRIPT = """
+import sys, jax, jax.numpy as jnp
+from prodclip import compile_cache
+hits = []
+jax.monitoring.register_event_listener(lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
+compile_cache.enable(sys.argv[1], min_compile_seconds=0)
+jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64))).block_until_ready()
+print(len(hits))
+"""
+
+
+def test_compile_cache_second_process_hits(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = lambda: subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(tmp_path / "cache")], env=env,
+                                 capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert run() == "0"
+    assert any((tmp_path / "cache").iterdir())
+    assert int(run()) >= 1
+
+
+def test_compile_cache_default_dir(monkeypatch, tmp_path):
+    from prodclip import compile_cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache.default_dir() == tmp_path / "prodclip" / "jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert compile_cache.default_dir() == pathlib.Path.home() / ".cache" / "prodclip" / "jax"
