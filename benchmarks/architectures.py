@@ -1,6 +1,6 @@
 """Runs the architecture baselines (configs/ablations/architectures.py), every row x seed, and tables them.
 
-    python benchmarks/architectures.py --root runs/arch --budget-s 180 --seeds 0,1,2 [--rows a,b] [--table-only] \
+    python benchmarks/architectures.py --root runs/arch --budget-s 120 --seeds 0,1,2 [--rows a,b] [--table-only] \
         [--config.x.y=z ...]   # extra overrides for every run
 
 Each run is `prodclip train` in ROOT/<row>_s<seed> (a finished run, one with eval.json, is not
@@ -115,7 +115,7 @@ def table(rows, seeds, root: pathlib.Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/arch")
-    parser.add_argument("--budget-s", type=float, default=180.0)
+    parser.add_argument("--budget-s", type=float, default=120.0)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default="all")
     parser.add_argument("--table-only", action="store_true")

@@ -1,8 +1,8 @@
 """Architecture baselines on the Myntra catalog at an equal wall-clock budget (issue 14).
 
     prodclip train --config configs/ablations/architectures.py --config-arg ROW --workdir runs/arch/ROW_s0 \
-        --config.seed=0 --config.train.max_train_seconds=180
-    python benchmarks/architectures.py --budget-s 180 --seeds 0,1,2    # every row x seed, then the table
+        --config.seed=0 --config.train.max_train_seconds=120
+    python benchmarks/architectures.py --budget-s 120 --seeds 0,1,2    # every row x seed, then the table
 
 ROW is one of ROWS. Every row starts from configs/myntra.py (48 px photos, batch 256, CLIP softmax
 loss) and trains for `train.max_train_seconds` of wall-clock; the learning rate warms up for 50
@@ -59,7 +59,7 @@ def get_config(row: str = "vit_transformer"):
     c = myntra.get_config()
     c.train.num_steps = 100_000
     c.optim.warmup_steps = 50
-    c.train.max_train_seconds = 180.0
+    c.train.max_train_seconds = 120.0
     c.train.log_every = 20
     c.train.eval_every = 0
     c.train.progress_bar = False
