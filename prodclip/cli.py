@@ -220,6 +220,18 @@ def cmd_search(args, overrides) -> int:
 # ----------------------------------------------------------------------------- match / audit (issue 13)
 
 
+def _match_head_scorer(config, graphdef, params):
+    """The run's own match head as `itm_fn(images, token_ids) -> p(match)`: the fusion ITM head or the
+    concat matcher; None for a plain two-tower run."""
+    if config.model.fusion.enabled:
+        from prodclip.models import fusion
+        return fusion.make_itm_fn(graphdef, params, batch_size=config.eval.batch_size)
+    if config.model.matcher.kind != "none":
+        from prodclip.models import matcher
+        return matcher.make_itm_fn(graphdef, params)
+    return None
+
+
 def cmd_match(args, overrides) -> int:
     from prodclip import train
     from prodclip.evaluate import matching
@@ -230,7 +242,8 @@ def cmd_match(args, overrides) -> int:
         graphdef, params, tokenizer, split_sources, _, _ = train.load_trained(
             config, args.workdir, dict.fromkeys([config.match.fit_split, *splits]))
         results = matching.run_benchmark(graphdef, params, tokenizer, split_sources, config,
-                                         args.out or args.workdir, splits=splits, fit_split=config.match.fit_split)
+                                         args.out or args.workdir, splits=splits, fit_split=config.match.fit_split,
+                                         itm_fn=_match_head_scorer(config, graphdef, params))
     except (ValueError, FileNotFoundError) as e:
         print(f"prodclip match: {e}", file=sys.stderr)
         return 2
@@ -244,10 +257,11 @@ def cmd_audit(args, overrides) -> int:
     config = _load_config(args, overrides)
     try:
         graphdef, params, tokenizer, _, _, _ = train.load_trained(config, args.workdir, {})
+        itm_fn = _match_head_scorer(config, graphdef, params)
         calibration = audit.load_or_fit_calibration(graphdef, params, tokenizer, config, args.workdir, args.out,
-                                                    args.calibration)
+                                                    args.calibration, itm_fn=itm_fn)
         summary = audit.audit_catalog(graphdef, params, tokenizer, config, args.catalog, args.out, calibration,
-                                      workdir=args.workdir, progress=config.train.progress_bar)
+                                      workdir=args.workdir, itm_fn=itm_fn, progress=config.train.progress_bar)
     except (*_user_errors(), ValueError) as e:
         print(f"prodclip audit: {e}", file=sys.stderr)
         return 2
