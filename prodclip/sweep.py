@@ -456,19 +456,14 @@ def read_csv(path: str | pathlib.Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_metric(summary: Sequence[dict[str, Any]], axis_names: Sequence[str], plot: Plot,
-                path: str | pathlib.Path) -> None:
-    """Draws `plot.metric` (mean ± std over seeds) against `plot.x`, one line per other-axes variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw_metric(ax, summary: Sequence[dict[str, Any]], axis_names: Sequence[str], plot: Plot) -> None:
+    """Draws `plot.metric` (mean ± std over seeds) against `plot.x` on a matplotlib Axes, one line
+    per variant of the other axes. Entries without finished runs are left out."""
+    summary = [e for e in summary if not math.isnan(e.get(f"{plot.metric}/mean", math.nan))]
     others = [a for a in axis_names if a != plot.x]
     x_labels = list(dict.fromkeys(str(e[plot.x]) for e in summary))
-    numeric = all(_is_number(v) for v in x_labels)
+    numeric = bool(x_labels) and all(_is_number(v) for v in x_labels)
     positions = {v: (float(v) if numeric else i) for i, v in enumerate(x_labels)}
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     lines: dict[str, list[dict]] = {}
     for entry in summary:
         lines.setdefault(", ".join(f"{a}={entry[a]}" for a in others) or plot.metric, []).append(entry)
@@ -482,12 +477,21 @@ def plot_metric(summary: Sequence[dict[str, Any]], axis_names: Sequence[str], pl
         ax.set_xscale("log", base=2)
     ax.set_xticks([positions[v] for v in x_labels], x_labels)
     ax.set_xlabel(plot.x)
-    ax.set_ylabel(plot.metric)
+    ax.set_ylabel(f"{plot.metric} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if lines:
+        ax.legend(fontsize=8)
+
+
+def plot_metric(summary: Sequence[dict[str, Any]], axis_names: Sequence[str], plot: Plot,
+                path: str | pathlib.Path) -> None:
+    """`draw_metric` into a PNG file (a bare Figure: no pyplot state, any backend)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8))
+    draw_metric(fig.subplots(), summary, axis_names, plot)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _is_number(text: str) -> bool:
@@ -520,6 +524,6 @@ def report(workdir: str | pathlib.Path) -> dict[str, Any]:
         (workdir / "plots").mkdir(exist_ok=True)
         for plot in sweep.plots:
             path = workdir / "plots" / plot_filename(plot)
-            plot_metric([e for e in summary if e["n"]], axis_names, plot, path)
+            plot_metric(summary, axis_names, plot, path)
             plots.append(path)
     return {"rows": rows, "summary": summary, "markdown": markdown, "plots": plots}
