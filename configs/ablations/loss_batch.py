@@ -7,9 +7,10 @@ SigLIP (Zhai et al., 2023) reports the sigmoid loss ahead of the softmax loss at
 batch sizes, with the gap closing as the batch grows. Here: the small_base.py model,
 batch sizes 16..512, 3 seeds (model initialisation and data order; same catalog).
 
-Budget: every run sees the same number of training pairs, EXAMPLES_SEEN = 65,536
-(6.6 epochs of the 10k-product train split), so num_steps = EXAMPLES_SEEN / batch size
-(4,096 steps at 16, 128 at 512) with 10% warm-up and a cosine decay to 0. Equal examples
+Budget: every run sees the same number of training pairs, EXAMPLES_SEEN = 32,768
+(3.3 epochs of the 10k-product train split), so num_steps = EXAMPLES_SEEN / batch size
+(2,048 steps at 16, 64 at 512) with 10% warm-up and a cosine decay to 0. 2 losses x 6 batch
+sizes x 3 seeds = 36 runs, about 25 minutes on a 2-core CPU. Equal examples
 seen is the comparison SigLIP makes; it also gives every run about the same compute (the
 towers dominate; the B x B loss is negligible at these sizes). The learning rate (1e-3,
 AdamW) is the same at every batch size. Each loss has its paper's temperature set-up:
@@ -22,7 +23,7 @@ import pathlib
 from prodclip import sweep
 from prodclip.config import load_config_file
 
-EXAMPLES_SEEN = 65536
+EXAMPLES_SEEN = 32768
 BATCH_SIZES = (16, 32, 64, 128, 256, 512)
 
 
