@@ -275,7 +275,8 @@ def cmd_sweep(args, overrides) -> int:
     except faults.Preempted as e:
         print(f"prodclip sweep: {e}", file=sys.stderr)
         return faults.EXIT_PREEMPTED
-    print((pathlib.Path(args.workdir) / "results.md").read_text(), end="")
+    if args.run is None:
+        print((pathlib.Path(args.workdir) / "results.md").read_text(), end="")
     counts = {s: list(statuses.values()).count(s) for s in dict.fromkeys(statuses.values())}
     print(f"runs: {counts}; results in {args.workdir}/results.csv, results.md, plots/")
     return 0 if "failed" not in counts else 1

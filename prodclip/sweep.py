@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import pathlib
 import re
 import shlex
@@ -251,7 +252,9 @@ def write_definition(workdir: pathlib.Path, definition: dict) -> None:
                 raise SweepError(f"{workdir} holds another sweep ({key} differs: {old.get(key)!r} vs "
                                  f"{definition[key]!r}); use a new --workdir or delete {path}")
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(definition, indent=2))
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # emitted runs may start together: write, then rename
+    tmp.write_text(json.dumps(definition, indent=2))
+    tmp.replace(path)
 
 
 def _check_finished_config(run_dir: pathlib.Path, config, run: Run) -> None:
@@ -287,7 +290,8 @@ def run_sweep(config_path: str | pathlib.Path, workdir: str | pathlib.Path, *, c
               cli_overrides: Sequence[str] = (), only: str | None = None) -> dict[str, str]:
     """Runs every unfinished run of the grid in this process, then writes the report.
 
-    only: run just this run name (what an emitted command does). Returns run name -> status.
+    only: run just this run name (what an emitted command does; no report, since emitted runs
+    may finish at the same time: `prodclip sweep --report DIR` afterwards). Returns run name -> status.
     Raises faults.Preempted when a run was stopped by SIGTERM/SIGINT (rerun to resume).
     """
     from prodclip import faults, train
@@ -307,6 +311,7 @@ def run_sweep(config_path: str | pathlib.Path, workdir: str | pathlib.Path, *, c
             statuses[run.name] = status
             continue
         prefix = f"sweep [{index}/{len(runs)}] {run.name}"
+        ran = status in ("pending", "interrupted")
         if status == "finished":
             _check_finished_config(run_dir, configs[run.name], run)
             log.info("%s: finished, skipped", prefix)
@@ -325,6 +330,9 @@ def run_sweep(config_path: str | pathlib.Path, workdir: str | pathlib.Path, *, c
         if status == "finished":
             _evaluate_variants(run_dir, config_path, config_arg, cli_overrides, run)
         statuses[run.name] = status
+        if only is None and ran:
+            report(workdir)  # partial results stay readable while the sweep goes on
+    if only is None:
         report(workdir)
     return statuses
 
