@@ -324,6 +324,7 @@ def run_sweep(config_path: str | pathlib.Path, workdir: str | pathlib.Path, *, c
                 train.train_and_evaluate(configs[run.name], run_dir)
                 status = "finished"
             except faults.NonFiniteError as e:
+                run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "sweep_failed.json").write_text(json.dumps({"error": str(e)}))
                 log.warning("%s: failed: %s", prefix, e)
                 status = "failed"

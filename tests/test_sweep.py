@@ -259,3 +259,35 @@ def test_sweep_emits_runs_resumes_and_skips(tmp_path, monkeypatch, caplog, capsy
     # The same directory refuses a different sweep definition.
     with pytest.raises(sweep.SweepError, match="holds another sweep"):
         sweep.run_sweep(config, workdir, cli_overrides=[*TINY[:-1], "--config.checkpoint.async_save=True"])
+
+
+def test_a_nan_run_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    from prodclip import checkpoint, train
+
+    config = tmp_path / "tiny_sweep.py"
+    config.write_text(TINY_SWEEP.format(base=str(ABLATIONS / "small_base.py")))
+    calls = []
+
+    def fake_train(cfg, workdir):  # stands in for the trainer: sigmoid diverges, softmax finishes
+        calls.append(cfg.loss.name)
+        if cfg.loss.name == "sigmoid":
+            raise faults.NonFiniteError("loss = nan at step 3")
+        pathlib.Path(workdir).mkdir(parents=True)
+        checkpoint.write_config(workdir, cfg)
+        (pathlib.Path(workdir) / "eval.json").write_text(json.dumps({"test": {"t2i/R@1": 0.25}}))
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    statuses = sweep.run_sweep(config, tmp_path / "sw", cli_overrides=TINY)
+    assert statuses == {"loss=softmax__seed=7": "finished", "loss=sigmoid__seed=7": "failed"}
+    assert "nan at step 3" in (tmp_path / "sw" / "runs" / "loss=sigmoid__seed=7" / "sweep_failed.json").read_text()
+    assert "| sigmoid | 0/1 |  |" in (tmp_path / "sw" / "results.md").read_text()
+    sweep.run_sweep(config, tmp_path / "sw", cli_overrides=TINY)
+    assert calls == ["softmax", "sigmoid"]  # neither is retried
+
+    # A finished run whose saved config no longer matches (e.g. the base config file changed) is an error.
+    saved = tmp_path / "sw" / "runs" / "loss=softmax__seed=7" / "config.json"
+    edited = json.loads(saved.read_text())
+    edited["model"]["embed_dim"] = 99
+    saved.write_text(json.dumps(edited))
+    with pytest.raises(sweep.SweepError, match=r"trained with another config \(model.embed_dim: 99 -> 16\)"):
+        sweep.run_sweep(config, tmp_path / "sw", cli_overrides=TINY)
