@@ -1,4 +1,4 @@
-"""`prodclip train | eval | export | convert | data | embed | search | match | audit`: the command line.
+"""`prodclip train | eval | export | convert | data | embed | search | match | audit | sweep`: the command line.
 
     prodclip train --config configs/quickstart.py --workdir runs/qs [--config.train.num_steps=100 ...]
     prodclip eval  --workdir runs/qs [--config.eval.batch_size=512 ...]
@@ -10,6 +10,7 @@
     prodclip export --workdir runs/qs --out exports/qs [--best]
     prodclip match --workdir runs/qs [--split test] [--out DIR]
     prodclip audit --workdir runs/qs --catalog catalog.parquet --out REPORT
+    prodclip sweep configs/ablations/loss_batch.py --workdir runs/sweeps/lb [--emit-commands] | --report DIR
 
 `train` resumes from the workdir's newest valid checkpoint; its exit codes are listed in
 prodclip/faults.py (75: preempted and saved, rerun to resume; 3: NaN/Inf).
@@ -307,6 +308,42 @@ def cmd_convert(args, overrides) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- sweep (issue 9)
+
+
+def cmd_sweep(args, overrides) -> int:
+    from prodclip import faults, sweep
+
+    if args.report:
+        if args.config or overrides:
+            print("prodclip sweep: --report DIR takes no config or overrides (it reads DIR/sweep.json)",
+                  file=sys.stderr)
+            return 2
+        out = sweep.report(args.report)
+        print(out["markdown"], end="")
+        print(f"wrote results.csv, summary.csv, results.md and {len(out['plots'])} plot(s) in {args.report}")
+        return 0
+    if not (args.config and args.workdir):
+        print("prodclip sweep: give CONFIG and --workdir DIR (or --report DIR)", file=sys.stderr)
+        return 2
+    if args.emit_commands:
+        for line in sweep.emit_commands(args.config, args.workdir, config_arg=args.config_arg,
+                                        cli_overrides=overrides):
+            print(line)
+        return 0
+    try:
+        statuses = sweep.run_sweep(args.config, args.workdir, config_arg=args.config_arg, cli_overrides=overrides,
+                                   only=args.run)
+    except faults.Preempted as e:
+        print(f"prodclip sweep: {e}", file=sys.stderr)
+        return faults.EXIT_PREEMPTED
+    if args.run is None:
+        print((pathlib.Path(args.workdir) / "results.md").read_text(), end="")
+    counts = {s: list(statuses.values()).count(s) for s in dict.fromkeys(statuses.values())}
+    print(f"runs: {counts}; results in {args.workdir}/results.csv, results.md, plots/")
+    return 0 if "failed" not in counts else 1
+
+
 def _add_config_args(p: argparse.ArgumentParser, *, help: str) -> None:
     p.add_argument("--config", default=None, help=help)
     p.add_argument("--config-arg", default=None, help="argument passed to get_config(arg)")
@@ -393,6 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="export: the checkpoint step (default: latest)")
     _add_config_args(p, help="import: a config file for the non-model fields")
     p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("sweep", help="run a grid of configs x seeds (configs/ablations/*.py), or report on one")
+    p.add_argument("config", nargs="?", default=None, help="an ablation config defining get_config() and get_sweep()")
+    p.add_argument("--config-arg", default=None, help="argument passed to get_config(arg) and get_sweep(arg)")
+    p.add_argument("--workdir", default=None, help="the sweep directory (one workdir per run under runs/)")
+    p.add_argument("--emit-commands", action="store_true",
+                   help="print one launch command per unfinished run (for a cluster scheduler) and exit")
+    p.add_argument("--run", default=None, help="run only this run (a name from --emit-commands)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="rebuild results.csv, results.md and plots from the finished runs in DIR")
+    p.set_defaults(fn=cmd_sweep)
 
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)

@@ -1,0 +1,42 @@
+"""Ablation (c): fusion re-ranking off / on, and how many two-tower candidates it re-ranks (k).
+
+    prodclip sweep configs/ablations/fusion.py --workdir runs/sweeps/fusion
+    prodclip sweep --report runs/sweeps/fusion
+
+Needs the fusion encoder (model.fusion.*, loss.itm_weight, eval.rerank_k; issue 6). Two
+trained variants: the two-tower model alone, and the same towers plus a 1 x 64 fusion
+encoder trained with CLIP + 1.0 x ITM on hard negatives. k is an eval-only axis: each
+finished run is re-evaluated with eval.rerank_k = 0, 8 and 32 (no retraining), so the
+table shows the two-tower R@1 (test/t2i/R@1) next to the re-ranked one
+(test/t2i/rerank/R@1; empty where nothing is re-ranked).
+
+Budget: small_base.py, batch 128 x 512 steps = 65,536 pairs per run; 2 variants x 3 seeds
+= 6 training runs, each evaluated 3 times.
+"""
+
+import pathlib
+
+from prodclip import sweep
+from prodclip.config import load_config_file
+
+
+def get_config():
+    c = load_config_file(pathlib.Path(__file__).with_name("small_base.py"))
+    c.model.fusion.depth = 1
+    c.model.fusion.width = 64
+    c.model.fusion.num_heads = 2
+    c.eval.rerank_mode = "itm+itc"
+    return c
+
+
+def get_sweep():
+    return sweep.Sweep(
+        axes=(sweep.axis("fusion", {"off": {"model.fusion.enabled": False},
+                                    "itm": {"model.fusion.enabled": True, "loss.itm_weight": 1.0}}),
+              sweep.axis("rerank_k", [0, 8, 32], key="eval.rerank_k", stage="eval")),
+        seeds=(0, 1, 2),
+        metrics=("test/t2i/R@1", "test/t2i/rerank/R@1", "test/i2t/R@1", "test/i2t/rerank/R@1",
+                 "test/t2i/rerank/ms_per_query"),
+        plots=(sweep.Plot(x="rerank_k", metric="test/t2i/rerank/R@1"),
+               sweep.Plot(x="rerank_k", metric="test/t2i/R@1")),
+    )
