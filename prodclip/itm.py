@@ -4,6 +4,9 @@ ALBEF's recipe (Li et al., 2021, sec. 3.2), over the global batch: for each imag
 one negative text is drawn from the softmax of its similarity row, with the
 positives excluded, and for each text one negative image likewise. The fusion
 encoder then classifies B positive and 2B negative pairs (match / no match).
+Titles shortened by word-dropout augmentation only form positive pairs (with
+`loss.itm_complete_title_negatives`): "red tee" also describes other red tees in
+the batch, so as a negative its "no match" label would often be wrong.
 
 Conventions:
 
@@ -61,7 +64,8 @@ def sample_hard_negatives(key: jax.Array, logits: jax.Array, positives: jax.Arra
 
 
 def itm_loss(key: jax.Array, logits: jax.Array, positives: jax.Array, image_tokens: jax.Array,
-             text_tokens: jax.Array, text_valid: jax.Array, score_pairs: PairScorer) -> tuple[jax.Array, dict]:
+             text_tokens: jax.Array, text_valid: jax.Array, score_pairs: PairScorer,
+             negative_texts_ok: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """ITM cross-entropy over B positives and 2B hard negatives.
 
     Args:
@@ -70,6 +74,10 @@ def itm_loss(key: jax.Array, logits: jax.Array, positives: jax.Array, image_toke
       positives: [B, B] bool (the diagonal is added here).
       image_tokens: [B, S, Wi]; text_tokens: [B, L, Wt]; text_valid: [B, L] bool.
       score_pairs: the fusion encoder on N pairs, see `PairScorer`.
+      negative_texts_ok: optional [B] bool, texts that may take part in a negative pair. A text
+        marked False is never drawn as an image's negative and gets no negative image (it
+        still forms its positive pair). Used for titles shortened by word dropout, which
+        describe many images at once.
 
     Returns:
       (loss: scalar float32 in nats, the mean cross-entropy over the pairs that exist
@@ -79,6 +87,8 @@ def itm_loss(key: jax.Array, logits: jax.Array, positives: jax.Array, image_toke
     """
     b = logits.shape[0]
     positives = positives | jnp.eye(b, dtype=bool)
+    if negative_texts_ok is not None:
+        positives = positives | ~negative_texts_ok[None, :]
     key_text, key_image = jax.random.split(key)
     negative_text, has_text = sample_hard_negatives(key_text, logits, positives)  # one per image
     negative_image, has_image = sample_hard_negatives(key_image, logits.T, positives.T)  # one per text
@@ -118,8 +128,9 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss):
                                                   preferred_element_type=jnp.float32)
         score_pairs = lambda image_tokens, text_tokens, text_valid: fusion.itm_logits(
             model, image_tokens, text_tokens, text_valid)
+        complete = batch.get("title_complete") if config.loss.itm_complete_title_negatives else None
         itm, metrics = itm_loss(key, logits, batch_positives(batch), out["image_tokens"], out["text_tokens"],
-                                model.text_tower.valid_tokens(batch["token_ids"]), score_pairs)
+                                model.text_tower.valid_tokens(batch["token_ids"]), score_pairs, complete)
         metrics.update(contrastive_loss=contrastive, itm_loss=itm)
         return contrastive + config.loss.itm_weight * itm, metrics
 

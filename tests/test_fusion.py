@@ -117,6 +117,32 @@ def test_itm_loss_matches_numpy_when_each_draw_is_forced():
     assert float(metrics["itm_negatives"]) == 2 * b - 2
 
 
+def test_shortened_titles_are_never_negatives_and_get_no_negative_image():
+    """Texts flagged not-ok (titles cut by word dropout) must not be drawn as any image's negative
+    and must get no negative image; the negative count says which pairs entered the loss."""
+    rng = np.random.default_rng(3)
+    b = 16
+    seen = {}
+
+    def score_pairs(img, txt, valid):
+        seen["image"], seen["text"] = np.asarray(img[:, 0, 0]).astype(int), np.asarray(txt[:, 0, 0]).astype(int)
+        return jnp.zeros((img.shape[0], 2))
+
+    index_tokens = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None], (b, 2, 3))
+    for trial in range(20):
+        ok = rng.random(b) < 0.5
+        positives = rng.random((b, b)) < 0.3
+        logits = jnp.asarray(rng.normal(scale=3.0, size=(b, b)).astype(np.float32))
+        _, metrics = itm.itm_loss(jax.random.key(trial), logits, jnp.asarray(positives), index_tokens,
+                                  index_tokens, jnp.ones((b, 2), bool), score_pairs, jnp.asarray(ok))
+        allowed = ~(positives | np.eye(b, dtype=bool)) & ok[None, :]  # [image, text]
+        has_text, has_image = allowed.any(axis=1), allowed.any(axis=0)
+        negative_texts = seen["text"][b:2 * b][has_text]
+        assert ok[negative_texts].all(), "a shortened title was drawn as a negative"
+        assert allowed[np.arange(b)[has_text], negative_texts].all()
+        assert float(metrics["itm_negatives"]) == has_text.sum() + has_image.sum()
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -171,7 +197,9 @@ def run_steps(config, mesh, num_steps=2):
     state = compiled.place_state(state)
     history = []
     for step in range(num_steps):
-        state, metrics = compiled.step(state, compiled.place_batch(tiny_batch(config, seed=step)))
+        batch = tiny_batch(config, seed=step)
+        batch["title_complete"] = np.arange(len(batch["ids"])) % 3 != 0  # some "shortened" titles
+        state, metrics = compiled.step(state, compiled.place_batch(batch))
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return jax.device_get(compiled.global_state(state)["params"]), history
 
@@ -193,6 +221,7 @@ def test_fusion_step_on_8_devices_equals_1_device():
         for key in ("loss", "contrastive_loss", "itm_loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
         assert got["itm_accuracy"] == want["itm_accuracy"]
+        assert got["itm_negatives"] == want["itm_negatives"] < 2 * config.train.batch_size  # flags applied
         assert got["loss"] == pytest.approx(got["contrastive_loss"] + config.loss.itm_weight * got["itm_loss"],
                                             rel=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):

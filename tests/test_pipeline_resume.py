@@ -83,3 +83,20 @@ def test_worker_processes_give_the_same_stream_and_resume(setup):
     finally:
         config.data.num_workers = 0
     _assert_same(got, expected)
+
+
+def test_title_complete_marks_exactly_the_titles_that_word_dropout_shortened(setup):
+    source, tokenizer, config = setup
+    tokenizer = tok.TitleTokenizer(tokenizer.hf, context_length=32)  # no truncation: full titles compare
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.title_dropout_prob, config.data.title_keep_prob = 0.5, 0.5
+    full = {int(i): tokenizer([t])[0] for i, t in zip(source.ids, source.titles)}
+    batches = _take(pipeline.train_iterator(source, tokenizer, config), 6)
+    complete = np.concatenate([b["title_complete"] for b in batches])
+    same = np.concatenate([[np.array_equal(row, full[int(i)]) for i, row in zip(b["ids"], b["token_ids"])]
+                           for b in batches])
+    np.testing.assert_array_equal(complete, same)
+    assert 0 < complete.sum() < len(complete)  # both kinds occur at dropout 0.5
+    eval_batch = next(iter(pipeline.eval_batches(source, tokenizer, config)))
+    assert eval_batch["title_complete"].all()

@@ -93,7 +93,8 @@ class _Preprocess(grain.transforms.RandomMap):
         title = item["title"]
         if self.augment and self.title_dropout_prob > 0 and rng.random() < self.title_dropout_prob:
             title = drop_title_words(title, rng, self.title_keep_prob)
-        return {"image": np.ascontiguousarray(image), "title": title, "id": np.int64(item["id"])}
+        return {"image": np.ascontiguousarray(image), "title": title, "id": np.int64(item["id"]),
+                "title_complete": np.bool_(title == item["title"])}
 
 
 def _collate(tokenizer: TitleTokenizer):
@@ -102,6 +103,8 @@ def _collate(tokenizer: TitleTokenizer):
             "images": np.stack([it["image"] for it in items]),
             "token_ids": tokenizer([it["title"] for it in items]),
             "ids": np.asarray([it["id"] for it in items], np.int64),
+            # False where title-word dropout shortened the title (train only).
+            "title_complete": np.asarray([it.get("title_complete", True) for it in items], bool),
         }
     return collate
 
