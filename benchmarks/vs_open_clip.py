@@ -1,7 +1,7 @@
 """prodclip vs open_clip: the same CLIP, batch and optimizer, trained side by side on random data.
 
     pip install --no-deps open_clip_torch==3.3.0 ftfy wcwidth     # beside torch==2.13.0 (CPU)
-    flock /work/wt/heavy.lock python benchmarks/vs_open_clip.py              # tiny CLIP, batch 128, float32
+    python benchmarks/vs_open_clip.py           # tiny CLIP, batch 128, float32
     python benchmarks/vs_open_clip.py --rounds 4 --steps 5 --out vs.json
 
 Two worker processes, one per framework, are started once (each imports only its own
