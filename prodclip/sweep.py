@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import hashlib
 import json
 import logging
 import math
@@ -237,17 +238,25 @@ def run_status(run_dir: pathlib.Path) -> str:
 
 
 def _definition(config_path, config_arg, cli_overrides, sweep: Sweep, runs: list[Run]) -> dict:
-    return {"config": str(pathlib.Path(config_path).resolve()), "config_arg": config_arg,
-            "overrides": list(cli_overrides), "sweep": sweep.to_json(), "runs": [r.name for r in runs]}
+    config_path = pathlib.Path(config_path).resolve()
+    return {"config": str(config_path), "config_sha256": hashlib.sha256(config_path.read_bytes()).hexdigest(),
+            "config_arg": config_arg, "overrides": list(cli_overrides), "sweep": sweep.to_json(),
+            "runs": [r.name for r in runs]}
 
 
 def write_definition(workdir: pathlib.Path, definition: dict) -> None:
-    """Writes sweep.json; refuses a directory that holds a different sweep."""
+    """Writes sweep.json; refuses a directory that holds a different sweep.
+
+    The config file is identified by its contents, so the same sweep run from another
+    checkout or clone of the repository resumes; sweep.json files written before the hash
+    was recorded are identified by the config's path.
+    """
     path = workdir / "sweep.json"
     definition = json.loads(json.dumps(definition))  # tuples as lists, as read back
     if path.exists():
         old = json.loads(path.read_text())
-        for key in ("config", "config_arg", "overrides", "sweep"):
+        identity = "config_sha256" if "config_sha256" in old else "config"
+        for key in (identity, "config_arg", "overrides", "sweep"):
             if old.get(key) != definition[key]:
                 raise SweepError(f"{workdir} holds another sweep ({key} differs: {old.get(key)!r} vs "
                                  f"{definition[key]!r}); use a new --workdir or delete {path}")

@@ -256,7 +256,15 @@ def test_sweep_emits_runs_resumes_and_skips(tmp_path, monkeypatch, caplog, capsy
     assert (workdir / "plots" / "test_t2i_R_1_vs_loss.png").exists()
     assert sweep.emit_commands(config, workdir, cli_overrides=TINY) == []
 
-    # The same directory refuses a different sweep definition.
+    # The same config file from another checkout (another path, same contents) is the same sweep.
+    moved = tmp_path / "other_checkout" / config.name
+    moved.parent.mkdir()
+    moved.write_text(config.read_text())
+    assert sweep.emit_commands(moved, workdir, cli_overrides=TINY) == []
+    # The same directory refuses a different sweep definition, or a changed config file.
+    moved.write_text(config.read_text() + "\n# edited\n")
+    with pytest.raises(sweep.SweepError, match="config_sha256 differs"):
+        sweep.emit_commands(moved, workdir, cli_overrides=TINY)
     with pytest.raises(sweep.SweepError, match="holds another sweep"):
         sweep.run_sweep(config, workdir, cli_overrides=[*TINY[:-1], "--config.checkpoint.async_save=True"])
 
