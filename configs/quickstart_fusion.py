@@ -3,8 +3,8 @@
     prodclip train --config configs/quickstart_fusion.py --workdir runs/quickstart_fusion
 
 Same data, towers (conv stem), batch, steps and seed as configs/quickstart.py; the total loss
-is the CLIP loss + 1.0 x ITM, with hard negatives drawn only among complete titles
-(loss.itm_complete_title_negatives, the default). The final evaluation reports the two-tower
+is the CLIP loss + 1.0 x ITM on hard negatives, its pairs made from complete titles only
+(loss.itm_complete_titles_only, the default). The final evaluation reports the two-tower
 and the fusion-re-ranked R@1/5/10 side by side (each query's two-tower top 32 re-scored by
 ITM + ITC).
 """

@@ -172,9 +172,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.extra_positives = True
     # With model.fusion.enabled: total loss = contrastive + itm_weight * ITM (hard negatives).
     c.loss.itm_weight = 1.0
-    # Draw ITM negatives only among complete titles: a title shortened by word dropout ("red tee")
-    # still describes many other images in the batch, so as a "no match" label it is often wrong.
-    c.loss.itm_complete_title_negatives = True
+    # ITM pairs use complete titles only: a title shortened by word dropout ("red tee") still
+    # describes many other images in the batch, so as a "no match" label it is often wrong, and
+    # as a positive only it would teach the ITM head that short titles match.
+    c.loss.itm_complete_titles_only = True
     c.loss.matcher_weight = 1.0  # weight of the matcher's BCE (model.matcher.kind != 'none') beside the contrastive loss
 
     c.optim = ml_collections.ConfigDict()

@@ -4,9 +4,11 @@ ALBEF's recipe (Li et al., 2021, sec. 3.2), over the global batch: for each imag
 one negative text is drawn from the softmax of its similarity row, with the
 positives excluded, and for each text one negative image likewise. The fusion
 encoder then classifies B positive and 2B negative pairs (match / no match).
-Titles shortened by word-dropout augmentation only form positive pairs (with
-`loss.itm_complete_title_negatives`): "red tee" also describes other red tees in
-the batch, so as a negative its "no match" label would often be wrong.
+With `loss.itm_complete_titles_only`, titles shortened by word-dropout
+augmentation take no part in ITM: "red tee" also describes other red tees in the
+batch, so as a negative its "no match" label would often be wrong, and kept only
+as a positive it would teach the head that short titles match (a length shortcut
+that hurt image->text re-ranking when we measured it).
 
 Conventions:
 
@@ -65,7 +67,7 @@ def sample_hard_negatives(key: jax.Array, logits: jax.Array, positives: jax.Arra
 
 def itm_loss(key: jax.Array, logits: jax.Array, positives: jax.Array, image_tokens: jax.Array,
              text_tokens: jax.Array, text_valid: jax.Array, score_pairs: PairScorer,
-             negative_texts_ok: jax.Array | None = None) -> tuple[jax.Array, dict]:
+             text_ok: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """ITM cross-entropy over B positives and 2B hard negatives.
 
     Args:
@@ -74,21 +76,23 @@ def itm_loss(key: jax.Array, logits: jax.Array, positives: jax.Array, image_toke
       positives: [B, B] bool (the diagonal is added here).
       image_tokens: [B, S, Wi]; text_tokens: [B, L, Wt]; text_valid: [B, L] bool.
       score_pairs: the fusion encoder on N pairs, see `PairScorer`.
-      negative_texts_ok: optional [B] bool, texts that may take part in a negative pair. A text
-        marked False is never drawn as an image's negative and gets no negative image (it
-        still forms its positive pair). Used for titles shortened by word dropout, which
-        describe many images at once.
+      text_ok: optional [B] bool, texts that take part in ITM. A text marked False forms no
+        pair at all: not its positive, not a negative for any image, no negative image of
+        its own (its image still gets a negative text). Used for titles shortened by word
+        dropout, which describe many images at once.
 
     Returns:
       (loss: scalar float32 in nats, the mean cross-entropy over the pairs that exist
        (a row without any negative adds no negative pair);
-       metrics: {"itm_accuracy", "itm_negatives"} scalars, accuracy over those pairs and
-       the number of negative pairs).
+       metrics: {"itm_accuracy", "itm_positives", "itm_negatives"} scalars, accuracy over
+       those pairs and the numbers of positive and negative pairs).
     """
     b = logits.shape[0]
     positives = positives | jnp.eye(b, dtype=bool)
-    if negative_texts_ok is not None:
-        positives = positives | ~negative_texts_ok[None, :]
+    positive_ok = jnp.ones(b, bool)
+    if text_ok is not None:
+        positives = positives | ~text_ok[None, :]
+        positive_ok = text_ok
     key_text, key_image = jax.random.split(key)
     negative_text, has_text = sample_hard_negatives(key_text, logits, positives)  # one per image
     negative_image, has_image = sample_hard_negatives(key_image, logits.T, positives.T)  # one per text
@@ -96,12 +100,14 @@ def itm_loss(key: jax.Array, logits: jax.Array, positives: jax.Array, image_toke
     image_index = jnp.concatenate([rows, rows, jnp.maximum(negative_image, 0)])
     text_index = jnp.concatenate([rows, jnp.maximum(negative_text, 0), rows])
     labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
-    weights = jnp.concatenate([jnp.ones(b, bool), has_text, has_image]).astype(jnp.float32)
+    weights = jnp.concatenate([positive_ok, has_text, has_image]).astype(jnp.float32)
     pair_logits = score_pairs(image_tokens[image_index], text_tokens[text_index], text_valid[text_index])
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(pair_logits.astype(jnp.float32), labels)
-    total = jnp.sum(weights)
+    total = jnp.maximum(jnp.sum(weights), 1.0)
     correct = (jnp.argmax(pair_logits, axis=-1) == labels).astype(jnp.float32)
-    metrics = {"itm_accuracy": jnp.sum(weights * correct) / total, "itm_negatives": total - b}
+    positives_used = jnp.sum(positive_ok.astype(jnp.float32))
+    metrics = {"itm_accuracy": jnp.sum(weights * correct) / total, "itm_positives": positives_used,
+               "itm_negatives": jnp.sum(weights) - positives_used}
     return jnp.sum(weights * cross_entropy) / total, metrics
 
 
@@ -116,7 +122,7 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss):
 
     loss = contrastive (`pair_loss` on the global batch) + loss.itm_weight * ITM, where the
     ITM negatives are drawn from the contrastive logits with `sampler_key(config, step)`.
-    metrics: contrastive_loss, itm_loss, itm_accuracy, itm_negatives (scalars).
+    metrics: contrastive_loss, itm_loss, itm_accuracy, itm_positives, itm_negatives (scalars).
     """
     from prodclip.train import batch_positives, merge_model
 
@@ -128,7 +134,7 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss):
                                                   preferred_element_type=jnp.float32)
         score_pairs = lambda image_tokens, text_tokens, text_valid: fusion.itm_logits(
             model, image_tokens, text_tokens, text_valid)
-        complete = batch.get("title_complete") if config.loss.itm_complete_title_negatives else None
+        complete = batch.get("title_complete") if config.loss.itm_complete_titles_only else None
         itm, metrics = itm_loss(key, logits, batch_positives(batch), out["image_tokens"], out["text_tokens"],
                                 model.text_tower.valid_tokens(batch["token_ids"]), score_pairs, complete)
         metrics.update(contrastive_loss=contrastive, itm_loss=itm)

@@ -117,29 +117,43 @@ def test_itm_loss_matches_numpy_when_each_draw_is_forced():
     assert float(metrics["itm_negatives"]) == 2 * b - 2
 
 
-def test_shortened_titles_are_never_negatives_and_get_no_negative_image():
-    """Texts flagged not-ok (titles cut by word dropout) must not be drawn as any image's negative
-    and must get no negative image; the negative count says which pairs entered the loss."""
+def test_shortened_titles_take_no_part_in_itm():
+    """Texts flagged not-ok (titles cut by word dropout) form no ITM pair: not their positive, not any
+    image's negative, no negative image of their own. The loss is checked against numpy over exactly
+    the pairs that remain, with a scorer that sees which (image, text) each pair is."""
     rng = np.random.default_rng(3)
     b = 16
     seen = {}
+    weights_out = rng.normal(size=b).astype(np.float32)
 
     def score_pairs(img, txt, valid):
         seen["image"], seen["text"] = np.asarray(img[:, 0, 0]).astype(int), np.asarray(txt[:, 0, 0]).astype(int)
-        return jnp.zeros((img.shape[0], 2))
+        logit = weights_out[seen["image"]] - weights_out[seen["text"]] + 0.1 * seen["text"]
+        return jnp.stack([jnp.zeros_like(logit), logit], axis=-1)
 
     index_tokens = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None], (b, 2, 3))
     for trial in range(20):
         ok = rng.random(b) < 0.5
         positives = rng.random((b, b)) < 0.3
         logits = jnp.asarray(rng.normal(scale=3.0, size=(b, b)).astype(np.float32))
-        _, metrics = itm.itm_loss(jax.random.key(trial), logits, jnp.asarray(positives), index_tokens,
-                                  index_tokens, jnp.ones((b, 2), bool), score_pairs, jnp.asarray(ok))
+        loss, metrics = itm.itm_loss(jax.random.key(trial), logits, jnp.asarray(positives), index_tokens,
+                                     index_tokens, jnp.ones((b, 2), bool), score_pairs, jnp.asarray(ok))
         allowed = ~(positives | np.eye(b, dtype=bool)) & ok[None, :]  # [image, text]
         has_text, has_image = allowed.any(axis=1), allowed.any(axis=0)
         negative_texts = seen["text"][b:2 * b][has_text]
+        negative_images = seen["image"][2 * b:][has_image]
         assert ok[negative_texts].all(), "a shortened title was drawn as a negative"
         assert allowed[np.arange(b)[has_text], negative_texts].all()
+        assert allowed[negative_images, np.arange(b)[has_image]].all()
+        assert not has_image[~ok].any()
+        pairs = [(i, i, 1) for i in range(b) if ok[i]]
+        pairs += [(i, t, 0) for i, t in zip(np.arange(b)[has_text], negative_texts)]
+        pairs += [(i, t, 0) for i, t in zip(negative_images, np.arange(b)[has_image])]
+        logit = np.array([weights_out[i] - weights_out[t] + 0.1 * t for i, t, _ in pairs], np.float64)
+        labels = np.array([lab for _, _, lab in pairs])
+        cross_entropy = np.logaddexp(0.0, logit) - np.where(labels == 1, logit, 0.0)
+        assert float(loss) == pytest.approx(cross_entropy.mean(), rel=1e-5)
+        assert float(metrics["itm_positives"]) == ok.sum()
         assert float(metrics["itm_negatives"]) == has_text.sum() + has_image.sum()
 
 
@@ -222,6 +236,7 @@ def test_fusion_step_on_8_devices_equals_1_device():
             assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
         assert got["itm_accuracy"] == want["itm_accuracy"]
         assert got["itm_negatives"] == want["itm_negatives"] < 2 * config.train.batch_size  # flags applied
+        assert got["itm_positives"] == want["itm_positives"] < config.train.batch_size
         assert got["loss"] == pytest.approx(got["contrastive_loss"] + config.loss.itm_weight * got["itm_loss"],
                                             rel=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):

@@ -5,9 +5,9 @@
 
 Needs the fusion encoder (model.fusion.*, loss.itm_weight, eval.rerank_k; issue 6). Three
 trained variants: the two-tower model alone (off); the same towers plus a 1 x 64 fusion
-encoder trained with CLIP + 1.0 x ITM on hard negatives drawn among complete titles only
-(itm, the default); and the same with negatives drawn among all titles, including those
-that word dropout shortened (itm_any_title, the sampler before that fix). k is an eval-only axis: each
+encoder trained with CLIP + 1.0 x ITM on hard negatives, ITM pairs made from complete
+titles only (itm, the default); and the same with every title in ITM, including those that
+word dropout shortened (itm_any_title, the sampler before that fix). k is an eval-only axis: each
 finished run is re-evaluated with eval.rerank_k = 0, 8 and 32 (no retraining), so the
 table shows the two-tower R@1 (test/t2i/R@1) next to the re-ranked one
 (test/t2i/rerank/R@1; empty where nothing is re-ranked).
@@ -36,7 +36,7 @@ def get_sweep():
         axes=(sweep.axis("fusion", {"off": {"model.fusion.enabled": False},
                                     "itm": {"model.fusion.enabled": True, "loss.itm_weight": 1.0},
                                     "itm_any_title": {"model.fusion.enabled": True, "loss.itm_weight": 1.0,
-                                                      "loss.itm_complete_title_negatives": False}}),
+                                                      "loss.itm_complete_titles_only": False}}),
               sweep.axis("rerank_k", [0, 8, 32], key="eval.rerank_k", stage="eval")),
         seeds=(0, 1, 2),
         metrics=("test/t2i/R@1", "test/t2i/rerank/R@1", "test/i2t/R@1", "test/i2t/rerank/R@1",
