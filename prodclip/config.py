@@ -151,6 +151,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.fusion.depth = 2  # blocks of self-attention, cross-attention, MLP
     c.model.fusion.width = 128
     c.model.fusion.num_heads = 4
+    # The ITM head reads the first token ("first", ALBEF / BLIP) or the mean over valid title tokens
+    # ("mean": each word's cross-attention evidence reaches the head directly, not only through a later
+    # self-attention; depth 1 needs it).
+    c.model.fusion.pooling = "first"
+    # Residual ITM: match log-odds = fusion head + a * (two-tower logit, held constant) + b, a and b
+    # learned. The head learns what the two-tower score gets wrong instead of the whole decision.
+    c.model.fusion.itc_residual = False
     # --- baselines (issue 14): a BERT text tower (prodclip/models/bert.py), e.g. a pretrained MiniLM.
     c.model.text.kind = "transformer"  # transformer (pre-LN, text.py) | bert (post-LN, token types; mask bidirectional)
     c.model.text.pretrained = ""  # a local HF BERT dir (config.json + model.safetensors) whose weights start the tower
@@ -437,6 +444,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "embed.mode": ("image", "text", "mix"),
         "checkpoint.best_mode": ("max", "min"),
         "eval.rerank_mode": ("itm", "itm+itc"),
+        "model.fusion.pooling": ("first", "mean"),
         "match.calibration": ("auto", "native", "platt"),
         "match.threshold_rule": ("max_f1", "target_precision"),
         "model.image.kind": ("vit", "resnet"),

@@ -37,8 +37,9 @@ import optax
 
 from prodclip.models import fusion
 
-# (image_tokens [N, S, Wi], text_tokens [N, L, Wt], text_valid [N, L] bool) -> ITM logits [N, 2].
-PairScorer = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (image_tokens [N, S, Wi], text_tokens [N, L, Wt], text_valid [N, L] bool, pair two-tower logits [N])
+# -> ITM logits [N, 2].
+PairScorer = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 # Folded into the run's seed so the negatives' stream is independent of parameter init.
 _SAMPLER_STREAM = 0x17A
@@ -101,7 +102,8 @@ def itm_loss(key: jax.Array, logits: jax.Array, positives: jax.Array, image_toke
     text_index = jnp.concatenate([rows, jnp.maximum(negative_text, 0), rows])
     labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
     weights = jnp.concatenate([positive_ok, has_text, has_image]).astype(jnp.float32)
-    pair_logits = score_pairs(image_tokens[image_index], text_tokens[text_index], text_valid[text_index])
+    pair_itc = jax.lax.stop_gradient(logits)[image_index, text_index]
+    pair_logits = score_pairs(image_tokens[image_index], text_tokens[text_index], text_valid[text_index], pair_itc)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(pair_logits.astype(jnp.float32), labels)
     total = jnp.maximum(jnp.sum(weights), 1.0)
     correct = (jnp.argmax(pair_logits, axis=-1) == labels).astype(jnp.float32)
@@ -132,8 +134,8 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss):
         contrastive = pair_loss(out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"], batch)
         logits = out["logit_scale"] * jnp.einsum("id,td->it", out["image_emb"], out["text_emb"],
                                                   preferred_element_type=jnp.float32)
-        score_pairs = lambda image_tokens, text_tokens, text_valid: fusion.itm_logits(
-            model, image_tokens, text_tokens, text_valid)
+        score_pairs = lambda image_tokens, text_tokens, text_valid, pair_itc: fusion.itm_logits(
+            model, image_tokens, text_tokens, text_valid, pair_itc)
         complete = batch.get("title_complete") if config.loss.itm_complete_titles_only else None
         itm, metrics = itm_loss(key, logits, batch_positives(batch), out["image_tokens"], out["text_tokens"],
                                 model.text_tower.valid_tokens(batch["token_ids"]), score_pairs, complete)

@@ -93,7 +93,7 @@ def test_itm_loss_matches_numpy_when_each_draw_is_forced():
     text_valid = rng.random((b, length)) < 0.7
     text_valid[:, 0] = True
 
-    def score_pairs(img, txt, valid):
+    def score_pairs(img, txt, valid, pair_itc):
         pooled = jnp.sum(txt * valid[..., None], axis=1) / jnp.sum(valid, axis=1, keepdims=True)
         return jnp.stack([jnp.zeros(img.shape[0]), jnp.sum(img.mean(axis=1) * pooled, axis=-1)], axis=-1)
 
@@ -126,8 +126,9 @@ def test_shortened_titles_take_no_part_in_itm():
     seen = {}
     weights_out = rng.normal(size=b).astype(np.float32)
 
-    def score_pairs(img, txt, valid):
+    def score_pairs(img, txt, valid, pair_itc):
         seen["image"], seen["text"] = np.asarray(img[:, 0, 0]).astype(int), np.asarray(txt[:, 0, 0]).astype(int)
+        seen["itc"] = np.asarray(pair_itc)
         logit = weights_out[seen["image"]] - weights_out[seen["text"]] + 0.1 * seen["text"]
         return jnp.stack([jnp.zeros_like(logit), logit], axis=-1)
 
@@ -143,6 +144,7 @@ def test_shortened_titles_take_no_part_in_itm():
         negative_texts = seen["text"][b:2 * b][has_text]
         negative_images = seen["image"][2 * b:][has_image]
         assert ok[negative_texts].all(), "a shortened title was drawn as a negative"
+        np.testing.assert_array_equal(seen["itc"], np.asarray(logits)[seen["image"], seen["text"]])
         assert allowed[np.arange(b)[has_text], negative_texts].all()
         assert allowed[negative_images, np.arange(b)[has_image]].all()
         assert not has_image[~ok].any()
@@ -162,6 +164,73 @@ def test_shortened_titles_take_no_part_in_itm():
 
 def build(config):
     return train.create_model(config, types.SimpleNamespace(vocab_size=VOCAB, pad_id=0), seed=0)
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_itm_head_pooling_matches_numpy(pooling):
+    """With no fusion blocks the encoder is dense -> LayerNorm -> pool -> head, checked against numpy
+    (1e-5): "first" reads token 0, "mean" averages the valid tokens only."""
+    from flax import nnx
+
+    rng = np.random.default_rng(4)
+    n, length, wt, wi, w = 3, 5, 6, 4, 8
+    encoder = fusion.FusionEncoder(text_width=wt, image_width=wi, width=w, depth=0, num_heads=2,
+                                   rngs=nnx.Rngs(0), pooling=pooling)
+    for leaf in (encoder.norm.scale, encoder.norm.bias, encoder.itm_head.bias, encoder.text_in.bias):
+        leaf.value = jnp.asarray(rng.normal(size=leaf.value.shape).astype(np.float32))
+    text = rng.normal(size=(n, length, wt)).astype(np.float32)
+    valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+    got = np.asarray(encoder(jnp.asarray(text), jnp.asarray(valid), jnp.zeros((n, 2, wi))))
+
+    x = text @ np.asarray(encoder.text_in.kernel.value) + np.asarray(encoder.text_in.bias.value)
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    x = x * np.asarray(encoder.norm.scale.value) + np.asarray(encoder.norm.bias.value)
+    pooled = x[:, 0] if pooling == "first" else (x * valid[..., None]).sum(1) / valid.sum(1, keepdims=True)
+    want = pooled @ np.asarray(encoder.itm_head.kernel.value) + np.asarray(encoder.itm_head.bias.value)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_itc_residual_adds_gain_times_the_two_tower_logit_without_its_gradient():
+    from flax import nnx
+
+    rng = np.random.default_rng(5)
+    encoder = fusion.FusionEncoder(text_width=6, image_width=4, width=8, depth=1, num_heads=2, rngs=nnx.Rngs(0),
+                                   itc_residual=True)
+    encoder.itc_gain.value, encoder.itc_bias.value = jnp.float32(0.7), jnp.float32(-2.0)
+    text, image = jnp.asarray(rng.normal(size=(3, 5, 6)), jnp.float32), jnp.asarray(rng.normal(size=(3, 4, 4)), jnp.float32)
+    valid = jnp.ones((3, 5), bool)
+    itc = jnp.asarray([3.0, -1.0, 10.0])
+    base = fusion.FusionEncoder(text_width=6, image_width=4, width=8, depth=1, num_heads=2, rngs=nnx.Rngs(0))
+    plain = np.asarray(fusion.match_log_odds(base(text, valid, image)))
+    got = np.asarray(fusion.match_log_odds(encoder(text, valid, image, itc)))
+    np.testing.assert_allclose(got, plain + 0.7 * np.asarray(itc) - 2.0, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda t: jnp.sum(fusion.match_log_odds(encoder(text, valid, image, t))))(itc)
+    assert not np.any(np.asarray(grad))  # the two-tower logit is a constant to the ITM loss
+    with pytest.raises(ValueError, match="itc_residual"):
+        encoder(text, valid, image)
+
+
+def test_rerank_scorer_and_itm_fn_give_the_same_log_odds_with_the_residual_head():
+    """Two paths to a pair's score: rerank.pair_scorer (cached token states + embeddings of the split) and
+    fusion.make_itm_fn (both towers on raw images and token ids). They must agree (1e-4)."""
+    from prodclip.evaluate import rerank
+    from prodclip.train import merge_model
+
+    config = tiny_config(**FUSION, **{"model.fusion.itc_residual": True})
+    graphdef, params = build(config)
+    batch = tiny_batch(config, seed=3)
+    model = merge_model(graphdef, params)
+    out = model(jnp.asarray(batch["images"]), jnp.asarray(batch["token_ids"]))
+    split = {"image_emb": np.asarray(out["image_emb"]), "text_emb": np.asarray(out["text_emb"]),
+             "image_tokens": np.asarray(out["image_tokens"]), "text_tokens": np.asarray(out["text_tokens"]),
+             "text_valid": np.asarray(model.text_tower.valid_tokens(jnp.asarray(batch["token_ids"])))}
+    scale = float(out["logit_scale"])
+    b = len(batch["ids"])
+    texts, images = np.arange(b), np.roll(np.arange(b), 1)
+    via_split = rerank.pair_scorer(graphdef, params, split, "t2i", 2 * b, scale)(texts, images)
+    itm_fn = fusion.make_itm_fn(graphdef, params, batch_size=b, log_odds=True)
+    direct = itm_fn(batch["images"][images], batch["token_ids"][texts])
+    np.testing.assert_allclose(via_split, direct, rtol=1e-4, atol=1e-4)
 
 
 def test_disabled_fusion_has_no_params_and_enabled_towers_are_unchanged():

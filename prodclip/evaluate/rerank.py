@@ -114,9 +114,9 @@ def _jitted(graphdef):
         return (out["image_emb"], out["text_emb"], out["image_tokens"], out["text_tokens"],
                 model.text_tower.valid_tokens(token_ids))
 
-    def log_odds(params, image_tokens, text_tokens, text_valid):
+    def log_odds(params, image_tokens, text_tokens, text_valid, itc):
         model = merge_model(graphdef, params)
-        return fusion.match_log_odds(fusion.itm_logits(model, image_tokens, text_tokens, text_valid))
+        return fusion.match_log_odds(fusion.itm_logits(model, image_tokens, text_tokens, text_valid, itc))
 
     return jax.jit(encode), jax.jit(log_odds)
 
@@ -137,9 +137,11 @@ def embed_split(graphdef, params, source, tokenizer, config: ml_collections.Conf
     return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
 
 
-def pair_scorer(graphdef, params, split: dict[str, np.ndarray], direction: str, pair_batch: int) -> PairScores:
+def pair_scorer(graphdef, params, split: dict[str, np.ndarray], direction: str, pair_batch: int,
+                itc_scale: float) -> PairScores:
     """Fusion log-odds of (query, gallery) index pairs of one split; direction "t2i" (text queries, image
-    gallery) or "i2t". Each call's pairs are padded to `pair_batch`, so the fusion encoder compiles once."""
+    gallery) or "i2t". Each call's pairs are padded to `pair_batch`, so the fusion encoder compiles once.
+    itc_scale: the model's logit scale (a pair's two-tower logit is itc_scale x cosine)."""
     _, log_odds = _jitted(graphdef)
 
     def scores(query_rows: np.ndarray, gallery_rows: np.ndarray) -> np.ndarray:
@@ -147,8 +149,9 @@ def pair_scorer(graphdef, params, split: dict[str, np.ndarray], direction: str, 
         n = len(query_rows)
         pad = lambda rows: np.concatenate([rows, np.zeros(pair_batch - n, rows.dtype)]) if n < pair_batch else rows
         image_rows, text_rows = pad(image_rows), pad(text_rows)
+        itc = itc_scale * np.sum(split["image_emb"][image_rows] * split["text_emb"][text_rows], axis=-1)
         out = log_odds(params, split["image_tokens"][image_rows], split["text_tokens"][text_rows],
-                       split["text_valid"][text_rows])
+                       split["text_valid"][text_rows], itc.astype(np.float32))
         return np.asarray(out)[:n]
 
     return scores
@@ -160,7 +163,7 @@ def two_way_reranked(graphdef, params, split: dict[str, np.ndarray], keys: np.nd
     itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
     metrics = {}
     for direction, (query, gallery) in {"i2t": ("image_emb", "text_emb"), "t2i": ("text_emb", "image_emb")}.items():
-        scores = pair_scorer(graphdef, params, split, direction, pair_batch)
+        scores = pair_scorer(graphdef, params, split, direction, pair_batch, itc_scale)
         out = reranked_metrics(split[query], split[gallery], keys, keys, config.eval.rerank_k, scores,
                                ks=tuple(config.eval.ks), mode=config.eval.rerank_mode, itc_scale=itc_scale,
                                pair_batch=pair_batch)

@@ -44,23 +44,34 @@ class FusionBlock(nnx.Module):
 
 
 class FusionEncoder(nnx.Module):
-    """Text token states (projected to `width`) -> `depth` fusion blocks -> LayerNorm -> ITM head on token 0."""
+    """Text token states (projected to `width`) -> `depth` fusion blocks -> LayerNorm -> ITM head on token 0
+    (pooling "first") or on the mean of the valid tokens (pooling "mean")."""
 
     def __init__(self, *, text_width: int, image_width: int, width: int, depth: int, num_heads: int,
                  rngs: nnx.Rngs, mlp_ratio: float = 4.0, activation: str = "gelu", dtype=jnp.float32,
-                 remat: bool = False):
+                 remat: bool = False, pooling: str = "first", itc_residual: bool = False):
+        if pooling not in ("first", "mean"):
+            raise ValueError(f"fusion pooling must be 'first' or 'mean', got {pooling!r}")
         self.dtype = dtype
         self.remat = remat
+        self.pooling = pooling
+        self.itc_residual = itc_residual
+        if itc_residual:  # match log-odds = head + gain * two-tower logit + bias
+            self.itc_gain = nnx.Param(jnp.ones((), jnp.float32))
+            self.itc_bias = nnx.Param(jnp.zeros((), jnp.float32))
         self.text_in = layers.dense(text_width, width, rngs, dtype=dtype)
         self.blocks = nnx.List([FusionBlock(width, image_width, num_heads, mlp_ratio, rngs, activation=activation,
                                             dtype=dtype) for _ in range(depth)])
         self.norm = layers.layer_norm(width, rngs, dtype)
         self.itm_head = layers.dense(width, 2, rngs, dtype=dtype)
 
-    def __call__(self, text_tokens: jax.Array, text_valid: jax.Array, image_tokens: jax.Array) -> jax.Array:
+    def __call__(self, text_tokens: jax.Array, text_valid: jax.Array, image_tokens: jax.Array,
+                 itc_logits: jax.Array | None = None) -> jax.Array:
         """text_tokens [N, L, Wt], text_valid [N, L] bool, image_tokens [N, S, Wi] -> ITM logits [N, 2] float32.
 
-        Logit 1 is "match", logit 0 "no match".
+        Logit 1 is "match", logit 0 "no match". itc_logits [N]: the pairs' two-tower logits
+        (logit_scale x cosine), needed with itc_residual and treated as constants: the head
+        then learns a correction to the two-tower score instead of the whole match decision.
         """
         x = self.text_in(text_tokens.astype(self.dtype))
         image_tokens = image_tokens.astype(self.dtype)
@@ -70,7 +81,20 @@ class FusionEncoder(nnx.Module):
                 x = nnx.remat(lambda blk, h, img, m: blk(h, img, m))(block, x, image_tokens, mask)
             else:
                 x = block(x, image_tokens, mask)
-        return self.itm_head(self.norm(x)[:, 0]).astype(jnp.float32)
+        x = self.norm(x)
+        if self.pooling == "mean":
+            weights = text_valid.astype(x.dtype)[..., None]
+            pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        else:
+            pooled = x[:, 0]
+        logits = self.itm_head(pooled).astype(jnp.float32)
+        if not self.itc_residual:
+            return logits
+        if itc_logits is None:
+            raise ValueError("model.fusion.itc_residual=True scores a pair from its two-tower logit too: "
+                             "pass itc_logits")
+        offset = self.itc_gain.value * jax.lax.stop_gradient(itc_logits.astype(jnp.float32)) + self.itc_bias.value
+        return logits + jnp.stack([jnp.zeros_like(offset), offset], axis=-1)
 
 
 def build_fusion(config: ml_collections.ConfigDict, *, image_width: int, text_width: int,
@@ -81,18 +105,21 @@ def build_fusion(config: ml_collections.ConfigDict, *, image_width: int, text_wi
         return None
     return FusionEncoder(text_width=text_width, image_width=image_width, width=f.width, depth=f.depth,
                          num_heads=f.num_heads, mlp_ratio=config.model.text.mlp_ratio,
-                         activation=config.model.text.activation, dtype=dtype, remat=config.model.remat, rngs=rngs)
+                         activation=config.model.text.activation, dtype=dtype, remat=config.model.remat,
+                         pooling=f.pooling, itc_residual=f.itc_residual, rngs=rngs)
 
 
-def itm_logits(model, image_tokens: jax.Array, text_tokens: jax.Array, text_mask: jax.Array) -> jax.Array:
+def itm_logits(model, image_tokens: jax.Array, text_tokens: jax.Array, text_mask: jax.Array,
+               itc_logits: jax.Array | None = None) -> jax.Array:
     """ITM logits [N, 2] float32 of N (image, text) pairs of a TwoTower `model` with a fusion encoder.
 
     image_tokens: [N, S, Wi] the image tower's patch tokens; text_tokens: [N, L, Wt] the text
-    tower's token states; text_mask: [N, L] bool valid text tokens (`text_tower.valid_tokens`).
+    tower's token states; text_mask: [N, L] bool valid text tokens (`text_tower.valid_tokens`);
+    itc_logits: [N] the pairs' logit_scale x cosine (used with model.fusion.itc_residual).
     """
     if model.fusion is None:
         raise ValueError("this model has no fusion encoder (model.fusion.enabled=False): no ITM scores")
-    return model.fusion(text_tokens, text_mask, image_tokens)
+    return model.fusion(text_tokens, text_mask, image_tokens, itc_logits)
 
 
 def match_log_odds(logits: jax.Array) -> jax.Array:
@@ -113,9 +140,10 @@ def make_itm_fn(graphdef, params, *, batch_size: int = 256,
     @jax.jit
     def probabilities(p, images, token_ids):
         model = merge_model(graphdef, p)
-        _, image_tokens = model.image_tower(images)
-        _, text_tokens = model.text_tower(token_ids)
-        logits = itm_logits(model, image_tokens, text_tokens, model.text_tower.valid_tokens(token_ids))
+        out = model(images, token_ids)
+        itc = out["logit_scale"] * jnp.sum(out["image_emb"] * out["text_emb"], axis=-1)
+        logits = itm_logits(model, out["image_tokens"], out["text_tokens"], model.text_tower.valid_tokens(token_ids),
+                            itc)
         return match_log_odds(logits) if log_odds else jax.nn.softmax(logits, axis=-1)[:, 1]
 
     def itm_fn(images: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
