@@ -43,8 +43,10 @@ def hardest(scores, is_positive):
 
 def numpy_pairs(u, v, positives):
     sims = u @ v.T
-    image_rows = list(range(B)) + list(range(B)) + [hardest(sims[:, j], positives[:, j]) for j in range(B)]
-    text_rows = list(range(B)) + [hardest(sims[i], positives[i]) for i in range(B)] + list(range(B))
+    image_rows = (list(range(B)) + list(range(B)) + [hardest(sims[:, j], positives[:, j]) for j in range(B)]
+                  + list(range(B)))
+    text_rows = (list(range(B)) + [hardest(sims[i], positives[i]) for i in range(B)] + list(range(B))
+                 + [(i + 1) % B for i in range(B)])
     image_rows, text_rows = np.array(image_rows), np.array(text_rows)
     return image_rows, text_rows, positives[image_rows, text_rows].astype(np.float64)
 
@@ -65,12 +67,14 @@ def test_matcher_forward_and_loss_match_numpy(matcher):
     np.testing.assert_allclose(np.asarray(m(u, v)), numpy_matcher(params, u, v), atol=1e-5)
     positives = np.eye(B, dtype=bool)
     positives[0, 3] = positives[3, 0] = True  # a duplicate title: never picked as a negative
+    positives[4, 5] = positives[5, 4] = True  # a duplicate next row: its "random negative" is a positive
     image_rows, text_rows, labels = numpy_pairs(u, v, positives)
     got = matcher_lib.hard_negative_pairs(jnp.asarray(u), jnp.asarray(v), jnp.asarray(positives))
     np.testing.assert_array_equal(got[0], image_rows)
     np.testing.assert_array_equal(got[1], text_rows)
     np.testing.assert_array_equal(got[2], labels)
-    assert labels[:B].all() and not labels[B:].any()
+    assert labels[:B].all() and not labels[B:3 * B].any()
+    assert labels[3 * B:].tolist() == [0, 0, 0, 0, 1, 0]  # next-row partners; only 4 -> 5 is a duplicate
     expected = numpy_bce(numpy_matcher(params, u[image_rows], v[text_rows]), labels)
     assert float(matcher_lib.matcher_loss(m, u, v, positives)) == pytest.approx(expected, rel=1e-5)
 

@@ -7,8 +7,12 @@ variant beside cross-attention (prodclip/models/fusion.py): no token-level inter
 it scores N pairs in O(N) from embeddings a store already holds.
 
 Training (`matcher_loss`): binary cross-entropy on in-batch pairs. Every image is paired with
-its own title (a positive) and with the most similar title of the batch that is not a match
-(a hard negative), and every title likewise with its hardest non-matching image: 3B pairs.
+its own title (a positive), with the most similar title of the batch that is not a match
+(a hard negative) and with the next row's title (a random negative, as batches are shuffled),
+and every title with its hardest non-matching image: 4B pairs. The random negatives matter:
+trained on hard negatives alone, whose cosine early in training is often above the
+positive's, the matcher learned "high cosine -> no match" and scored random pairs as
+matches (pair ROC-AUC 0.27 on the Myntra val split, against 0.93 for the plain cosine).
 Labels come from the same positives matrix as the contrastive loss (same product id or
 identical title), so a "negative" that is really a duplicate is labelled positive.
 """
@@ -43,11 +47,12 @@ class ConcatMatcher(nnx.Module):
 
 def hard_negative_pairs(image_emb: jax.Array, text_emb: jax.Array,
                         positives: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The 3B training pairs: (image rows [3B] int32, text rows [3B] int32, labels [3B] float32).
+    """The 4B training pairs: (image rows [4B] int32, text rows [4B] int32, labels [4B] float32).
 
     Pairs (i, i), then (i, hardest non-matching text of image i), then (hardest non-matching
-    image of text j, j). positives: [B, B] bool, True on the diagonal. A row whose every
-    partner is a positive gets a positive pair instead, labelled as such.
+    image of text j, j), then (i, i + 1 mod B), a random partner in a shuffled batch.
+    positives: [B, B] bool, True on the diagonal. A pair whose partner is a positive (a row
+    whose every partner is, or a duplicate next row) is labelled positive.
     """
     b = image_emb.shape[0]
     sims = jax.lax.stop_gradient(image_emb @ text_emb.T)
@@ -55,8 +60,9 @@ def hard_negative_pairs(image_emb: jax.Array, text_emb: jax.Array,
     rows = jnp.arange(b, dtype=jnp.int32)
     hard_text = jnp.argmax(masked, axis=1).astype(jnp.int32)
     hard_image = jnp.argmax(masked, axis=0).astype(jnp.int32)
-    image_rows = jnp.concatenate([rows, rows, hard_image])
-    text_rows = jnp.concatenate([rows, hard_text, rows])
+    next_text = jnp.roll(rows, -1)
+    image_rows = jnp.concatenate([rows, rows, hard_image, rows])
+    text_rows = jnp.concatenate([rows, hard_text, rows, next_text])
     return image_rows, text_rows, positives[image_rows, text_rows].astype(jnp.float32)
 
 
