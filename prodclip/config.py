@@ -253,9 +253,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.min_class_count = 0  # zero-shot only over classes with at least this many train items  # write <workdir>/confusion/<split>_<label>.png
     # With model.fusion.enabled: re-score each query's two-tower top rerank_k with the fusion head
     # (0 = no re-ranking); rerank_mode "itm" ranks by the ITM log-odds alone, "itm+itc" adds the
-    # two-tower logit (logit_scale * cosine), as BLIP does.
+    # two-tower logit (logit_scale * cosine), as BLIP does, times rerank_itc_weight (1.0 = BLIP's sum;
+    # choose another on val: benchmarks/rerank_weight.py).
     c.eval.rerank_k = 32
     c.eval.rerank_mode = "itm+itc"
+    c.eval.rerank_itc_weight = 1.0
 
     # `prodclip embed` / `prodclip search` (prodclip/evaluate/store.py, prodclip/search.py).
     c.embed = ml_collections.ConfigDict()
@@ -584,6 +586,8 @@ def _validate_fusion(config: ml_collections.ConfigDict) -> None:
     f = config.model.fusion
     if config.eval.rerank_k < 0:
         raise ConfigError(f"'eval.rerank_k' must be >= 0 (0 = no re-ranking), got {config.eval.rerank_k}")
+    if not (math.isfinite(config.eval.rerank_itc_weight) and config.eval.rerank_itc_weight >= 0):
+        raise ConfigError(f"'eval.rerank_itc_weight' must be a finite number >= 0, got {config.eval.rerank_itc_weight}")
     if not f.enabled:
         return
     if config.model.image.kind != "vit" or config.model.text.kind != "transformer":

@@ -157,7 +157,7 @@ def fusion_reranker(graphdef, params, tokenizer, store: Store, config) -> Rerank
             token_ids = tokenizer([str(h["title"]) for h in hits])
         scores = itm_fn(images, token_ids).astype(np.float64)
         if config.eval.rerank_mode == "itm+itc":
-            scores = scores + itc_scale * np.asarray([h["score"] for h in hits])
+            scores = scores + config.eval.rerank_itc_weight * itc_scale * np.asarray([h["score"] for h in hits])
         order = np.lexsort((np.arange(n), -scores))
         return [{**hits[i], "rank": r + 1, "score": float(scores[i]), "two_tower_rank": hits[i]["rank"],
                  "two_tower_score": hits[i]["score"]} for r, i in enumerate(order)]

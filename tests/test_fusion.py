@@ -260,6 +260,8 @@ def test_disabled_fusion_has_no_params_and_enabled_towers_are_unchanged():
     ({"train.grad_accum_steps": 2}, "grad_accum_steps=1"),
     ({"model.fusion.num_heads": 3}, "divisible by num_heads"),
     ({"eval.rerank_mode": "itc"}, "eval.rerank_mode"),
+    ({"eval.rerank_itc_weight": -0.5}, "eval.rerank_itc_weight"),
+    ({"eval.rerank_itc_weight": float("nan")}, "eval.rerank_itc_weight"),
 ])
 def test_config_rejects_fusion_combinations(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -50,13 +50,14 @@ class CountingScorer:
 
 
 @pytest.mark.parametrize("k", [1, 5, 17, 40, 100])
-@pytest.mark.parametrize("mode", ["itm", "itm+itc"])
-def test_reranked_ranks_match_brute_force(k, mode):
+@pytest.mark.parametrize("mode,weight", [("itm", 1.0), ("itm+itc", 1.0), ("itm+itc", 0.3)])
+def test_reranked_ranks_match_brute_force(k, mode, weight):
     queries, gallery, query_keys, gallery_keys, itm = data()
     scorer = CountingScorer(itm)
     ranks, timing = rerank.reranked_ranks(queries, gallery, query_keys, gallery_keys, k, scorer, mode=mode,
-                                          itc_scale=7.0, pair_batch=64)
-    want = brute_force_ranks(queries, gallery, query_keys, gallery_keys, itm, min(k, len(gallery)), mode, 7.0)
+                                          itc_scale=7.0, itc_weight=weight, pair_batch=64)
+    want = brute_force_ranks(queries, gallery, query_keys, gallery_keys, itm, min(k, len(gallery)), mode,
+                             7.0 * weight)
     for q, (got, expected) in enumerate(zip(ranks, want)):
         np.testing.assert_array_equal(got, expected, err_msg=f"query {q}")
     # Cost: exactly queries x min(k, G) pairs, in calls of at most pair_batch, each a two-tower top-k item.

@@ -4,7 +4,8 @@ For each query, the two-tower top-k (`retrieval.chunked_top_k`, k' = min(k, G))
 is re-scored pair by pair with the fusion encoder, and re-ordered by
 
 * ``"itm"``: the ITM log-odds log p(match) / p(no match), or
-* ``"itm+itc"``: the log-odds plus the two-tower logit ``logit_scale * cosine`` (as BLIP adds them).
+* ``"itm+itc"``: the log-odds plus the two-tower logit ``logit_scale * cosine`` (as BLIP adds them),
+  times ``eval.rerank_itc_weight`` (1.0 = BLIP's plain sum).
 
 Equal re-ranking scores keep their two-tower order, so identical captions or images
 tie exactly as in `retrieval`. Items outside the top-k keep their two-tower ranks
@@ -41,8 +42,50 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
     return bool(config.model.fusion.enabled) and config.eval.rerank_k > 0
 
 
+def score_candidates(query_emb: np.ndarray, gallery_emb: np.ndarray, k: int, pair_scores: PairScores,
+                     pair_batch: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's two-tower top k' = min(k, G) and their ITM log-odds.
+
+    Returns (cosine [Q, k'] float32, candidates [Q, k'] int64 gallery rows in two-tower order,
+    itm [Q, k'] float64 log-odds from `pair_scores`, called on batches of <= pair_batch pairs).
+    """
+    if k < 1:
+        raise ValueError(f"rerank k must be >= 1, got {k}")
+    cosine, candidates = retrieval.chunked_top_k(query_emb, gallery_emb, k)
+    num_queries, k_eff = candidates.shape
+    flat_queries = np.repeat(np.arange(num_queries, dtype=np.int64), k_eff)
+    flat_items = candidates.reshape(-1)
+    itm = np.concatenate([np.asarray(pair_scores(flat_queries[s:s + pair_batch], flat_items[s:s + pair_batch]),
+                                     np.float32) for s in range(0, len(flat_items), pair_batch)])
+    return cosine, candidates, itm.reshape(num_queries, k_eff).astype(np.float64)
+
+
+def reorder_candidates(cosine: np.ndarray, candidates: np.ndarray, itm: np.ndarray, *, mode: str = "itm",
+                       itc_scale: float = 1.0, itc_weight: float = 1.0) -> np.ndarray:
+    """candidates [Q, k'] re-ordered by the re-ranking score, best first; ties keep two-tower order.
+
+    Score: itm ("itm"), or itm + itc_weight * itc_scale * cosine ("itm+itc").
+    """
+    if mode not in MODES:
+        raise ValueError(f"rerank mode {mode!r} is not one of {', '.join(MODES)}")
+    scores = itm + itc_weight * itc_scale * cosine if mode == "itm+itc" else itm
+    position = np.broadcast_to(np.arange(candidates.shape[1]), scores.shape)
+    order = np.lexsort((position, -scores), axis=1)  # the last key of lexsort is the primary one
+    return np.take_along_axis(candidates, order, axis=1)
+
+
+def ranks_after_reorder(reordered: np.ndarray, two_tower: list[np.ndarray], query_keys: np.ndarray,
+                        gallery_keys: np.ndarray) -> list[np.ndarray]:
+    """1-based ranks of each query's positives: those inside the re-ordered top k' by their new
+    position, the rest keep their two-tower ranks (all > k'). two_tower: `retrieval.positive_ranks`."""
+    k_eff = reordered.shape[1]
+    hits = gallery_keys[reordered] == query_keys[:, None]  # [Q, k'] positives in re-ranked order
+    return [np.sort(np.concatenate([np.flatnonzero(hits[q]) + 1, two_tower[q][two_tower[q] > k_eff]])).astype(np.int64)
+            for q in range(len(reordered))]
+
+
 def reranked_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, query_keys: Any, gallery_keys: Any, k: int,
-                   pair_scores: PairScores, *, mode: str = "itm", itc_scale: float = 1.0,
+                   pair_scores: PairScores, *, mode: str = "itm", itc_scale: float = 1.0, itc_weight: float = 1.0,
                    pair_batch: int = 1024) -> tuple[list[np.ndarray], dict[str, float]]:
     """1-based ranks of every positive after re-ranking each query's two-tower top-k.
 
@@ -51,8 +94,9 @@ def reranked_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, query_keys: A
       query_keys: [Q] ints, gallery_keys: [G] ints; g is a positive of q iff the keys are equal.
       k: candidates re-scored per query (clipped to G).
       pair_scores: ITM log-odds of (query, gallery) index pairs, see `PairScores`.
-      mode: "itm" or "itm+itc" (adds itc_scale * cosine).
+      mode: "itm" or "itm+itc" (adds itc_weight * itc_scale * cosine).
       itc_scale: the model's logit scale.
+      itc_weight: weight of the two-tower logit in "itm+itc" (1.0 = BLIP's plain sum).
       pair_batch: pairs handed to `pair_scores` per call.
 
     Returns:
@@ -62,35 +106,16 @@ def reranked_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, query_keys: A
     """
     if mode not in MODES:
         raise ValueError(f"rerank mode {mode!r} is not one of {', '.join(MODES)}")
-    if k < 1:
-        raise ValueError(f"rerank k must be >= 1, got {k}")
     query_keys = np.asarray(query_keys, np.int64)
     gallery_keys = np.asarray(gallery_keys, np.int64)
     two_tower = retrieval.positive_ranks(query_emb, gallery_emb, query_keys, gallery_keys)
 
     start = time.perf_counter()
-    cosine, candidates = retrieval.chunked_top_k(query_emb, gallery_emb, k)
-    num_queries, k_eff = candidates.shape
-    flat_queries = np.repeat(np.arange(num_queries, dtype=np.int64), k_eff)
-    flat_items = candidates.reshape(-1)
-    itm = np.concatenate([np.asarray(pair_scores(flat_queries[s:s + pair_batch], flat_items[s:s + pair_batch]),
-                                     np.float32) for s in range(0, len(flat_items), pair_batch)])
-    scores = itm.reshape(num_queries, k_eff).astype(np.float64)
-    if mode == "itm+itc":
-        scores = scores + itc_scale * cosine
-    # Best score first; ties keep their two-tower position (the last key of lexsort is the primary one).
-    position = np.broadcast_to(np.arange(k_eff), scores.shape)
-    order = np.lexsort((position, -scores), axis=1)
-    reordered = np.take_along_axis(candidates, order, axis=1)
+    cosine, candidates, itm = score_candidates(query_emb, gallery_emb, k, pair_scores, pair_batch)
+    reordered = reorder_candidates(cosine, candidates, itm, mode=mode, itc_scale=itc_scale, itc_weight=itc_weight)
     elapsed = time.perf_counter() - start
-
-    hits = gallery_keys[reordered] == query_keys[:, None]  # [Q, k'] positives in re-ranked order
-    ranks = []
-    for q in range(num_queries):
-        inside = np.flatnonzero(hits[q]) + 1
-        ranks.append(np.sort(np.concatenate([inside, two_tower[q][two_tower[q] > k_eff]])).astype(np.int64))
-    timing = {"ms_per_query": 1000.0 * elapsed / max(num_queries, 1), "pairs_scored": int(len(flat_items))}
-    return ranks, timing
+    timing = {"ms_per_query": 1000.0 * elapsed / max(len(reordered), 1), "pairs_scored": int(candidates.size)}
+    return ranks_after_reorder(reordered, two_tower, query_keys, gallery_keys), timing
 
 
 def reranked_metrics(query_emb, gallery_emb, query_keys, gallery_keys, k: int, pair_scores: PairScores, *,
@@ -166,6 +191,7 @@ def two_way_reranked(graphdef, params, split: dict[str, np.ndarray], keys: np.nd
         scores = pair_scorer(graphdef, params, split, direction, pair_batch, itc_scale)
         out = reranked_metrics(split[query], split[gallery], keys, keys, config.eval.rerank_k, scores,
                                ks=tuple(config.eval.ks), mode=config.eval.rerank_mode, itc_scale=itc_scale,
+                               itc_weight=config.eval.rerank_itc_weight,
                                pair_batch=pair_batch)
         metrics.update({f"{direction}/rerank/{name}": value for name, value in out.items()})
     return metrics
