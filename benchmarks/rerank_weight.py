@@ -37,6 +37,7 @@ def run_weights(workdir: pathlib.Path, weights: list[float], k: int) -> dict:
         raise SystemExit(f"{workdir}: not a fusion run (model.fusion.enabled=False)")
     graphdef, params, tokenizer, sources, _, _ = train.load_trained(config, workdir, {s: None for s in SPLITS})
     itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
+    r1 = lambda ranks: retrieval._metrics_from_ranks(ranks, (1,), None)["R@1"]
     out: dict = {}
     for split in SPLITS:
         states = rerank.embed_split(graphdef, params, sources[split], tokenizer, config)
@@ -46,7 +47,6 @@ def run_weights(workdir: pathlib.Path, weights: list[float], k: int) -> dict:
             scorer = rerank.pair_scorer(graphdef, params, states, direction, 1024, itc_scale)
             cosine, candidates, itm = rerank.score_candidates(states[query], states[gallery], k, scorer)
             two_tower = retrieval.positive_ranks(states[query], states[gallery], keys, keys)
-            r1 = lambda ranks: retrieval._metrics_from_ranks(ranks, (1,), None)["R@1"]
             row = {"two_tower": r1(two_tower)}
             for w in weights:
                 order = rerank.reorder_candidates(cosine, candidates, itm, mode="itm+itc", itc_scale=itc_scale,

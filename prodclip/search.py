@@ -128,13 +128,14 @@ def fusion_reranker(graphdef, params, tokenizer, store: Store, config) -> Rerank
 
     The query dict holds "text" (a string) or "image" ([S, S, 3] uint8). A text query is
     matched against each hit's catalog image, an image query against each hit's title.
-    Scores follow eval.rerank_mode: the ITM log-odds, or plus logit_scale * the hit's
-    cosine ("itm+itc"). Hits keep "two_tower_rank" and "two_tower_score"; equal scores
+    Scores follow eval.rerank_mode (`rerank.rerank_scores`): the ITM log-odds, or plus
+    eval.rerank_itc_weight * logit_scale * the hit's cosine ("itm+itc"). Hits keep "two_tower_rank" and "two_tower_score"; equal scores
     keep the two-tower order. When the store's catalog images cannot be re-opened, the
     hits come back unchanged, with a warning.
     """
     from prodclip import losses
     from prodclip.data import pipeline
+    from prodclip.evaluate import rerank as rerank_lib
     from prodclip.models import fusion
 
     itm_fn = fusion.make_itm_fn(graphdef, params, batch_size=max(1, config.eval.rerank_k), log_odds=True)
@@ -155,9 +156,9 @@ def fusion_reranker(graphdef, params, tokenizer, store: Store, config) -> Rerank
         else:
             images = np.repeat(np.asarray(query["image"])[None], n, axis=0)
             token_ids = tokenizer([str(h["title"]) for h in hits])
-        scores = itm_fn(images, token_ids).astype(np.float64)
-        if config.eval.rerank_mode == "itm+itc":
-            scores = scores + config.eval.rerank_itc_weight * itc_scale * np.asarray([h["score"] for h in hits])
+        scores = rerank_lib.rerank_scores(itm_fn(images, token_ids).astype(np.float64),
+                                          np.asarray([h["score"] for h in hits]), mode=config.eval.rerank_mode,
+                                          itc_scale=itc_scale, itc_weight=config.eval.rerank_itc_weight)
         order = np.lexsort((np.arange(n), -scores))
         return [{**hits[i], "rank": r + 1, "score": float(scores[i]), "two_tower_rank": hits[i]["rank"],
                  "two_tower_score": hits[i]["score"]} for r, i in enumerate(order)]

@@ -60,15 +60,19 @@ def score_candidates(query_emb: np.ndarray, gallery_emb: np.ndarray, k: int, pai
     return cosine, candidates, itm.reshape(num_queries, k_eff).astype(np.float64)
 
 
-def reorder_candidates(cosine: np.ndarray, candidates: np.ndarray, itm: np.ndarray, *, mode: str = "itm",
-                       itc_scale: float = 1.0, itc_weight: float = 1.0) -> np.ndarray:
-    """candidates [Q, k'] re-ordered by the re-ranking score, best first; ties keep two-tower order.
-
-    Score: itm ("itm"), or itm + itc_weight * itc_scale * cosine ("itm+itc").
-    """
+def rerank_scores(itm: np.ndarray, cosine: np.ndarray, *, mode: str = "itm", itc_scale: float = 1.0,
+                  itc_weight: float = 1.0) -> np.ndarray:
+    """The re-ranking score of pairs, shape of `itm`: the ITM log-odds ("itm"), or
+    itm + itc_weight * itc_scale * cosine ("itm+itc"). Used by evaluation and `prodclip search`."""
     if mode not in MODES:
         raise ValueError(f"rerank mode {mode!r} is not one of {', '.join(MODES)}")
-    scores = itm + itc_weight * itc_scale * cosine if mode == "itm+itc" else itm
+    return itm + itc_weight * itc_scale * cosine if mode == "itm+itc" else itm
+
+
+def reorder_candidates(cosine: np.ndarray, candidates: np.ndarray, itm: np.ndarray, *, mode: str = "itm",
+                       itc_scale: float = 1.0, itc_weight: float = 1.0) -> np.ndarray:
+    """candidates [Q, k'] re-ordered by `rerank_scores`, best first; ties keep two-tower order."""
+    scores = rerank_scores(itm, cosine, mode=mode, itc_scale=itc_scale, itc_weight=itc_weight)
     position = np.broadcast_to(np.arange(candidates.shape[1]), scores.shape)
     order = np.lexsort((position, -scores), axis=1)  # the last key of lexsort is the primary one
     return np.take_along_axis(candidates, order, axis=1)
