@@ -37,7 +37,7 @@ def run_weights(workdir: pathlib.Path, weights: list[float], k: int) -> dict:
         raise SystemExit(f"{workdir}: not a fusion run (model.fusion.enabled=False)")
     graphdef, params, tokenizer, sources, _, _ = train.load_trained(config, workdir, {s: None for s in SPLITS})
     itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
-    r1 = lambda ranks: retrieval._metrics_from_ranks(ranks, (1,), None)["R@1"]
+    r1 = lambda ranks: retrieval.metrics_from_ranks(ranks, (1,), None)["R@1"]
     out: dict = {}
     for split in SPLITS:
         states = rerank.embed_split(graphdef, params, sources[split], tokenizer, config)

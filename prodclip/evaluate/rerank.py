@@ -126,7 +126,7 @@ def reranked_metrics(query_emb, gallery_emb, query_keys, gallery_keys, k: int, p
                      ks: Sequence[int] = (1, 5, 10), **kw) -> dict[str, float]:
     """`retrieval.retrieval_metrics` of the re-ranked lists, plus "ms_per_query", "pairs_scored" and "k"."""
     ranks, timing = reranked_ranks(query_emb, gallery_emb, query_keys, gallery_keys, k, pair_scores, **kw)
-    return {**retrieval._metrics_from_ranks(ranks, ks, None), **timing, "k": min(k, len(gallery_emb))}
+    return {**retrieval.metrics_from_ranks(ranks, ks, None), **timing, "k": min(k, len(gallery_emb))}
 
 
 # ----------------------------------------------------------------------------- a split through the model

@@ -391,8 +391,14 @@ def positive_ranks(
     return [np.sort(ranks[offsets[q] : offsets[q + 1]]) for q in range(num_queries)]
 
 
-def _metrics_from_ranks(ranks: list[np.ndarray], ks: Sequence[int], map_k: int | None) -> dict[str, float]:
-    """Aggregates per-query ascending positive ranks into retrieval metrics."""
+def metrics_from_ranks(ranks: list[np.ndarray], ks: Sequence[int], map_k: int | None) -> dict[str, float]:
+    """Retrieval metrics from per-query positive ranks (as `positive_ranks` returns them).
+
+    ranks: one int array per query, the ascending 1-based ranks of its positives in the
+    gallery (empty: no positive, excluded and counted). ks: R@k cut-offs; map_k: also mAP@map_k.
+    Returns the dict `retrieval_metrics` documents. Re-rankers that build their own ranks
+    (evaluate/rerank.py) aggregate through here, so every path reports the same metrics.
+    """
     counts = np.array([len(r) for r in ranks], np.int64)
     valid = counts > 0
     num_valid = int(valid.sum())
@@ -466,7 +472,7 @@ def retrieval_metrics(
     ranks = positive_ranks(
         query_emb, gallery_emb, query_keys, gallery_keys, chunk_size=chunk_size, query_block=query_block
     )
-    return _metrics_from_ranks(ranks, ks, map_k)
+    return metrics_from_ranks(ranks, ks, map_k)
 
 
 def two_way_retrieval(image_emb: Any, text_emb: Any, image_keys: Any, text_keys: Any, **kw: Any) -> dict[str, float]:
