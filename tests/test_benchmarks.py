@@ -122,3 +122,37 @@ def test_compile_cache_default_dir(monkeypatch, tmp_path):
     assert compile_cache.default_dir() == tmp_path / "prodclip" / "jax"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert compile_cache.default_dir() == pathlib.Path.home() / ".cache" / "prodclip" / "jax"
+
+
+def _random_labels(rng, n):
+    sizes = {"category": 3, "colour": 2, "pattern": 2, "trim": 2, "brand": 3}
+    return {name: rng.integers(0, size, n) for name, size in sizes.items()}
+
+
+def test_rerank_errors_named_differences_and_ceiling_match_brute_force():
+    """The error attribution and the ambiguity ceiling, against loops over every pair."""
+    re = importlib.import_module("rerank_errors")
+    rng = np.random.default_rng(0)
+    n = 60
+    labels = _random_labels(rng, n)
+    brand_named = rng.random(n) < 0.5
+    consistent_counts = []
+    for q in range(n):
+        count = 0
+        for r in range(n):
+            expected = [name for name in ("category", "colour", "pattern", "trim") if labels[name][q] != labels[name][r]]
+            if brand_named[q] and labels["brand"][q] != labels["brand"][r]:
+                expected.append("brand")
+            assert re.named_differences(labels, brand_named, q, r) == expected
+            count += not expected
+        consistent_counts.append(count)
+    assert re.ambiguity_ceiling(labels, brand_named) == pytest.approx(np.mean(1.0 / np.array(consistent_counts)))
+    # All items distinct in what the titles name: every query is unambiguous.
+    distinct = {name: np.arange(4) for name in ("category", "colour", "pattern", "trim", "brand")}
+    assert re.ambiguity_ceiling(distinct, np.ones(4, bool)) == 1.0
+    # Two items told apart only by a brand the titles leave out: each query has two candidates.
+    twins = {name: np.zeros(2, np.int64) for name in ("category", "colour", "pattern", "trim")}
+    twins["brand"] = np.array([0, 1])
+    assert re.ambiguity_ceiling(twins, np.zeros(2, bool)) == 0.5
+    assert re.named_differences(twins, np.zeros(2, bool), 0, 1) == []
+    assert re.named_differences(twins, np.ones(2, bool), 0, 1) == ["brand"]
