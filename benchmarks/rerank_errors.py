@@ -65,8 +65,11 @@ def ambiguity_ceiling(labels: dict[str, np.ndarray], brand_named: np.ndarray) ->
     return float(np.mean(1.0 / consistent.sum(axis=1)))
 
 
-def probe_image_features(graphdef, params, tokenizer, config, test_source, num_train: int) -> dict:
-    """{feature: {label: test top-1 of a linear probe fit on num_train train images}}, plus chance."""
+def probe_image_features(graphdef, params, tokenizer, config, test_source, test_states: dict[str, np.ndarray],
+                         num_train: int) -> dict:
+    """{feature: {label: test top-1 of a linear probe fit on num_train train images}}, plus chance.
+
+    test_states: `rerank.embed_split` of test_source (already embedded for the error tables)."""
     from prodclip.data import sources as sources_lib
     from prodclip.evaluate import baselines, rerank
 
@@ -74,7 +77,6 @@ def probe_image_features(graphdef, params, tokenizer, config, test_source, num_t
     probe_config.data.num_train = num_train  # a synthetic split of n items is the first n of a larger one
     train_source = sources_lib.make_source(probe_config, "train")
     train_states = rerank.embed_split(graphdef, params, train_source, tokenizer, config)
-    test_states = rerank.embed_split(graphdef, params, test_source, tokenizer, config)
     out: dict = {"chance": {name: 1.0 / len(np.unique(train_source.labels[name])) for name in LABELS}}
     for feature, name in (("image_emb", "image embedding"), ("image_tokens", "patch tokens")):
         x_train = train_states[feature].reshape(num_train, -1)
@@ -97,11 +99,12 @@ def analyse(workdir: pathlib.Path, k: int, probe_train: int = 0) -> dict:
         raise SystemExit(f"{workdir}: needs a run on the synthetic catalog (its labels name what a title says)")
     graphdef, params, tokenizer, sources, _, _ = train.load_trained(config, workdir, {s: None for s in SPLITS})
     itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
+    states_by_split = {}
     out = {}
     for split in SPLITS if config.model.fusion.enabled else ():  # without fusion: the probes only
         source = sources[split]
         labels = {name: np.asarray(source.labels[name]) for name in LABELS}
-        states = rerank.embed_split(graphdef, params, source, tokenizer, config)
+        states = states_by_split[split] = rerank.embed_split(graphdef, params, source, tokenizer, config)
         scorer = rerank.pair_scorer(graphdef, params, states, "t2i", 1024, itc_scale)
         cosine, candidates, itm = rerank.score_candidates(states["text_emb"], states["image_emb"], k, scorer)
         top1 = {
@@ -125,7 +128,9 @@ def analyse(workdir: pathlib.Path, k: int, probe_train: int = 0) -> dict:
                 row[name]["broken"] = int(np.sum(~right[name] & right["two_tower"]))
         out[split] = row
     if probe_train:
-        out["probe"] = probe_image_features(graphdef, params, tokenizer, config, sources["test"], probe_train)
+        test_states = states_by_split["test"] if "test" in states_by_split else rerank.embed_split(
+            graphdef, params, sources["test"], tokenizer, config)
+        out["probe"] = probe_image_features(graphdef, params, tokenizer, config, sources["test"], test_states, probe_train)
     return out
 
 
