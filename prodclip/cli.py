@@ -446,12 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from prodclip.config import ConfigError
+    from prodclip import errors
     try:
         return args.fn(args, overrides)
-    except ConfigError as e:
-        print(f"prodclip: config error: {e}", file=sys.stderr)
-        return 2
+    except errors.ProdclipError as e:
+        print(f"prodclip: {e.kind}: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ import ml_collections
 from ml_collections import config_dict
 
 
-class ConfigError(ValueError):
-    """A config file, override or value is invalid; the message says which and why."""
+from prodclip.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
 
 
 # Tower presets: (width, depth, heads). Any field can still be overridden one by one.
