@@ -47,15 +47,16 @@ def pair_auc(workdir: pathlib.Path) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
     from prodclip import config as config_lib
-    from prodclip import train
+    from prodclip import run as run_lib
     from prodclip.data import pipeline
-    from prodclip.evaluate import suite
+    from prodclip.models import factory, inference
     from prodclip.models import matcher as matcher_lib
 
     config = config_lib.load_config_json(workdir / "config.json")
-    graphdef, params, tokenizer, sources, _, _ = train.load_trained(config, workdir, {"val": None})
+    run = run_lib.load_run(workdir, config, ["val"])
+    graphdef, params, tokenizer, sources = run.graphdef, run.params, run.tokenizer, run.sources
     source = sources["val"]
-    image_emb, text_emb = suite.embed_source(graphdef, params, source, tokenizer, config)
+    image_emb, text_emb = inference.embed_source(graphdef, params, source, tokenizer, config)
     titles = pipeline.source_titles(source)
     n = len(titles)
     rng = np.random.default_rng(0)
@@ -69,7 +70,7 @@ def pair_auc(workdir: pathlib.Path) -> dict[str, float]:
     cosine = np.sum(image_emb[image_rows] * text_emb[text_rows], axis=1)
     out = {"pair_auc/cosine": float(roc_auc_score(labels, cosine))}
     if config.model.matcher.kind != "none":
-        model = train.merge_model(graphdef, params)
+        model = factory.merge_model(graphdef, params)
         prob = jax.jit(lambda u, v: matcher_lib.match_probability(model, u, v))(image_emb[image_rows],
                                                                                text_emb[text_rows])
         out["pair_auc/matcher"] = float(roc_auc_score(labels, np.asarray(prob)))

@@ -95,8 +95,9 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
 
     from prodclip import cli
+    from prodclip import config as config_lib
 
-    config = cli._load_config(argparse.Namespace(config=None, config_arg=None, workdir=args.workdir), overrides)
+    config = config_lib.load(args.workdir, overrides)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     catalog = out / "catalog_injected.parquet"

@@ -35,21 +35,22 @@ def peak_rss_mb() -> float:
 
 
 def embed_throughput(num_items: int) -> dict:
+    from prodclip.models import inference
+    from prodclip.models import factory
     from prodclip import config as config_lib
-    from prodclip import train
     from prodclip.data import synthetic
     from prodclip.data import tokenizer as tokenizer_lib
-    from prodclip.evaluate import store, suite
+    from prodclip.evaluate import store
 
     config = config_lib.load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py")
     catalog = synthetic.make_catalog("test", num_items, image_size=config.data.image_size)
     hf = tokenizer_lib.train_tokenizer(catalog.titles, vocab_size=config.tokenizer.vocab_size)
     tokenizer = tokenizer_lib.TitleTokenizer(hf, context_length=config.tokenizer.context_length)
-    graphdef, params = train.create_model(config, tokenizer, seed=0)
-    warm = store._Rows(catalog, 0, config.eval.batch_size)
-    suite.embed_source(graphdef, params, warm, tokenizer, config)  # compile
+    graphdef, params = factory.create_model(config, tokenizer, seed=0)
+    warm = store.RowRange(catalog, 0, config.eval.batch_size)
+    inference.embed_source(graphdef, params, warm, tokenizer, config)  # compile
     start = time.perf_counter()
-    image_emb, text_emb = suite.embed_source(graphdef, params, catalog, tokenizer, config)
+    image_emb, text_emb = inference.embed_source(graphdef, params, catalog, tokenizer, config)
     store.product_vectors(image_emb, text_emb, config.embed.mode, config.embed.image_weight)
     seconds = time.perf_counter() - start
     return {"items": num_items, "seconds": seconds, "items_per_s": num_items / seconds,

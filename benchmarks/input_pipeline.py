@@ -15,6 +15,8 @@ import tempfile
 import time
 
 
+from prodclip import optim
+from prodclip.models import factory
 from prodclip import config as config_lib
 from prodclip.data import pipeline, synthetic
 from prodclip.data import tokenizer as tok
@@ -47,16 +49,15 @@ def quickstart_step_rate(steps: int = 4) -> float:
     import pathlib
 
     import jax
-    import jax.numpy as jnp
 
     from prodclip import train
 
     config = config_lib.load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py")
     catalog = synthetic.make_catalog("train", 256)
     tokenizer = tok.TitleTokenizer(tok.train_tokenizer(catalog.titles, vocab_size=1024), context_length=20)
-    graphdef, params = train.create_model(config, tokenizer, 0)
-    tx = train.make_optimizer(config, params)
-    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    graphdef, params = factory.create_model(config, tokenizer, 0)
+    tx = optim.make_optimizer(config, params)
+    state = optim.init_train_state(config, params)
     batch = {"images": catalog.images, "token_ids": tokenizer(catalog.titles), "ids": catalog.ids}
     step = jax.jit(train.make_train_step(config, graphdef, tx), donate_argnums=(0,))
     state, metrics = step(state, batch)

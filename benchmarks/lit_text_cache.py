@@ -20,7 +20,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,16 +64,18 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
 
-    from prodclip import convert_bert, text_cache, train
+    from prodclip import convert_bert, optim, text_cache, train
+    from prodclip import run as run_lib
+    from prodclip.models import factory
     from prodclip.data import pipeline
 
     config = lit_config(args.num_train, args.batch)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="lit_bench_"))
-    tokenizer, sources, _ = train.load_tokenizer_and_sources(config, workdir, {"train": None})
-    graphdef, params = train.create_model(config, tokenizer, config.seed)
+    tokenizer, sources, _ = run_lib.load_tokenizer_and_sources(config, workdir, {"train": None})
+    graphdef, params = factory.create_model(config, tokenizer, config.seed)
     params = convert_bert.load_text_tower(config.model.text.pretrained, config, params)
-    tx = train.make_optimizer(config, params)
-    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    tx = optim.make_optimizer(config, params)
+    state = optim.init_train_state(config, params)
     iterator = pipeline.train_iterator(sources["train"], tokenizer, config)
     batches = [next(iterator) for _ in range(args.steps)]
     iterator.close()

@@ -91,13 +91,15 @@ def probe_image_features(graphdef, params, tokenizer, config, test_source, test_
 
 def analyse(workdir: pathlib.Path, k: int, probe_train: int = 0) -> dict:
     from prodclip import config as config_lib
-    from prodclip import losses, train
+    from prodclip import run as run_lib
+    from prodclip import losses
     from prodclip.evaluate import rerank, suite
 
     config = config_lib.load_config_json(workdir / "config.json")
     if config.data.name != "synthetic":
         raise SystemExit(f"{workdir}: needs a run on the synthetic catalog (its labels name what a title says)")
-    graphdef, params, tokenizer, sources, _, _ = train.load_trained(config, workdir, {s: None for s in SPLITS})
+    run = run_lib.load_run(workdir, config, SPLITS)
+    graphdef, params, tokenizer, sources = run.graphdef, run.params, run.tokenizer, run.sources
     itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
     states_by_split = {}
     out = {}

@@ -29,13 +29,15 @@ DIRECTIONS = {"t2i": ("text_emb", "image_emb"), "i2t": ("image_emb", "text_emb")
 def run_weights(workdir: pathlib.Path, weights: list[float], k: int) -> dict:
     """{split: {direction: {"two_tower": R@1, "w=<w>": R@1, ...}}} for one run."""
     from prodclip import config as config_lib
-    from prodclip import losses, train
+    from prodclip import run as run_lib
+    from prodclip import losses
     from prodclip.evaluate import rerank, retrieval, suite
 
     config = config_lib.load_config_json(workdir / "config.json")
     if not config.model.fusion.enabled:
         raise SystemExit(f"{workdir}: not a fusion run (model.fusion.enabled=False)")
-    graphdef, params, tokenizer, sources, _, _ = train.load_trained(config, workdir, {s: None for s in SPLITS})
+    run = run_lib.load_run(workdir, config, SPLITS)
+    graphdef, params, tokenizer, sources = run.graphdef, run.params, run.tokenizer, run.sources
     itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
     r1 = lambda ranks: retrieval.metrics_from_ranks(ranks, (1,), None)["R@1"]
     out: dict = {}

@@ -196,18 +196,17 @@ class ProdclipStep:
 
     def __init__(self, config, seed: int = 0):
         import jax
-        import jax.numpy as jnp
         from flax import nnx
 
-        from prodclip import parallel, train
+        from prodclip import optim, parallel, train
         from prodclip.models import two_tower
 
         self.config = config
         model = two_tower.build_model(config, vocab_size=config.model.text.vocab_size, pad_id=0, rngs=nnx.Rngs(seed))
         graphdef, params = nnx.split(model, nnx.Param)
         params = params.to_pure_dict()
-        tx = train.make_optimizer(config, params)
-        state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+        tx = optim.make_optimizer(config, params)
+        state = optim.init_train_state(config, params)
         self.num_params = int(sum(x.size for x in jax.tree.leaves(params)))
         mesh = parallel.make_mesh(config, jax.devices()[:1])
         compiled = parallel.compile_train_step(config, mesh, lambda loss, reduce: train.make_train_step(

@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from prodclip import search
+from prodclip.data.catalog import png_bytes
 from prodclip.evaluate import matching
 from prodclip.evaluate import store as store_lib
 
@@ -184,7 +185,7 @@ def _write_csv(path: pathlib.Path, order: np.ndarray, cos: np.ndarray, prob: np.
 def _thumbnail(image: np.ndarray | None, width: int) -> str:
     if image is None:
         return f'<div class="missing" style="width:{width}px;height:{width}px">no image</div>'
-    data = base64.b64encode(search._png_bytes(image)).decode()
+    data = base64.b64encode(png_bytes(image)).decode()
     return f'<img src="data:image/png;base64,{data}" width="{width}">'
 
 

@@ -30,6 +30,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from prodclip import errors, trees
 from prodclip.config import ConfigError, base_config
 from prodclip.faults import NonFiniteError
 
@@ -47,7 +48,7 @@ class IncompatibleWorkdir(ConfigError):
     """The workdir holds checkpoints of a run whose model or data config differs."""
 
 
-class NoValidCheckpoint(RuntimeError):
+class NoValidCheckpoint(errors.CheckpointError):
     """Checkpoints exist but every one of them is damaged."""
 
 
@@ -115,8 +116,8 @@ def restore_params(workdir: str | pathlib.Path, like: dict) -> dict:
     saved = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     if "params" not in saved:
         raise ValueError(f"{mgr.directory} step {step}: no 'params' in the saved state (keys: {sorted(saved)})")
-    flat_saved = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(saved["params"])}
-    flat_like = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(like)}
+    flat_saved = {trees.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(saved["params"])}
+    flat_like = {trees.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(like)}
     missing = sorted(set(flat_like) - set(flat_saved))
     unexpected = sorted(set(flat_saved) - set(flat_like))
     wrong = [f"{k} {tuple(flat_saved[k].shape)} (model: {tuple(v.shape)})"
@@ -126,11 +127,7 @@ def restore_params(workdir: str | pathlib.Path, like: dict) -> dict:
             f"checkpoint {mgr.directory} step {step} does not fit the model: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
     return jax.tree_util.tree_map_with_path(
-        lambda p, v: jax.numpy.asarray(flat_saved[_path_str(p)], dtype=v.dtype), like)
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        lambda p, v: jax.numpy.asarray(flat_saved[trees.path_str(p)], dtype=v.dtype), like)
 
 
 def write_config(workdir: str | pathlib.Path, config) -> None:
@@ -370,7 +367,7 @@ def load_params(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, 
     """(params, meta) from an export dir, or from a training workdir's newest valid checkpoint (or `step`).
 
     `target_state` is {step, params, opt_state} with the wanted shardings (an export uses
-    only its params). Raises FileNotFoundError when there is nothing to load.
+    only its params). Raises errors.CheckpointError when there is nothing to load.
     """
     workdir = pathlib.Path(workdir).absolute()
     marker = workdir / EXPORT_MARKER
@@ -385,7 +382,8 @@ def load_params(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, 
         return params, meta
     restored = Checkpointer(workdir, config).restore(target_state, step=step, move_damaged=False)
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'} and no {EXPORT_MARKER} in {workdir}")
+        raise errors.CheckpointError(f"no checkpoint in {workdir / 'checkpoints'} and no {EXPORT_MARKER} in {workdir}: "
+                                     "train this run first, or give the directory of a finished run or export")
     state, meta = restored
     return state["params"], meta
 

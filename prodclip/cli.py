@@ -12,8 +12,9 @@
     prodclip audit --workdir runs/qs --catalog catalog.parquet --out REPORT
     prodclip sweep configs/ablations/loss_batch.py --workdir runs/sweeps/lb [--emit-commands] | --report DIR
 
-`train` resumes from the workdir's newest valid checkpoint; its exit codes are listed in
-prodclip/faults.py (75: preempted and saved, rerun to resume; 3: NaN/Inf).
+`train` resumes from the workdir's newest valid checkpoint. Exit codes (prodclip/errors.py, docs/errors.md):
+0 success; 2 bad input (config, data, checkpoint, store, query); 3 NaN/Inf in training;
+75 preempted and saved (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -36,54 +37,26 @@ def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[
     return extra
 
 
-def _load_config(args, overrides):
-    import ml_collections
+def _config(args, overrides):
+    """The command's config: --config FILE if given, else the run's saved config.json; then the overrides."""
     from prodclip import config as config_lib
 
-    if args.config:
-        config = config_lib.load_config_file(args.config, args.config_arg)
-    else:
-        saved = pathlib.Path(args.workdir) / "config.json"
-        if not saved.exists():
-            raise config_lib.ConfigError(f"no --config given and no {saved} to re-use")
-        config = config_lib.base_config()
-        for key in config_lib.flat_keys(config):
-            value = _lookup(json.loads(saved.read_text()), key)
-            if value is not _MISSING:
-                config_lib.set_field(config, key, value)
-        config.lock()
-    config_lib.apply_overrides(config, overrides)
-    config_lib.validate(config)
-    assert isinstance(config, ml_collections.ConfigDict)
-    return config
+    return config_lib.load(args.config or args.workdir, overrides, arg=args.config_arg)
 
 
-_MISSING = object()
+def _load_run(args, config, splits=(), step=None):
+    from prodclip import run
 
-
-def _lookup(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return _MISSING
-        tree = tree[part]
-    return tree
+    return run.load_run(args.workdir, config, splits, step)
 
 
 def cmd_train(args, overrides) -> int:
     from prodclip import train
     from prodclip.evaluate import suite
 
-    config = _load_config(args, overrides)
+    config = _config(args, overrides)
     _maybe_initialize_distributed(args)
-    from prodclip import faults
-    try:
-        results = train.train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
-    except faults.Preempted as e:
-        print(f"prodclip: {e}", file=sys.stderr)
-        return faults.EXIT_PREEMPTED
-    except faults.NonFiniteError as e:
-        print(f"prodclip: numerical fault: {e}", file=sys.stderr)
-        return faults.EXIT_NONFINITE
+    results = train.train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
     print(suite.format_table(results))
     print(f"\ntrained in {results['train_seconds']:.0f} s; results in {args.workdir}/eval.json")
     return 0
@@ -102,32 +75,24 @@ def _maybe_initialize_distributed(args) -> None:
 
 
 def cmd_eval(args, overrides) -> int:
-    from prodclip import train
     from prodclip.evaluate import suite
 
-    config = _load_config(args, overrides)
-    splits = dict.fromkeys(config.data.eval_splits)
-    if config.eval.linear_probe_labels:
-        splits["train"] = None
-    graphdef, params, tokenizer, split_sources, meta, label_stats = train.load_trained(
-        config, pathlib.Path(args.workdir), splits)
-    results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, config, label_stats,
+    config = _config(args, overrides)
+    splits = [*config.data.eval_splits, *(["train"] if config.eval.linear_probe_labels else [])]
+    run = _load_run(args, config, splits)
+    results = suite.evaluate_all(run.graphdef, run.params, run.sources, run.tokenizer, run.config, run.label_stats,
                                  plot_dir=pathlib.Path(args.workdir) / "confusion")
-    suite.write_results(args.workdir, results, step=meta.get("step"), name="reeval")
+    suite.write_results(args.workdir, results, step=run.meta.get("step"), name="reeval")
     print(suite.format_table(results))
     return 0
 
 
 def cmd_data(args, overrides) -> int:
+    from prodclip import config as config_lib
     from prodclip.data.builders import build as build_lib
 
     if args.action == "build":
-        if args.config:
-            config = _load_config(args, overrides)
-        else:
-            from prodclip import config as config_lib
-
-            config = config_lib.apply_overrides(config_lib.base_config(), overrides)
+        config = config_lib.load(args.config, overrides, arg=args.config_arg)
         try:
             report = build_lib.build(args.dataset, args.data_dir, config)
         except (ValueError, FileNotFoundError) as e:
@@ -145,71 +110,49 @@ def cmd_data(args, overrides) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- embed / search (issue 7)
-
-
-def _user_errors():
-    from prodclip.evaluate.store import StoreError
-    from prodclip.search import SearchError
-
-    return StoreError, SearchError, FileNotFoundError
-
-
 def cmd_embed(args, overrides) -> int:
-    from prodclip import train
     from prodclip.evaluate import store
 
-    config = _load_config(args, overrides)
-    try:
-        graphdef, params, tokenizer, split_sources, _, _ = train.load_trained(config, args.workdir, {args.split: None})
-        header = store.embed_catalog(graphdef, params, split_sources[args.split], tokenizer, config, args.out,
-                                     split=args.split, workdir=args.workdir, progress=config.train.progress_bar)
-    except _user_errors() as e:
-        print(f"prodclip embed: {e}", file=sys.stderr)
-        return 2
+    run = _load_run(args, _config(args, overrides), [args.split])
+    header = store.embed_catalog(run.graphdef, run.params, run.sources[args.split], run.tokenizer, run.config,
+                                 args.out, split=args.split, workdir=args.workdir,
+                                 progress=run.config.train.progress_bar)
     print(f"embedded {header['num_items']} items ({header['mode']}, dim {header['dim']}, "
           f"model {header['fingerprint']}) into {args.out}")
     return 0
 
 
 def cmd_search(args, overrides) -> int:
-    from prodclip import search, train
+    from prodclip import errors, search
     from prodclip.evaluate import store as store_lib
 
     if (args.query is None) == (args.image is None):
-        print("prodclip search: give either a text query or --image PATH (not both)", file=sys.stderr)
-        return 2
+        raise errors.QueryError("give either a text query or --image PATH (not both)")
     if args.k < 1:
-        print(f"prodclip search: -k must be >= 1, got {args.k}", file=sys.stderr)
-        return 2
-    config = _load_config(args, overrides)
-    try:
-        store = store_lib.open_store(args.store)
-        graphdef, params, tokenizer, _, _, _ = train.load_trained(config, args.workdir, {})
-        store_lib.check_fingerprint(store, store_lib.model_fingerprint(params, tokenizer, config))
-        if args.image is not None:
-            label = f"image {args.image}"
-            query = {"image": search.load_query_image(args.image, config)}
-            query_emb = search.encode_image_queries(graphdef, params, query["image"][None])
-        else:
-            label = args.query
-            query = {"text": args.query}
-            query_emb = search.encode_text_queries(graphdef, params, tokenizer, [args.query])
-        k, rerank = args.k, None
-        if config.model.fusion.enabled and config.eval.rerank_k > 0:  # fusion re-ranks the top rerank_k
-            k, rerank = max(args.k, config.eval.rerank_k), search.fusion_reranker(graphdef, params, tokenizer,
-                                                                                  store, config)
-        hits = search.search(store, query_emb, k, chunk_size=config.embed.chunk_size, rerank=rerank,
-                             query=query)[0][:args.k]
-        if args.html or args.png:
-            images = search.store_images(store, [h["index"] for h in hits])
-            if args.html:
-                search.write_html(hits, images, args.html, label)
-            if args.png:
-                search.write_png(hits, images, args.png, label)
-    except _user_errors() as e:
-        print(f"prodclip search: {e}", file=sys.stderr)
-        return 2
+        raise errors.QueryError(f"-k must be >= 1, got {args.k}")
+    store = store_lib.open_store(args.store)
+    run = _load_run(args, _config(args, overrides))
+    config, graphdef, params, tokenizer = run.config, run.graphdef, run.params, run.tokenizer
+    store_lib.check_fingerprint(store, store_lib.model_fingerprint(params, tokenizer, config))
+    if args.image is not None:
+        label = f"image {args.image}"
+        query = {"image": search.load_query_image(args.image, config)}
+        query_emb = search.encode_image_queries(graphdef, params, query["image"][None])
+    else:
+        label = args.query
+        query = {"text": args.query}
+        query_emb = search.encode_text_queries(graphdef, params, tokenizer, [args.query])
+    k, rerank = args.k, None
+    if config.model.fusion.enabled and config.eval.rerank_k > 0:  # fusion re-ranks the top rerank_k
+        k, rerank = max(args.k, config.eval.rerank_k), search.fusion_reranker(graphdef, params, tokenizer, store, config)
+    hits = search.search(store, query_emb, k, chunk_size=config.embed.chunk_size, rerank=rerank,
+                         query=query)[0][:args.k]
+    if args.html or args.png:
+        images = search.store_images(store, [h["index"] for h in hits])
+        if args.html:
+            search.write_html(hits, images, args.html, label)
+        if args.png:
+            search.write_png(hits, images, args.png, label)
     if args.json:
         print(json.dumps(hits))
     else:
@@ -218,33 +161,17 @@ def cmd_search(args, overrides) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- match / audit (issue 13)
-
-
-def _match_head_scorer(config, graphdef, params):
-    """The run's own match head as `itm_fn(images, token_ids) -> p(match)`: the fusion ITM head or the
-    concat matcher; None for a plain two-tower run."""
-    if config.model.fusion.enabled:
-        from prodclip.models import fusion
-        return fusion.make_itm_fn(graphdef, params, batch_size=config.eval.batch_size)
-    if config.model.matcher.kind != "none":
-        from prodclip.models import matcher
-        return matcher.make_itm_fn(graphdef, params)
-    return None
-
-
 def cmd_match(args, overrides) -> int:
-    from prodclip import train
     from prodclip.evaluate import matching
+    from prodclip.models import inference
 
-    config = _load_config(args, overrides)
+    config = _config(args, overrides)
     splits = args.split or [config.data.eval_splits[0]]
     try:
-        graphdef, params, tokenizer, split_sources, _, _ = train.load_trained(
-            config, args.workdir, dict.fromkeys([config.match.fit_split, *splits]))
-        results = matching.run_benchmark(graphdef, params, tokenizer, split_sources, config,
+        run = _load_run(args, config, dict.fromkeys([config.match.fit_split, *splits]))
+        results = matching.run_benchmark(run.graphdef, run.params, run.tokenizer, run.sources, run.config,
                                          args.out or args.workdir, splits=splits, fit_split=config.match.fit_split,
-                                         itm_fn=_match_head_scorer(config, graphdef, params))
+                                         itm_fn=inference.match_head_scorer(run.config, run.graphdef, run.params))
     except (ValueError, FileNotFoundError) as e:
         print(f"prodclip match: {e}", file=sys.stderr)
         return 2
@@ -253,17 +180,18 @@ def cmd_match(args, overrides) -> int:
 
 
 def cmd_audit(args, overrides) -> int:
-    from prodclip import audit, train
+    from prodclip import audit
+    from prodclip.models import inference
 
-    config = _load_config(args, overrides)
     try:
-        graphdef, params, tokenizer, _, _, _ = train.load_trained(config, args.workdir, {})
-        itm_fn = _match_head_scorer(config, graphdef, params)
-        calibration = audit.load_or_fit_calibration(graphdef, params, tokenizer, config, args.workdir, args.out,
-                                                    args.calibration, itm_fn=itm_fn)
-        summary = audit.audit_catalog(graphdef, params, tokenizer, config, args.catalog, args.out, calibration,
-                                      workdir=args.workdir, itm_fn=itm_fn, progress=config.train.progress_bar)
-    except (*_user_errors(), ValueError) as e:
+        run = _load_run(args, _config(args, overrides))
+        itm_fn = inference.match_head_scorer(run.config, run.graphdef, run.params)
+        calibration = audit.load_or_fit_calibration(run.graphdef, run.params, run.tokenizer, run.config, args.workdir,
+                                                    args.out, args.calibration, itm_fn=itm_fn)
+        summary = audit.audit_catalog(run.graphdef, run.params, run.tokenizer, run.config, args.catalog, args.out,
+                                      calibration, workdir=args.workdir, itm_fn=itm_fn,
+                                      progress=run.config.train.progress_bar)
+    except (ValueError, FileNotFoundError) as e:
         print(f"prodclip audit: {e}", file=sys.stderr)
         return 2
     print(f"audited {summary['num_listings']} listings: {summary['num_flagged']} flagged as likely mismatches, "
@@ -272,17 +200,16 @@ def cmd_audit(args, overrides) -> int:
 
 
 def cmd_export(args, overrides) -> int:
-    from prodclip import checkpoint, train
+    from prodclip import checkpoint, errors
 
-    config = _load_config(args, overrides)
+    config = _config(args, overrides)
     step = checkpoint.Checkpointer(args.workdir, config).best_step() if args.best else None
     if args.best and step is None:
-        print("prodclip: --best needs checkpoint.best_metric set and a checkpoint saved after an eval",
-              file=sys.stderr)
-        return 1
-    _, params, _, _, meta, _ = train.load_trained(config, args.workdir, {}, step=step)
-    out = checkpoint.export(args.out, params, config, pathlib.Path(args.workdir) / "tokenizer", meta["step"])
-    print(f"exported the params of step {meta['step']} to {out} (prodclip eval --workdir {out})")
+        raise errors.CheckpointError("--best needs checkpoint.best_metric set and a checkpoint saved after an eval")
+    run = _load_run(args, config, step=step)
+    out = checkpoint.export(args.out, run.params, run.config, pathlib.Path(args.workdir) / "tokenizer",
+                            run.meta["step"])
+    print(f"exported the params of step {run.meta['step']} to {out} (prodclip eval --workdir {out})")
     return 0
 
 
@@ -290,53 +217,35 @@ def cmd_convert(args, overrides) -> int:
     from prodclip import config as config_lib
     from prodclip import convert
 
-    try:
-        if args.direction == "import":
-            base = config_lib.load_config_file(args.config, args.config_arg) if args.config else None
-            if overrides:
-                base = base if base is not None else config_lib.base_config()
-                base.lock()
-                config_lib.apply_overrides(base, overrides)
-            config = convert.import_hf_clip(args.source, args.out, base)
-            print(f"imported {args.source} -> {args.out} (model.init_checkpoint={config.model.init_checkpoint})")
-        else:
-            convert.export_hf_clip(args.source, args.out, args.step)
-            print(f"exported {args.source} -> {args.out} (transformers.CLIPModel.from_pretrained)")
-    except convert.CheckpointError as e:
-        print(f"prodclip: convert error: {e}", file=sys.stderr)
-        return 2
+    if args.direction == "import":
+        base = config_lib.load(args.config, overrides, arg=args.config_arg) if (args.config or overrides) else None
+        config = convert.import_hf_clip(args.source, args.out, base)
+        print(f"imported {args.source} -> {args.out} (model.init_checkpoint={config.model.init_checkpoint})")
+    else:
+        convert.export_hf_clip(args.source, args.out, args.step)
+        print(f"exported {args.source} -> {args.out} (transformers.CLIPModel.from_pretrained)")
     return 0
 
 
-# ----------------------------------------------------------------------------- sweep (issue 9)
-
-
 def cmd_sweep(args, overrides) -> int:
-    from prodclip import faults, sweep
+    from prodclip import errors, sweep
 
     if args.report:
         if args.config or overrides:
-            print("prodclip sweep: --report DIR takes no config or overrides (it reads DIR/sweep.json)",
-                  file=sys.stderr)
-            return 2
+            raise errors.ConfigError("sweep --report DIR takes no config or overrides (it reads DIR/sweep.json)")
         out = sweep.report(args.report)
         print(out["markdown"], end="")
         print(f"wrote results.csv, summary.csv, results.md and {len(out['plots'])} plot(s) in {args.report}")
         return 0
     if not (args.config and args.workdir):
-        print("prodclip sweep: give CONFIG and --workdir DIR (or --report DIR)", file=sys.stderr)
-        return 2
+        raise errors.ConfigError("sweep needs CONFIG and --workdir DIR (or --report DIR)")
     if args.emit_commands:
         for line in sweep.emit_commands(args.config, args.workdir, config_arg=args.config_arg,
                                         cli_overrides=overrides):
             print(line)
         return 0
-    try:
-        statuses = sweep.run_sweep(args.config, args.workdir, config_arg=args.config_arg, cli_overrides=overrides,
-                                   only=args.run)
-    except faults.Preempted as e:
-        print(f"prodclip sweep: {e}", file=sys.stderr)
-        return faults.EXIT_PREEMPTED
+    statuses = sweep.run_sweep(args.config, args.workdir, config_arg=args.config_arg, cli_overrides=overrides,
+                               only=args.run)
     if args.run is None:
         print((pathlib.Path(args.workdir) / "results.md").read_text(), end="")
     counts = {s: list(statuses.values()).count(s) for s in dict.fromkeys(statuses.values())}

@@ -284,6 +284,14 @@ def base_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- loading
 
 
+def load_module(path: pathlib.Path, prefix: str):
+    """Executes a python file (a config or sweep file) as a fresh module named `<prefix>_<stem>`."""
+    spec = importlib.util.spec_from_file_location(f"{prefix}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
     """Imports a python config file and calls its `get_config(arg)`; returns it locked.
 
@@ -294,10 +302,8 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
         raise ConfigError(f"config file not found: {path}")
     if path.suffix == ".json":
         return load_config_json(path)
-    spec = importlib.util.spec_from_file_location(f"prodclip_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        module = load_module(path, "prodclip_config")
     except AttributeError as e:  # a locked ConfigDict refusing an unknown key
         raise ConfigError(f"{path}: {e}") from e
     if not hasattr(module, "get_config"):
@@ -330,6 +336,30 @@ def load_config_json(path: str | pathlib.Path) -> ml_collections.ConfigDict:
                 except ConfigError as e:
                     raise ConfigError(f"{path}: {e}") from e
     assign(saved, "")
+    return config
+
+
+def load(source: str | pathlib.Path | None = None, overrides: Sequence[str] = (), *, arg: str | None = None,
+         check: bool = True) -> ml_collections.ConfigDict:
+    """The one way a command gets its config: a source, then `--config.a.b=value` overrides, then `validate`.
+
+    source: a python config file (`get_config(arg)`), a saved config.json, a run directory
+    (its config.json), or None for `base_config()`. Unknown keys, in a saved config.json or
+    an override, are a ConfigError that names the key. Returns the config locked.
+    """
+    if source is None:
+        config = base_config()
+        config.lock()
+    else:
+        path = pathlib.Path(source)
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"{path} has no config.json: give --config FILE, or a run directory")
+            path = path / "config.json"
+        config = load_config_file(path, arg)
+    apply_overrides(config, overrides)
+    if check:
+        validate(config)
     return config
 
 

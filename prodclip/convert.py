@@ -28,14 +28,14 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from prodclip import checkpoint
+from prodclip import checkpoint, errors, optim, trees
 from prodclip import config as config_lib
 from prodclip.data import tokenizer as tokenizer_lib
 from prodclip.models import two_tower
 from prodclip.models.vit import PIXEL_STATS
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.CheckpointError):
     """A checkpoint or its config cannot be converted; the message names the tensor or field."""
 
 
@@ -43,7 +43,7 @@ _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}  # HF hidden_act -> 
 
 # Fields a CLIP config.json may hold that change nothing in the forward pass: generic
 # PretrainedConfig bookkeeping, and generation defaults older transformers wrote into every config.
-_INERT_FIELDS = {
+INERT_FIELDS = {
     "_name_or_path", "_commit_hash", "architectures", "transformers_version", "model_type", "torch_dtype", "dtype",
     "initializer_factor", "initializer_range", "attention_dropout", "dropout", "use_bfloat16", "torchscript",
     "tie_word_embeddings", "tie_encoder_decoder", "pruned_heads", "is_decoder", "is_encoder_decoder",
@@ -59,9 +59,9 @@ def _known_fields() -> dict[str, set[str]]:
     generation = set(transformers.GenerationConfig().to_dict())
     clip = transformers.CLIPConfig()
     return {
-        "": set(clip.to_dict()) | _INERT_FIELDS | generation,
-        "text_config": set(clip.text_config.to_dict()) | _INERT_FIELDS | generation,
-        "vision_config": set(clip.vision_config.to_dict()) | _INERT_FIELDS | generation,
+        "": set(clip.to_dict()) | INERT_FIELDS | generation,
+        "text_config": set(clip.text_config.to_dict()) | INERT_FIELDS | generation,
+        "vision_config": set(clip.vision_config.to_dict()) | INERT_FIELDS | generation,
     }
 
 
@@ -109,7 +109,7 @@ def tensor_table(depth_image: int, depth_text: int) -> list[tuple[str, tuple, st
     return table
 
 
-def _to_ours(array: np.ndarray, kind: str, patch_size: int) -> np.ndarray:
+def to_ours(array: np.ndarray, kind: str, patch_size: int) -> np.ndarray:
     if kind == "linear":
         return array.T
     if kind == "patch":  # [out, c, p1, p2] -> [(p1 p2 c), out]
@@ -144,7 +144,7 @@ def read_hf_config(hf_dir: pathlib.Path) -> dict:
             where = f"{section}." if section else ""
             raise CheckpointError(
                 f"{path}: unknown config field(s) {', '.join(where + u for u in unknown)}; prodclip cannot tell "
-                f"whether they change the architecture. Known fields: {', '.join(sorted(fields - _INERT_FIELDS))}")
+                f"whether they change the architecture. Known fields: {', '.join(sorted(fields - INERT_FIELDS))}")
     return transformers.CLIPConfig.from_dict(raw).to_dict()
 
 
@@ -246,32 +246,30 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ml_collections.Config
     for name, path, kind in table:
         if name not in tensors:
             raise CheckpointError(f"missing tensor {name!r} (for prodclip param {'/'.join(map(str, path))})")
-        value = _to_ours(np.asarray(tensors[name], np.float32), kind, m.image.patch_size)
-        expected = _get(like, path).shape
+        value = to_ours(np.asarray(tensors[name], np.float32), kind, m.image.patch_size)
+        expected = get_path(like, path).shape
         if value.shape != tuple(expected):
             hf_shape = tuple(_to_hf(np.empty(expected), kind, m.image.patch_size).shape)
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}; the config "
                                   f"implies {hf_shape}")
         flat[path] = value
-    ours = jax.tree_util.tree_map_with_path(lambda p, _: flat.get(_key_path(p)), like)
-    missing = [k for k, v in _flatten(ours).items() if v is None]
+    ours = jax.tree_util.tree_map_with_path(lambda p, _: flat.get(trees.path_keys(p)), like)
+    missing = [k for k, v in flat_params(ours).items() if v is None]
     if missing:
         raise CheckpointError(f"prodclip params with no HF tensor: {missing}")
     return ours
 
 
-def _key_path(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-
-
-def _get(tree: dict, path: tuple):
+def get_path(tree: dict, path: tuple):
+    """tree[path[0]][path[1]]...: the leaf at a `trees.path_keys` path."""
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _flatten(tree: dict) -> dict[str, Any]:
-    return {"/".join(map(str, _key_path(p))): v
+def flat_params(tree: dict) -> dict[str, Any]:
+    """{'text_tower/.../kernel': leaf} for every leaf of `tree` (None leaves included)."""
+    return {"/".join(map(str, trees.path_keys(p))): v
             for p, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)}
 
 
@@ -295,8 +293,6 @@ def load_hf_clip(hf_dir: str | pathlib.Path, base: ml_collections.ConfigDict | N
 def import_hf_clip(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
                    base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """Writes a prodclip workdir (config.json, tokenizer/, orbax checkpoint at step 0) for a HF CLIP dir."""
-    from prodclip import train
-
     hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir).absolute()
     config, params, tokenizer = load_hf_clip(hf_dir, base)
     if tokenizer is None:
@@ -308,8 +304,7 @@ def import_hf_clip(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(workdir / "tokenizer")
     checkpoint.write_config(workdir, config)
-    tx = train.make_optimizer(config, params)
-    state = {"step": np.asarray(0, np.int32), "params": params, "opt_state": tx.init(params)}
+    state = optim.init_train_state(config, params)
     with checkpoint.Checkpointer(workdir, config) as ckpt:
         ckpt.save(0, state, None)
     return config
@@ -346,8 +341,6 @@ def export_problems(config: ml_collections.ConfigDict) -> list[str]:
 def export_hf_clip(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int | None = None) -> dict:
     """Writes a prodclip run as a HF CLIP directory (config.json, model.safetensors, tokenizer,
     preprocessor_config.json). Returns the CLIPConfig dict written."""
-    from prodclip import train
-
     workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
     config = config_lib.load_config_json(workdir / "config.json")
     problems = export_problems(config)
@@ -357,8 +350,7 @@ def export_hf_clip(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, ste
     tokenizer = tokenizer_lib.TitleTokenizer(hf_tok, context_length=config.tokenizer.context_length,
                                              lowercase=config.tokenizer.lowercase)
     like = abstract_params(config, tokenizer.vocab_size, tokenizer.pad_id)
-    tx = train.make_optimizer(config, like)
-    target = {"step": jax.ShapeDtypeStruct((), np.int32), "params": like, "opt_state": jax.eval_shape(tx.init, like)}
+    target = jax.eval_shape(lambda p: optim.init_train_state(config, p), like)
     params, _ = checkpoint.load_params(workdir, config, target, step)
     hf = hf_config_for(config, params, tokenizer)
     return write_hf_clip(out_dir, hf, params, config, tokenizer)
@@ -407,7 +399,7 @@ def hf_tensors(params: dict, config: ml_collections.ConfigDict) -> dict[str, np.
     m = config.model
     out = {}
     for name, path, kind in tensor_table(m.image.depth, m.text.depth):
-        out[name] = np.array(_to_hf(np.asarray(_get(params, path), np.float32), kind, m.image.patch_size), order="C")
+        out[name] = np.array(_to_hf(np.asarray(get_path(params, path), np.float32), kind, m.image.patch_size), order="C")
     return out
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import transformers
 
 from prodclip import config as config_lib
-from prodclip.convert import _INERT_FIELDS, CheckpointError, _get, _to_ours, read_hf_tensors
+from prodclip.convert import INERT_FIELDS, CheckpointError, get_path, read_hf_tensors, to_ours
 
 _ACTIVATIONS = {"gelu": "gelu"}  # HF hidden_act -> prodclip activation (exact erf GELU)
 _SKIPPED_PREFIXES = ("pooler.", "cls.")
@@ -36,7 +36,7 @@ def read_bert_config(hf_dir: str | pathlib.Path) -> dict:
     raw = json.loads(path.read_text())
     if raw.get("model_type", "bert") != "bert":
         raise CheckpointError(f"{path}: model_type {raw['model_type']!r} is not 'bert'")
-    known = set(transformers.BertConfig().to_dict()) | _INERT_FIELDS | set(transformers.GenerationConfig().to_dict())
+    known = set(transformers.BertConfig().to_dict()) | INERT_FIELDS | set(transformers.GenerationConfig().to_dict())
     known |= {"position_embedding_type", "gradient_checkpointing", "use_cache", "classifier_dropout"}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -124,8 +124,8 @@ def text_tower_params(tensors: dict[str, np.ndarray], depth: int, like: dict) ->
     for name, path, kind in table:
         if name not in tensors:
             raise CheckpointError(f"missing tensor {name!r} (for prodclip param text_tower/{'/'.join(map(str, path))})")
-        value = _to_ours(np.asarray(tensors[name], np.float32), kind, 0)
-        expected = tuple(np.shape(_get(like, path)))
+        value = to_ours(np.asarray(tensors[name], np.float32), kind, 0)
+        expected = tuple(np.shape(get_path(like, path)))
         if value.shape != expected:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}; the config implies "
                                   f"{expected[::-1] if kind == 'linear' else expected}")

@@ -16,20 +16,28 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from prodclip import errors
+
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", which is what a scheduler should do
 
 
-class Preempted(Exception):
+class Preempted(errors.ProdclipError):
     """The run stopped on a signal after saving `step`."""
+
+    kind = "preempted"
+    exit_code = EXIT_PREEMPTED
 
     def __init__(self, step: int, signal_name: str):
         super().__init__(f"stopped by {signal_name} after saving step {step}; rerun the same command to resume")
         self.step = step
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.ProdclipError, FloatingPointError):
     """A loss, gradient or state value became NaN/Inf; nothing after the last good checkpoint was saved."""
+
+    kind = "numerical fault"
+    exit_code = EXIT_NONFINITE
 
 
 class StopRequests:

@@ -17,7 +17,7 @@ Conventions:
   constants (no gradient flows through the choice of negatives).
 * ``positives``: ``[B, B]`` bool, True where a pair must not be a negative (the
   diagonal, and pairs sharing a product id or an identical title; see
-  `prodclip.train.batch_positives`).
+  `prodclip.losses.batch_positives`).
 
 Across devices: in the sharded step (jit over the mesh) every array here is a
 global array. The ``[B, B]`` similarities come from the all-gathered embeddings,
@@ -35,7 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from prodclip import losses
 from prodclip.models import fusion
+from prodclip.models.factory import merge_model
 
 # (image_tokens [N, S, Wi], text_tokens [N, L, Wt], text_valid [N, L] bool, pair two-tower logits [N])
 # -> ITM logits [N, 2].
@@ -126,8 +128,6 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss):
     ITM negatives are drawn from the contrastive logits with `sampler_key(config, step)`.
     metrics: contrastive_loss, itm_loss, itm_accuracy, itm_positives, itm_negatives (scalars).
     """
-    from prodclip.train import batch_positives, merge_model
-
     def loss_fn(params, batch, key):
         model = merge_model(graphdef, params)
         out = model(batch["images"], batch["token_ids"])
@@ -137,7 +137,7 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss):
         score_pairs = lambda image_tokens, text_tokens, text_valid, pair_itc: fusion.itm_logits(
             model, image_tokens, text_tokens, text_valid, pair_itc)
         complete = batch.get("title_complete") if config.loss.itm_complete_titles_only else None
-        itm, metrics = itm_loss(key, logits, batch_positives(batch), out["image_tokens"], out["text_tokens"],
+        itm, metrics = itm_loss(key, logits, losses.batch_positives(batch), out["image_tokens"], out["text_tokens"],
                                 model.text_tower.valid_tokens(batch["token_ids"]), score_pairs, complete)
         metrics.update(contrastive_loss=contrastive, itm_loss=itm)
         return contrastive + config.loss.itm_weight * itm, metrics

@@ -407,3 +407,11 @@ def make_ring_loss(
         sharded = jax.shard_map(inner, mesh=mesh, in_specs=(emb_spec, emb_spec, P()), out_specs=P())
         return lambda image_emb, text_emb, logit_scale, logit_bias=None: sharded(image_emb, text_emb, logit_scale)
     raise ValueError(f"unknown loss {loss_name!r}; expected 'sigmoid' or 'softmax'")
+
+
+def batch_positives(batch: dict) -> jax.Array:
+    """[B, B] bool: pairs that are both correct matches (same product id or identical title)."""
+    same_id = batch["ids"][:, None] == batch["ids"][None, :]
+    ids = batch["token_ids"]
+    same_title = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
+    return same_id | same_title

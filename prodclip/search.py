@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import logging
 import pathlib
 from typing import Callable, Sequence
 
 import numpy as np
 
+from prodclip import errors
+from prodclip.data.catalog import png_bytes
 from prodclip.evaluate import retrieval
 from prodclip.evaluate.store import Store, StoreError
+from prodclip.models import inference
 
 log = logging.getLogger("prodclip")
 
@@ -34,7 +36,7 @@ log = logging.getLogger("prodclip")
 Reranker = Callable[[dict, list[dict]], list[dict]]
 
 
-class SearchError(ValueError):
+class SearchError(errors.QueryError):
     """A query that cannot be run; the message says why."""
 
 
@@ -69,8 +71,6 @@ def query_token_count(tokenizer, text: str) -> int:
 
 def encode_text_queries(graphdef, params, tokenizer, texts: Sequence[str]) -> np.ndarray:
     """N query strings -> [N, D] float32; warns for each query the context length truncates."""
-    from prodclip.evaluate import suite
-
     for text in texts:
         if not text.strip():
             raise SearchError("empty text query")
@@ -79,7 +79,7 @@ def encode_text_queries(graphdef, params, tokenizer, texts: Sequence[str]) -> np
             log.warning("query %r is %d tokens; truncated to the context length %d (%s side dropped)",
                         text, n, tokenizer.context_length,
                         "start" if tokenizer.hf.truncation_side == "left" else "end")
-    return suite.title_encoder(graphdef, params, tokenizer, batch_size=len(texts))(texts)
+    return inference.title_encoder(graphdef, params, tokenizer, batch_size=len(texts))(texts)
 
 
 def load_query_image(path: str | pathlib.Path, config) -> np.ndarray:
@@ -98,10 +98,7 @@ def load_query_image(path: str | pathlib.Path, config) -> np.ndarray:
 
 def encode_image_queries(graphdef, params, images: np.ndarray) -> np.ndarray:
     """[N, S, S, 3] uint8 -> [N, D] float32."""
-    from prodclip.evaluate import suite
-
-    encode_image, _ = suite._encoders(graphdef)
-    return np.asarray(encode_image(params, images))
+    return inference.image_encoder(graphdef, params)(images)
 
 
 def search(store: Store, query_emb: np.ndarray, k: int, *, chunk_size: int = retrieval.DEFAULT_CHUNK_SIZE,
@@ -136,9 +133,8 @@ def fusion_reranker(graphdef, params, tokenizer, store: Store, config) -> Rerank
     from prodclip import losses
     from prodclip.data import pipeline
     from prodclip.evaluate import rerank as rerank_lib
-    from prodclip.models import fusion
 
-    itm_fn = fusion.make_itm_fn(graphdef, params, batch_size=max(1, config.eval.rerank_k), log_odds=True)
+    itm_fn = inference.fusion_itm_fn(graphdef, params, batch_size=max(1, config.eval.rerank_k), log_odds=True)
     itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
 
     def rerank(query: dict, hits: list[dict]) -> list[dict]:
@@ -193,19 +189,11 @@ def store_images(store: Store, indices: Sequence[int]) -> list[np.ndarray | None
     return images
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def write_html(hits: list[dict], images: list[np.ndarray | None], path: str | pathlib.Path, query: str) -> None:
     """A self-contained HTML grid: each hit's image (inline PNG), rank, score and title."""
     cells = []
     for hit, image in zip(hits, images):
-        img = (f'<img src="data:image/png;base64,{base64.b64encode(_png_bytes(image)).decode()}" width="128">'
+        img = (f'<img src="data:image/png;base64,{base64.b64encode(png_bytes(image)).decode()}" width="128">'
                if image is not None else '<div class="missing">no image</div>')
         cells.append(f'<figure>{img}<figcaption>#{hit["rank"]} &middot; {hit["score"]:.3f}<br>'
                      f'{html.escape(str(hit["title"]))}<br><small>id {html.escape(str(hit["id"]))}</small>'

@@ -149,14 +149,10 @@ def check_sweep(sweep: Sweep, where: str = "sweep") -> None:
 
 def load_sweep_file(path: str | pathlib.Path, arg: str | None = None) -> Sweep:
     """The `get_sweep(arg)` of an ablation config file, checked."""
-    import importlib.util
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise SweepError(f"sweep config not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"prodclip_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_lib.load_module(path, "prodclip_sweep")
     if not hasattr(module, "get_sweep"):
         raise SweepError(f"{path} defines no get_sweep(); an ablation config defines get_config() and get_sweep()")
     sweep = module.get_sweep(arg) if arg is not None else module.get_sweep()
@@ -279,7 +275,7 @@ def _check_finished_config(run_dir: pathlib.Path, config, run: Run) -> None:
 
 def _evaluate_variants(run_dir: pathlib.Path, config_path, config_arg, cli_overrides, run: Run) -> None:
     """Writes sweep_eval/<name>.json for each eval-only variant that has none yet."""
-    from prodclip import train
+    from prodclip import run as run_lib
     from prodclip.evaluate import suite
 
     for name, _, overrides in run.evals:
@@ -288,10 +284,11 @@ def _evaluate_variants(run_dir: pathlib.Path, config_path, config_arg, cli_overr
             continue
         config = run_config(config_path, config_arg, cli_overrides, run, overrides)
         splits = dict.fromkeys(config.data.eval_splits)
-        graphdef, params, tokenizer, split_sources, meta, label_stats = train.load_trained(config, run_dir, splits)
-        results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, config, label_stats)
+        loaded = run_lib.load_run(run_dir, config, splits)
+        results = suite.evaluate_all(loaded.graphdef, loaded.params, loaded.sources, loaded.tokenizer, config,
+                                     loaded.label_stats)
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"step": meta.get("step"), **results}, indent=2, sort_keys=True))
+        out.write_text(json.dumps({"step": loaded.meta.get("step"), **results}, indent=2, sort_keys=True))
         log.info("sweep: %s evaluated with %s", run.name, name)
 
 

@@ -26,11 +26,12 @@ import pathlib
 import time
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
+from prodclip import trees
 from prodclip.data import pipeline
+from prodclip.models import inference
 
 log = logging.getLogger("prodclip")
 
@@ -48,11 +49,7 @@ def applies(config: ml_collections.ConfigDict) -> bool:
 def cache_key(text_params: Any, tokenizer, config: ml_collections.ConfigDict) -> str:
     """16 hex chars identifying what maps token ids to text embeddings (weights, tokenizer, text config)."""
     h = hashlib.sha256()
-    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(text_params)[0],
-                             key=lambda pl: jax.tree_util.keystr(pl[0])):
-        array = np.asarray(jax.device_get(leaf))
-        h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
-        h.update(np.ascontiguousarray(array).tobytes())
+    trees.hash_tree(h, text_params)
     h.update(json.dumps(sorted(tokenizer.hf.get_vocab().items())).encode())
     h.update(f"{tokenizer.context_length}:{tokenizer.lowercase}:{tokenizer.pad_id}".encode())
     h.update(json.dumps({"text": config.model.text.to_dict(), "embed_dim": config.model.embed_dim,
@@ -129,9 +126,7 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
     """The run's text cache when `applies(config)`, built from the train split's titles; else None."""
     if not applies(config):
         return None
-    from prodclip.train import merge_model
-
-    encode = jax.jit(lambda p, t: merge_model(graphdef, p).encode_text(t))
+    _, encode = inference.encoders(graphdef)
     key = cache_key(params["text_tower"], tokenizer, config)
     root = pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else workdir / "text_cache"
     token_ids = tokenizer(pipeline.source_titles(train_source))

@@ -8,126 +8,28 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import re
 import time
 from functools import partial
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 
-from prodclip import checkpoint, compile_cache, faults, gradcache, losses, parallel
+from prodclip import checkpoint, compile_cache, faults, gradcache, losses, optim, parallel
 from prodclip import config as config_lib
-from prodclip.data import pipeline, sources
-from prodclip.data import tokenizer as tokenizer_lib
+from prodclip.data import pipeline
 from prodclip.evaluate import suite
 from prodclip.metrics_writer import MetricsWriter
 from prodclip.models import matcher as matcher_lib
-from prodclip.models import two_tower
+from prodclip.models.factory import create_model, merge_model
+from prodclip.run import load_tokenizer_and_sources
 
 log = logging.getLogger("prodclip")
 
 
-# ----------------------------------------------------------------------------- optimizer
-
-
-def decay_mask(params: Any) -> Any:
-    """True for the weights that get weight decay: dense kernels only.
-
-    Norm scales, biases, embeddings (token, position, class, probe) and the
-    logit scale / bias are excluded.
-    """
-    def is_kernel(path, leaf):
-        return getattr(path[-1], "key", None) == "kernel" and leaf.ndim >= 2
-    return jax.tree_util.tree_map_with_path(is_kernel, params)
-
-
-def param_path(path) -> str:
-    """'text_tower/encoder/blocks/0/attn/query/kernel' for a tree_map_with_path key path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def trainable_labels(params: Any, config: ml_collections.ConfigDict) -> Any:
-    """'image', 'text', 'other' or 'frozen' per parameter.
-
-    Frozen: a locked tower (optim.lock_image / lock_text, LiT), a path fully matching one of
-    optim.frozen_patterns, or the logit scale when the temperature is fixed. The other labels
-    pick the learning-rate multiplier (optim.image_lr_mult / text_lr_mult).
-    """
-    o = config.optim
-    patterns = [re.compile(p) for p in o.frozen_patterns]
-
-    def label(path, _):
-        name = getattr(path[0], "key", None)
-        if name == "log_logit_scale" and not config.model.learn_temperature:
-            return "frozen"
-        if (name == "image_tower" and o.lock_image) or (name == "text_tower" and o.lock_text):
-            return "frozen"
-        if any(p.fullmatch(param_path(path)) for p in patterns):
-            return "frozen"
-        return {"image_tower": "image", "text_tower": "text"}.get(name, "other")
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    o = config.optim
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
-        decay_steps=config.train.num_steps, end_value=o.learning_rate * o.end_learning_rate_ratio,
-    )
-
-
-def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine, decoupled weight decay on kernels only, global-norm clipping.
-
-    Frozen parameters (see trainable_labels) get zero updates and do not count in the clipping
-    norm; each tower's learning rate is scaled by its optim.*_lr_mult.
-    """
-    o = config.optim
-    labels = trainable_labels(params, config)
-    schedule = learning_rate_schedule(config)
-
-    def adamw(mult: float) -> optax.GradientTransformation:
-        return optax.adamw(lambda step: schedule(step) * mult, b1=o.b1, b2=o.b2, eps=o.eps,
-                           weight_decay=o.weight_decay, mask=decay_mask(params))
-
-    frozen = optax.set_to_zero()
-    update = optax.multi_transform(
-        {"image": adamw(o.image_lr_mult), "text": adamw(o.text_lr_mult), "other": adamw(1.0), "frozen": frozen},
-        labels)
-    if o.clip_norm <= 0:
-        return update
-    zero_frozen = optax.multi_transform(
-        {"image": optax.identity(), "text": optax.identity(), "other": optax.identity(), "frozen": frozen}, labels)
-    return optax.chain(zero_frozen, optax.clip_by_global_norm(o.clip_norm), update)
-
-
-# ----------------------------------------------------------------------------- model + state
-
-
-def create_model(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.TitleTokenizer, seed: int):
-    """Returns (graphdef, params) with params a nested dict of float32 arrays."""
-    model = two_tower.build_model(config, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                                  rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params.to_pure_dict()
-
-
-def merge_model(graphdef, params: dict) -> two_tower.TwoTower:
-    state = nnx.State(params) if not isinstance(params, nnx.State) else params
-    return nnx.merge(graphdef, state)
-
-
-def batch_positives(batch: dict[str, jax.Array]) -> jax.Array:
-    """[B, B] bool: pairs that are both correct matches (same product id or identical title)."""
-    same_id = batch["ids"][:, None] == batch["ids"][None, :]
-    ids = batch["token_ids"]
-    same_title = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
-    return same_id | same_title
+# ----------------------------------------------------------------------------- loss and step
 
 
 def contrastive_loss(config: ml_collections.ConfigDict, out: dict, positives: jax.Array | None) -> jax.Array:
@@ -142,7 +44,7 @@ def contrastive_loss(config: ml_collections.ConfigDict, out: dict, positives: ja
 def make_pair_loss(config: ml_collections.ConfigDict) -> parallel.PairLoss:
     """The plain global-batch loss on [B, D] embeddings; under jit on sharded arrays, the all-gather variant."""
     def pair_loss(image_emb, text_emb, logit_scale, logit_bias, batch):
-        positives = batch_positives(batch) if config.loss.extra_positives else None
+        positives = losses.batch_positives(batch) if config.loss.extra_positives else None
         out = {"image_emb": image_emb, "text_emb": text_emb, "logit_scale": logit_scale, "logit_bias": logit_bias}
         return contrastive_loss(config, out, positives)
     return pair_loss
@@ -168,7 +70,7 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss: 
         model = merge_model(graphdef, params)
         loss = pair_loss(image_emb, text_emb, model.logit_scale(), model.logit_bias[...], batch)
         if model.matcher is not None:
-            positives = batch_positives(batch) if config.loss.extra_positives else None
+            positives = losses.batch_positives(batch) if config.loss.extra_positives else None
             loss = loss + config.loss.matcher_weight * matcher_lib.matcher_loss(
                 model.matcher, image_emb, text_emb, positives)
         return loss
@@ -188,7 +90,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
     pair_loss: see `make_loss_and_grads`. reduce_grads: applied to the gradients
     before the update (the pmap strategy's pmean).
     """
-    schedule = learning_rate_schedule(config)
+    schedule = optim.learning_rate_schedule(config)
     loss_and_grads = make_loss_and_grads(config, graphdef, pair_loss)
     fusion_loss_and_grads = None
     if config.model.fusion.enabled:  # contrastive + ITM on hard negatives (prodclip/itm.py)
@@ -230,27 +132,6 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     return workdir
 
 
-def load_tokenizer_and_sources(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits):
-    """The run's sources by split name, its tokenizer, and its label vocabulary.
-
-    The tokenizer and label vocabulary come from the workdir when it has them (a finished
-    run evaluated on a new catalog file); otherwise they are made from the train split and
-    saved there.
-    """
-    label_stats = sources.load_label_vocabulary(workdir)
-    needs_train = "train" in splits or label_stats is None or not (workdir / "tokenizer").exists()
-    train_source = sources.make_source(config, "train") if needs_train else None
-    if label_stats is None and train_source is not None:
-        label_stats = sources.label_vocabulary(train_source)
-        sources.save_label_vocabulary(workdir, label_stats)
-    vocab = {label: stats["names"] for label, stats in (label_stats or {}).items()}
-    split_sources = {split: train_source if split == "train" else sources.make_source(config, split, vocab)
-                     for split in splits}
-    train_titles = pipeline.source_titles(train_source) if train_source is not None else None
-    tokenizer = tokenizer_lib.tokenizer_from_config(config, train_titles, workdir / "tokenizer")
-    return tokenizer, split_sources, label_stats
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        allow_config_change: bool = False) -> dict[str, Any]:
     """Trains `config` in `workdir`, evaluates on config.data.eval_splits, returns the results.
@@ -284,8 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         from prodclip import convert_bert
         params = convert_bert.load_text_tower(config.model.text.pretrained, config, params)
         log.info("model: text tower initialised from %s", config.model.text.pretrained)
-    tx = make_optimizer(config, params)
-    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    tx = optim.make_optimizer(config, params)
+    state = optim.init_train_state(config, params)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     log.info("model: %.2fM parameters", num_params / 1e6)
 
@@ -371,20 +252,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     suite.write_results(workdir, results, step=num_steps)
     writer.close()
     return results
-
-
-def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, splits, step: int | None = None):
-    """Rebuilds a run from its workdir or an export dir: (graphdef, params, tokenizer, sources, meta, label_stats).
-
-    The one place a trained model is loaded (eval, embed, search).
-    """
-    workdir = pathlib.Path(workdir)
-    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, splits)
-    graphdef, params = create_model(config, tokenizer, config.seed)
-    tx = make_optimizer(config, params)
-    target = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
-    params, meta = checkpoint.load_params(workdir, config, target, step=step)
-    return graphdef, params, tokenizer, split_sources, meta, label_stats
 
 
 def _progress_bar(total: int, enabled: bool, initial: int = 0):

@@ -48,15 +48,15 @@ _MODELS = {}
 
 def tiny_model(config):
     """(graphdef, params, tx, state) with f32 params; models are built once per model config."""
-    import jax.numpy as jnp
-    from prodclip import train
+    from prodclip import optim
+    from prodclip.models import factory
 
     key = config.model.to_json()
     if key not in _MODELS:
-        _MODELS[key] = train.create_model(config, types.SimpleNamespace(vocab_size=VOCAB, pad_id=0), seed=0)
+        _MODELS[key] = factory.create_model(config, types.SimpleNamespace(vocab_size=VOCAB, pad_id=0), seed=0)
     graphdef, params = _MODELS[key]
-    tx = train.make_optimizer(config, params)
-    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    tx = optim.make_optimizer(config, params)
+    state = optim.init_train_state(config, params)
     return graphdef, params, tx, state
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from prodclip import config as config_lib
+from prodclip import run as run_lib
 from prodclip import convert_bert, train
 from prodclip.data import synthetic
 from prodclip.data import tokenizer as tokenizer_lib
@@ -56,7 +57,8 @@ def test_resnet_locked_bert_matcher_run(tmp_path):
     assert 1 <= results["train_steps"] < 10_000
     assert 0.0 <= results["test"]["t2i/R@1"] <= results["test"]["t2i/R@10"] <= 1.0
     assert len(list((workdir / "text_cache").glob("*/text_emb.npy"))) == 1
-    _, params, _, _, meta, _ = train.load_trained(c, workdir, {})
+    run = run_lib.load_run(workdir, c)
+    params, meta = run.params, run.meta
     assert meta["step"] == results["train_steps"]
     assert "matcher" in params and "blocks" in params["image_tower"]
     # The locked text tower is still exactly the imported BERT.

@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from prodclip import cli, convert  # noqa: E402
+from prodclip import cli, convert, optim  # noqa: E402
 from prodclip.models import two_tower  # noqa: E402
 
 TITLES = ["red cotton shirt, 2 pack", "blue jeans", "striped mug 350ml", "a"]
@@ -144,7 +144,7 @@ def test_round_trip_through_the_cli(tmp_path):
 
 
 def test_imported_workdir_initialises_training(tmp_path):
-    from prodclip import checkpoint, config as config_lib, train
+    from prodclip import checkpoint, config as config_lib
 
     make_hf_clip(tmp_path / "hf", "legacy-eos2-argmax")
     convert.import_hf_clip(tmp_path / "hf", tmp_path / "run")
@@ -153,14 +153,14 @@ def test_imported_workdir_initialises_training(tmp_path):
     _, expected, _ = convert.load_hf_clip(tmp_path / "hf")
     like = convert.abstract_params(config, config.model.text.vocab_size, 0)
     restored = checkpoint.restore_params(config.model.init_checkpoint, like)
-    for path, value in convert._flatten(expected).items():
-        np.testing.assert_array_equal(convert._flatten(restored)[path], value, err_msg=path)
+    for path, value in convert.flat_params(expected).items():
+        np.testing.assert_array_equal(convert.flat_params(restored)[path], value, err_msg=path)
     # A model of another shape is refused, naming the parameter.
     config.model.text.width = 32
     with pytest.raises(ValueError, match=r"text_tower/encoder/blocks/0/attn/key/bias \(16,\) \(model: \(32,\)\)"):
         checkpoint.restore_params(config.model.init_checkpoint,
                                   convert.abstract_params(config, config.model.text.vocab_size, 0))
-    assert train.trainable_labels(restored, config)["log_logit_scale"] == "other"
+    assert optim.trainable_labels(restored, config)["log_logit_scale"] == "other"
 
 
 @pytest.fixture(scope="module")

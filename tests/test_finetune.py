@@ -3,11 +3,12 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from prodclip import trees
+from prodclip import optim
 from prodclip import config as config_lib
 from prodclip import train
 from prodclip.models import two_tower
@@ -53,8 +54,8 @@ def batch(seed):
 def run(config, steps):
     """[params before, after step 1, ..., after step `steps`], as numpy."""
     graphdef, params = init()
-    tx = train.make_optimizer(config, params)
-    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    tx = optim.make_optimizer(config, params)
+    state = optim.init_train_state(config, params)
     step = jax.jit(train.make_train_step(config, graphdef, tx))
     history = [jax.tree.map(np.asarray, params)]
     for i in range(steps):
@@ -64,7 +65,7 @@ def run(config, steps):
 
 
 def leaves(tree, prefix=""):
-    return {k: v for k, v in ((train.param_path(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree))
+    return {k: v for k, v in ((trees.path_str(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree))
             if k.startswith(prefix)}
 
 

@@ -15,6 +15,9 @@ import pytest
 from multihost_worker import VOCAB, tiny_batch, tiny_config
 from scipy import stats
 
+from prodclip.models import inference
+from prodclip import optim
+from prodclip.models import factory
 from prodclip import itm, parallel, train
 from prodclip.config import ConfigError
 from prodclip.models import fusion
@@ -163,7 +166,7 @@ def test_shortened_titles_take_no_part_in_itm():
 
 
 def build(config):
-    return train.create_model(config, types.SimpleNamespace(vocab_size=VOCAB, pad_id=0), seed=0)
+    return factory.create_model(config, types.SimpleNamespace(vocab_size=VOCAB, pad_id=0), seed=0)
 
 
 @pytest.mark.parametrize("pooling", ["first", "mean"])
@@ -212,9 +215,9 @@ def test_itc_residual_adds_gain_times_the_two_tower_logit_without_its_gradient()
 
 def test_rerank_scorer_and_itm_fn_give_the_same_log_odds_with_the_residual_head():
     """Two paths to a pair's score: rerank.pair_scorer (cached token states + embeddings of the split) and
-    fusion.make_itm_fn (both towers on raw images and token ids). They must agree (1e-4)."""
+    inference.fusion_itm_fn (both towers on raw images and token ids). They must agree (1e-4)."""
     from prodclip.evaluate import rerank
-    from prodclip.train import merge_model
+    from prodclip.models.factory import merge_model
 
     config = tiny_config(**FUSION, **{"model.fusion.itc_residual": True})
     graphdef, params = build(config)
@@ -228,7 +231,7 @@ def test_rerank_scorer_and_itm_fn_give_the_same_log_odds_with_the_residual_head(
     b = len(batch["ids"])
     texts, images = np.arange(b), np.roll(np.arange(b), 1)
     via_split = rerank.pair_scorer(graphdef, params, split, "t2i", 2 * b, scale)(texts, images)
-    itm_fn = fusion.make_itm_fn(graphdef, params, batch_size=b, log_odds=True)
+    itm_fn = inference.fusion_itm_fn(graphdef, params, batch_size=b, log_odds=True)
     direct = itm_fn(batch["images"][images], batch["token_ids"][texts])
     np.testing.assert_allclose(via_split, direct, rtol=1e-4, atol=1e-4)
 
@@ -243,7 +246,7 @@ def test_disabled_fusion_has_no_params_and_enabled_towers_are_unchanged():
     # The ITM head reads the first token: padding after it must not change the logits.
     config = tiny_config(**FUSION)
     graphdef, params = build(config)
-    model = train.merge_model(graphdef, params)
+    model = factory.merge_model(graphdef, params)
     rng = np.random.default_rng(3)
     text = jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32)
     image = jnp.asarray(rng.normal(size=(2, 4, 16)), jnp.float32)
@@ -274,8 +277,8 @@ def test_config_rejects_fusion_combinations(overrides, message):
 def run_steps(config, mesh, num_steps=2):
     """Host params after `num_steps` and each step's metrics, through parallel.compile_train_step."""
     graphdef, params = build(config)
-    tx = train.make_optimizer(config, params)
-    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    tx = optim.make_optimizer(config, params)
+    state = optim.init_train_state(config, params)
     compiled = parallel.compile_train_step(
         config, mesh, lambda loss, reduce: train.make_train_step(config, graphdef, tx, loss, reduce),
         train.make_pair_loss(config), state)

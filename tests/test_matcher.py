@@ -11,6 +11,7 @@ from flax import nnx
 
 from test_finetune import tiny_config as finetune_config
 
+from prodclip.models import inference
 from prodclip import config as config_lib
 from prodclip import losses, train
 from prodclip.models import matcher as matcher_lib
@@ -104,7 +105,7 @@ def test_train_loss_adds_the_weighted_matcher_term_and_itm_fn_scores_pairs():
              "ids": np.arange(B)}
     loss, grads = jax.jit(train.make_loss_and_grads(config, graphdef))(params, batch)
     out = model(jnp.asarray(batch["images"]), jnp.asarray(batch["token_ids"]))
-    positives = np.asarray(train.batch_positives(batch))
+    positives = np.asarray(losses.batch_positives(batch))
     assert positives[1, 4] and positives.sum() == B + 2
     contrastive = losses.softmax_contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
                                                   positives=positives)
@@ -113,7 +114,7 @@ def test_train_loss_adds_the_weighted_matcher_term_and_itm_fn_scores_pairs():
     assert float(matched) > 0.1
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads["matcher"]))
 
-    itm_fn = matcher_lib.make_itm_fn(graphdef, params)
+    itm_fn = inference.matcher_itm_fn(graphdef, params)
     prob = np.asarray(itm_fn(batch["images"], batch["token_ids"]))
     expected = jax.nn.sigmoid(model.matcher(out["image_emb"], out["text_emb"]))
     assert prob.shape == (B,) and ((prob > 0) & (prob < 1)).all()

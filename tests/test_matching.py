@@ -13,8 +13,9 @@ from PIL import Image
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 
-from prodclip import cli, train
+from prodclip import cli
 from prodclip import config as config_lib
+from prodclip import run as run_lib
 from prodclip.data import pipeline, synthetic
 from prodclip.evaluate import matching, pairs
 from test_search import TINY as SEARCH_TINY
@@ -219,7 +220,8 @@ def test_match_calibration_reduces_ece_on_val(trained_run, tmp_path):
 def test_itm_probabilities_follow_the_pairs(trained_run):
     """The fusion hook gets each pair's own photo and title, in pair order."""
     config = config_lib.load_config_json(trained_run / "config.json")
-    _, _, tokenizer, sources, _, _ = train.load_trained(config, trained_run, {"test": None})
+    run = run_lib.load_run(trained_run, config, ["test"])
+    tokenizer, sources = run.tokenizer, run.sources
     source = sources["test"]
     pair_set = pairs.build_pairs(pairs.sampler_for_source(source, "category", ("colour", "pattern")), seed=0)
     fake_itm = lambda images, ids: (ids[:, 1] % 7 + images[:, 0, 0, 0] % 3) / 10.0  # noqa: E731

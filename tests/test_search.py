@@ -1,6 +1,5 @@
 """Embedding store, search and zero-shot pieces, and an end-to-end train -> embed -> search run through the CLI."""
 
-import argparse
 import json
 import logging
 import pathlib
@@ -9,7 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from prodclip import cli, search, train
+from prodclip import cli, search
+from prodclip import run as run_lib
+from prodclip.models import factory
 from prodclip.evaluate import store as store_lib
 from prodclip.evaluate import suite, zeroshot
 
@@ -84,13 +85,13 @@ def test_train_embed_search_through_cli(trained_run, tmp_path, capsys, caplog):
     assert (tmp_path / "r.png").stat().st_size > 1000
 
     # Exact titles find their own item, for the trained model ...
-    config = cli._load_config(argparse.Namespace(config=None, config_arg=None, workdir=workdir), [])
-    graphdef, params, tokenizer, sources, _, _ = train.load_trained(config, workdir, {"train": None})
+    run = run_lib.load_run(workdir, splits=["train"])
+    config, graphdef, params, tokenizer, sources = run.config, run.graphdef, run.params, run.tokenizer, run.sources
     trained_rate = _exact_title_top1(store, graphdef, params, tokenizer)
     assert trained_rate >= EXACT_TITLE_TOP1
 
     # ... and not for an untrained one: the check can fail.
-    _, fresh = train.create_model(config, tokenizer, seed=123)
+    _, fresh = factory.create_model(config, tokenizer, seed=123)
     store_lib.embed_catalog(graphdef, fresh, sources["train"], tokenizer, config, tmp_path / "fresh",
                             split="train", workdir=workdir, progress=False)
     fresh_store = store_lib.open_store(tmp_path / "fresh")
@@ -241,9 +242,9 @@ def test_chunked_top_k_sharded_over_devices_matches_brute_force():
     from prodclip.evaluate import retrieval
 
     assert jax.local_device_count() == 8  # tests/conftest.py
-    sharding = retrieval._query_sharding(16)
+    sharding = retrieval.query_sharding(16)
     assert sharding is not None and len(sharding.device_set) == 8
-    assert retrieval._query_sharding(13) is None  # rows not divisible: one device
+    assert retrieval.query_sharding(13) is None  # rows not divisible: one device
     rng = np.random.default_rng(4)
     gallery = rng.integers(-2, 3, size=(500, 8)).astype(np.float32)
     queries = rng.integers(-2, 3, size=(40, 8)).astype(np.float32)

@@ -5,7 +5,6 @@ another jit with another batch size, so they differ from the in-step ones by flo
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,6 +12,8 @@ from test_finetune import BATCH, CONTEXT, VOCAB
 from test_finetune import init as finetune_model
 from test_finetune import tiny_config as finetune_config
 
+from prodclip import optim
+from prodclip.models import factory
 from prodclip import config as config_lib
 from prodclip import text_cache, train
 
@@ -52,13 +53,13 @@ def batches(num):
 def model():
     config = tiny_config()
     graphdef, params = finetune_model()
-    encode = jax.jit(lambda p, t: train.merge_model(graphdef, p).encode_text(t))
+    encode = jax.jit(lambda p, t: factory.merge_model(graphdef, p).encode_text(t))
     return config, graphdef, params, encode
 
 
 def train_steps(config, graphdef, params, cache, num=3):
-    tx = train.make_optimizer(config, params)
-    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    tx = optim.make_optimizer(config, params)
+    state = optim.init_train_state(config, params)
     step = jax.jit(train.make_train_step(config, graphdef, tx))
     losses, flops = [], None
     for batch in batches(num):

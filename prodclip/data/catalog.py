@@ -26,6 +26,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from prodclip import errors
+
 MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused as decompression bombs
 
 SKIP_REASONS = (
@@ -34,12 +36,19 @@ SKIP_REASONS = (
 )
 
 
-class ImageError(ValueError):
+class ImageError(errors.DataError):
     """An image that cannot be used; `reason` is one of SKIP_REASONS."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """[H, W, 3] uint8 -> lossless PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

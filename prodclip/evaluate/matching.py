@@ -28,6 +28,7 @@ from sklearn import metrics as sk_metrics
 from sklearn.linear_model import LogisticRegression
 
 from prodclip.evaluate import pairs as pairs_lib
+from prodclip.models import inference
 
 log = logging.getLogger("prodclip")
 
@@ -304,13 +305,11 @@ class ScoredPairs:
 def score_split(graphdef, params, source, tokenizer, config, split: str, *, itm_fn: ItmFn | None = None
                 ) -> ScoredPairs:
     """Builds the split's pair benchmark (config.match) and scores every pair."""
-    from prodclip.evaluate import suite
-
     type_label, swap_labels = benchmark_labels(config, source)
     sampler = pairs_lib.sampler_for_source(source, type_label, swap_labels)
     pair_set = pairs_lib.build_pairs(sampler, config.match.negative_kinds, seed=config.match.seed)
-    image_emb, title_emb = suite.embed_source(graphdef, params, source, tokenizer, config)
-    encode = suite.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
+    image_emb, title_emb = inference.embed_source(graphdef, params, source, tokenizer, config)
+    encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
     cos = pair_cosines(image_emb, title_emb, pair_set, encode)
     itm = itm_probabilities(itm_fn, source, pair_set, tokenizer, config) if itm_fn is not None else None
     return ScoredPairs(split, pair_set, cos, itm)

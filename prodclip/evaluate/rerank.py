@@ -19,17 +19,16 @@ N x (S x Wi + L x Wt) float32 (1,000 items of the quickstart: 18 MB).
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any, Callable, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 
 from prodclip import losses
 from prodclip.data import pipeline
 from prodclip.evaluate import retrieval
+from prodclip.models import inference
 
 # (query rows [P] int64, gallery rows [P] int64) -> [P] float32 ITM log-odds of those pairs.
 PairScores = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -132,35 +131,16 @@ def reranked_metrics(query_emb, gallery_emb, query_keys, gallery_keys, k: int, p
 # ----------------------------------------------------------------------------- a split through the model
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted(graphdef):
-    from prodclip.models import fusion
-    from prodclip.train import merge_model
-
-    def encode(params, images, token_ids):
-        model = merge_model(graphdef, params)
-        out = model(images, token_ids)
-        return (out["image_emb"], out["text_emb"], out["image_tokens"], out["text_tokens"],
-                model.text_tower.valid_tokens(token_ids))
-
-    def log_odds(params, image_tokens, text_tokens, text_valid, itc):
-        model = merge_model(graphdef, params)
-        return fusion.match_log_odds(fusion.itm_logits(model, image_tokens, text_tokens, text_valid, itc))
-
-    return jax.jit(encode), jax.jit(log_odds)
-
-
 def embed_split(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """Embeddings and token states of every item of `source`, in order, as numpy:
     image_emb [N, D], text_emb [N, D], image_tokens [N, S, Wi], text_tokens [N, L, Wt], text_valid [N, L] bool."""
-    from prodclip.evaluate.suite import _pad_to
-
-    encode, _ = _jitted(graphdef)
+    encode = inference.split_state_encoder(graphdef)
     batch_size = config.eval.batch_size
     parts: list[tuple] = []
     for batch in pipeline.eval_batches(source, tokenizer, config, batch_size):
         n = len(batch["ids"])
-        out = encode(params, _pad_to(batch["images"], batch_size), _pad_to(batch["token_ids"], batch_size))
+        out = encode(params, inference.pad_to_batch(batch["images"], batch_size),
+                     inference.pad_to_batch(batch["token_ids"], batch_size))
         parts.append(tuple(np.asarray(x)[:n] for x in out))
     names = ("image_emb", "text_emb", "image_tokens", "text_tokens", "text_valid")
     return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
@@ -171,7 +151,7 @@ def pair_scorer(graphdef, params, split: dict[str, np.ndarray], direction: str, 
     """Fusion log-odds of (query, gallery) index pairs of one split; direction "t2i" (text queries, image
     gallery) or "i2t". Each call's pairs are padded to `pair_batch`, so the fusion encoder compiles once.
     itc_scale: the model's logit scale (a pair's two-tower logit is itc_scale x cosine)."""
-    _, log_odds = _jitted(graphdef)
+    log_odds = inference.fusion_log_odds(graphdef)
 
     def scores(query_rows: np.ndarray, gallery_rows: np.ndarray) -> np.ndarray:
         image_rows, text_rows = (gallery_rows, query_rows) if direction == "t2i" else (query_rows, gallery_rows)

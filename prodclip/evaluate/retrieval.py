@@ -152,7 +152,7 @@ def _check_embeddings(query_emb: Any, gallery_emb: Any) -> tuple[Any, Any]:
     return query_emb, gallery_emb
 
 
-def _query_sharding(block: int) -> jax.sharding.NamedSharding | None:
+def query_sharding(block: int) -> jax.sharding.NamedSharding | None:
     """Splits a query block's rows over all local devices, when there are several and they divide it.
 
     Each row's scores and running top-k depend on that row alone, so row-sharding
@@ -269,7 +269,7 @@ def chunked_top_k(
       k: number of items to return per query, >= 1; clipped to G.
       chunk_size: gallery rows scored per device step.
       query_block: query rows scored per device step; when several local devices
-        divide the block, its rows are split over them (see ``_query_sharding``).
+        divide the block, its rows are split over them (see ``query_sharding``).
 
     Returns:
       (scores [Q, k'] float32, indices [Q, k'] int64), k' = min(k, G), best
@@ -287,7 +287,7 @@ def chunked_top_k(
     block, chunk = _plan(num_queries, num_gallery, chunk_size, query_block)
     k_eff = min(k, num_gallery)
 
-    rows = _query_sharding(block)
+    rows = query_sharding(block)
     out_scores = np.empty((num_queries, k_eff), np.float32)
     out_index = np.empty((num_queries, k_eff), np.int64)
     for q0, q_valid, queries in _iter_blocks(query_emb, block, "query_emb"):

@@ -23,16 +23,18 @@ import os
 import pathlib
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
+
+from prodclip import errors, trees
+from prodclip.models import inference
 
 STORE_VERSION = 1
 HEADER = "store.json"
 ITEMS = "items.jsonl"
 
 
-class StoreError(ValueError):
+class StoreError(errors.StoreError):
     """A store that cannot be written, read or used with this model; the message says why."""
 
 
@@ -43,11 +45,7 @@ def model_fingerprint(params: Any, tokenizer, config: ml_collections.ConfigDict)
     vocabulary and context length, and the image input size and resize mode.
     """
     h = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
-        array = np.asarray(leaf)
-        h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
-        h.update(np.ascontiguousarray(array).tobytes())
+    trees.hash_tree(h, params)
     h.update(json.dumps(sorted(tokenizer.hf.get_vocab().items())).encode())
     h.update(f"{tokenizer.context_length}:{tokenizer.lowercase}:{config.data.image_size}:{config.data.resize}".encode())
     return h.hexdigest()[:16]
@@ -70,7 +68,7 @@ def product_vectors(image_emb: np.ndarray, text_emb: np.ndarray, mode: str, imag
     return (rows / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-class _Rows:
+class RowRange:
     """Rows start..stop-1 of a source, as a source."""
 
     def __init__(self, source, start: int, stop: int):
@@ -134,8 +132,6 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
     A shard is computed only when some store lacks it (resume), and both towers run once for
     all the stores. Returns mode -> header.
     """
-    from prodclip.evaluate import suite
-
     num_items = len(source)
     if num_items == 0:
         raise StoreError(f"split {split!r} of data.name={config.data.name!r} has no items: nothing to embed")
@@ -169,7 +165,7 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
             dim = np.load(_shard_path(next(iter(stores.values())), index), mmap_mode="r").shape[1]
             bar.update(stop - start)
             continue
-        image_emb, text_emb = suite.embed_source(graphdef, params, _Rows(source, start, stop), tokenizer, config)
+        image_emb, text_emb = inference.embed_source(graphdef, params, RowRange(source, start, stop), tokenizer, config)
         for mode, path in todo.items():
             rows = product_vectors(image_emb, text_emb, mode, e.image_weight)
             dim = rows.shape[1]

@@ -2,63 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
 from prodclip.data import pipeline
 from prodclip.evaluate import baselines, rerank, retrieval, zeroshot
-
-
-@functools.lru_cache(maxsize=8)
-def _encoders(graphdef):
-    from prodclip.train import merge_model
-
-    encode_image = jax.jit(lambda p, x: merge_model(graphdef, p).encode_image(x))
-    encode_text = jax.jit(lambda p, t: merge_model(graphdef, p).encode_text(t))
-    return encode_image, encode_text
-
-
-def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
-    if len(x) == n:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
-
-
-def embed_source(graphdef, params, source, tokenizer, config, *,
-                 with_text: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """All images and titles of `source`: ([N, D], [N, D] or None) float32, L2-normalised, in source order."""
-    encode_image, encode_text = _encoders(graphdef)
-    batch_size = config.eval.batch_size
-    images, texts = [], []
-    for batch in pipeline.eval_batches(source, tokenizer, config, batch_size):
-        n = len(batch["ids"])
-        images.append(np.asarray(encode_image(params, _pad_to(batch["images"], batch_size)))[:n])
-        if with_text:
-            texts.append(np.asarray(encode_text(params, _pad_to(batch["token_ids"], batch_size)))[:n])
-    return np.concatenate(images), (np.concatenate(texts) if with_text else None)
-
-
-def embed_images(graphdef, params, source, tokenizer, config) -> np.ndarray:
-    """[N, D] float32 image embeddings of a whole source, in source order."""
-    return embed_source(graphdef, params, source, tokenizer, config, with_text=False)[0]
-
-
-def title_encoder(graphdef, params, tokenizer, batch_size: int):
-    """A function: N strings -> [N, D] float32 text embeddings."""
-    _, encode_text = _encoders(graphdef)
-
-    def encode(titles):
-        ids = tokenizer(list(titles))
-        out = [np.asarray(encode_text(params, _pad_to(ids[i:i + batch_size], batch_size)))[:len(ids[i:i + batch_size])]
-               for i in range(0, len(ids), batch_size)]
-        return np.concatenate(out)
-    return encode
+from prodclip.models import inference
 
 
 def retrieval_keys(source) -> tuple[np.ndarray, str]:
@@ -127,31 +80,43 @@ def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections
     return metrics
 
 
+def embed_split(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """One pass of `source` through the model: {"image_emb": [N, D], "text_emb": [N, D]} float32, in order.
+
+    With fusion re-ranking on (rerank.enabled), also the towers' token states that the
+    fusion encoder reads (see rerank.embed_split). Every evaluator of the split reads this pass.
+    """
+    if rerank.enabled(config):
+        return rerank.embed_split(graphdef, params, source, tokenizer, config)
+    image_emb, text_emb = inference.embed_source(graphdef, params, source, tokenizer, config)
+    return {"image_emb": image_emb, "text_emb": text_emb}
+
+
 def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict, *,
                    with_zeroshot: bool = True, label_stats: dict | None = None,
-                   plot_dir: str | pathlib.Path | None = None, split: str = "") -> dict[str, float]:
+                   plot_dir: str | pathlib.Path | None = None, split: str = "",
+                   embedded: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Flat metrics: 'i2t/R@1', ..., 't2i/R@10', and 'zeroshot/<label>/top1', ... for one split.
 
     Retrieval matches by product id when a product has several rows, else by identical
     title (see `retrieval_keys`). With a fusion encoder and eval.rerank_k > 0, also
-    'i2t/rerank/R@1', ... for the fusion-re-ranked top-k (see rerank.py).
+    'i2t/rerank/R@1', ... for the fusion-re-ranked top-k (see rerank.py). `embedded`: the
+    split's `embed_split` output when the caller has it (else it is computed here).
     """
     if len(source) == 0:
         raise ValueError(f"split {split!r} has no items to evaluate")
-    if rerank.enabled(config):  # the towers' token states too, for the fusion encoder
-        split_states = rerank.embed_split(graphdef, params, source, tokenizer, config)
-        image_emb, text_emb = split_states["image_emb"], split_states["text_emb"]
-    else:
-        image_emb, text_emb = embed_source(graphdef, params, source, tokenizer, config)
+    if embedded is None:
+        embedded = embed_split(graphdef, params, source, tokenizer, config)
+    image_emb, text_emb = embedded["image_emb"], embedded["text_emb"]
     keys, rule = retrieval_keys(source)
     metrics = retrieval.two_way_retrieval(image_emb, text_emb, keys, keys, ks=tuple(config.eval.ks))
     if rerank.enabled(config):
-        metrics.update(rerank.two_way_reranked(graphdef, params, split_states, keys, config))
+        metrics.update(rerank.two_way_reranked(graphdef, params, embedded, keys, config))
     metrics["num_items"] = len(source)
     metrics["distinct_keys"] = int(len(np.unique(keys)))
     metrics["match_by_product_id"] = int(rule == "product_id")
     if with_zeroshot:
-        encode = title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
+        encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
         metrics.update(zeroshot_split(image_emb, source, encode, config, label_stats=label_stats,
                                       plot_dir=plot_dir, split=split))
     return metrics
@@ -159,16 +124,23 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
 
 def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label_stats: dict | None = None, *,
                  plot_dir: str | pathlib.Path | None = None) -> dict[str, Any]:
-    """Metrics per eval split; with eval.linear_probe_labels and a train split, the baselines too."""
+    """Metrics per eval split; with eval.linear_probe_labels and a train split, the baselines too.
+
+    Each split goes through the model once: retrieval, re-ranking, zero-shot and the probes
+    all read the same embeddings.
+    """
+    embedded = {split: embed_split(graphdef, params, split_sources[split], tokenizer, config)
+                for split in config.data.eval_splits if len(split_sources[split])}
     results = {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config,
-                                     label_stats=label_stats, plot_dir=plot_dir, split=split)
+                                     label_stats=label_stats, plot_dir=plot_dir, split=split,
+                                     embedded=embedded.get(split))
                for split in config.data.eval_splits}
     probe_labels = [l for l in config.eval.linear_probe_labels if l in getattr(split_sources.get("train"), "labels", {})]
     if probe_labels:
         train_source = split_sources["train"]
-        train_emb = embed_images(graphdef, params, train_source, tokenizer, config)
+        train_emb = inference.embed_images(graphdef, params, train_source, tokenizer, config)
         for split in config.data.eval_splits:
-            eval_emb = embed_images(graphdef, params, split_sources[split], tokenizer, config)
+            eval_emb = embedded[split]["image_emb"]
             for label in probe_labels:
                 _, _, train_labels = zeroshot_classes(label, train_source, config, label_stats)
                 names, _, eval_labels = zeroshot_classes(label, split_sources[split], config, label_stats)

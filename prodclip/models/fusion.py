@@ -12,12 +12,9 @@ W the fusion width.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from prodclip.models import layers
@@ -125,37 +122,3 @@ def itm_logits(model, image_tokens: jax.Array, text_tokens: jax.Array, text_mask
 def match_log_odds(logits: jax.Array) -> jax.Array:
     """[N, 2] ITM logits -> [N] log p(match) / p(no match), the re-ranking score."""
     return logits[..., 1] - logits[..., 0]
-
-
-def make_itm_fn(graphdef, params, *, batch_size: int = 256,
-                log_odds: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """itm_fn(images [N, S, S, 3] uint8, token_ids [N, L] int32) -> p(match) [N] float32, numpy.
-
-    Runs both towers and the fusion encoder on each pair, in padded batches of
-    `batch_size` (one compilation). The form other modules take an ITM scorer in.
-    With `log_odds`, returns `match_log_odds` instead of the probability (no saturation at 1).
-    """
-    from prodclip.train import merge_model
-
-    @jax.jit
-    def probabilities(p, images, token_ids):
-        model = merge_model(graphdef, p)
-        out = model(images, token_ids)
-        itc = out["logit_scale"] * jnp.sum(out["image_emb"] * out["text_emb"], axis=-1)
-        logits = itm_logits(model, out["image_tokens"], out["text_tokens"], model.text_tower.valid_tokens(token_ids),
-                            itc)
-        return match_log_odds(logits) if log_odds else jax.nn.softmax(logits, axis=-1)[:, 1]
-
-    def itm_fn(images: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
-        images, token_ids = np.asarray(images), np.asarray(token_ids)
-        if len(images) != len(token_ids):
-            raise ValueError(f"itm_fn: {len(images)} images but {len(token_ids)} token rows; they are pairs")
-        out = []
-        for start in range(0, len(images), batch_size):
-            n = min(batch_size, len(images) - start)
-            pad = lambda x: np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)]) if n < batch_size else x
-            chunk = probabilities(params, pad(images[start:start + n]), pad(token_ids[start:start + n]))
-            out.append(np.asarray(chunk)[:n])
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
-
-    return itm_fn

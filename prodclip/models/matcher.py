@@ -19,8 +19,6 @@ identical title), so a "negative" that is really a duplicate is labelled positiv
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -81,21 +79,6 @@ def match_probability(model, image_emb: jax.Array, text_emb: jax.Array) -> jax.A
     if getattr(model, "matcher", None) is None:
         raise ValueError("this model has no matcher: train with model.matcher.kind='concat'")
     return jax.nn.sigmoid(model.matcher(image_emb, text_emb))
-
-
-def make_itm_fn(graphdef, params) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """itm_fn(images [N, S, S, 3] uint8, token_ids [N, L] int32) -> P(match) [N] float32, jitted.
-
-    The scoring callable that re-ranking and match verdicts take (see the fusion module's
-    `itm_fn` convention); pairs are row i with row i.
-    """
-    from prodclip.train import merge_model
-
-    @jax.jit
-    def score(params, images, token_ids):
-        model = merge_model(graphdef, params)
-        return match_probability(model, model.encode_image(images), model.encode_text(token_ids))
-    return lambda images, token_ids: score(params, images, token_ids)
 
 
 def build_matcher(config, dtype, rngs: nnx.Rngs) -> ConcatMatcher | None:

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import io
 from typing import Sequence
 
 import numpy as np
@@ -39,8 +38,3 @@ def image_for_tfds(image_bytes: bytes, mode: str, image_format: str, pixels: np.
     return Image.fromarray(pixels)
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """[H, W, 3] uint8 -> lossless PNG bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -11,7 +11,8 @@ import dataclasses
 import tensorflow_datasets as tfds
 
 from prodclip.data import synthetic
-from prodclip.data.builders.features import pair_features, png_bytes
+from prodclip.data.builders.features import pair_features
+from prodclip.data.catalog import png_bytes
 
 
 @dataclasses.dataclass(frozen=True)

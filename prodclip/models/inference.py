@@ -1,0 +1,155 @@
+"""Batched inference: fixed-size padded batches through cached, jitted encoders.
+
+Every batch is padded to the same size, so each encoder compiles once per
+(graphdef, batch size); the pad rows repeat the last real row and are cut off
+after the call. Evaluation, re-ranking, the LiT text cache, search and the
+audit all embed through these functions.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prodclip.data import pipeline
+from prodclip.models import fusion, matcher
+from prodclip.models.factory import merge_model
+
+
+def pad_to_batch(x: np.ndarray, n: int) -> np.ndarray:
+    """`x` [m, ...] with m <= n, its last row repeated to n rows."""
+    if len(x) == n:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
+
+
+def batched(fn: Callable, arrays: tuple[np.ndarray, ...], batch_size: int) -> list[tuple[np.ndarray, ...]]:
+    """fn(*padded_batch) over row blocks of `arrays` (same length N), each block padded to `batch_size`.
+
+    Returns one tuple of numpy outputs per block, cut to the block's real rows
+    (`fn` may return one array or a tuple of arrays, each with the batch first).
+    """
+    out = []
+    for start in range(0, len(arrays[0]), batch_size):
+        block = [a[start:start + batch_size] for a in arrays]
+        n = len(block[0])
+        result = fn(*(pad_to_batch(b, batch_size) for b in block))
+        result = result if isinstance(result, tuple) else (result,)
+        out.append(tuple(np.asarray(r)[:n] for r in result))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def encoders(graphdef):
+    """(encode_image(params, [B, S, S, 3] uint8), encode_text(params, [B, L] int32)) -> [B, D], jitted, cached."""
+    encode_image = jax.jit(lambda p, x: merge_model(graphdef, p).encode_image(x))
+    encode_text = jax.jit(lambda p, t: merge_model(graphdef, p).encode_text(t))
+    return encode_image, encode_text
+
+
+def embed_source(graphdef, params, source, tokenizer, config, *,
+                 with_text: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """All images and titles of `source`: ([N, D], [N, D] or None) float32, L2-normalised, in source order."""
+    encode_image, encode_text = encoders(graphdef)
+    batch_size = config.eval.batch_size
+    images, texts = [], []
+    for batch in pipeline.eval_batches(source, tokenizer, config, batch_size):
+        n = len(batch["ids"])
+        images.append(np.asarray(encode_image(params, pad_to_batch(batch["images"], batch_size)))[:n])
+        if with_text:
+            texts.append(np.asarray(encode_text(params, pad_to_batch(batch["token_ids"], batch_size)))[:n])
+    return np.concatenate(images), (np.concatenate(texts) if with_text else None)
+
+
+def embed_images(graphdef, params, source, tokenizer, config) -> np.ndarray:
+    """[N, D] float32 image embeddings of a whole source, in source order."""
+    return embed_source(graphdef, params, source, tokenizer, config, with_text=False)[0]
+
+
+def title_encoder(graphdef, params, tokenizer, batch_size: int) -> Callable[[list[str]], np.ndarray]:
+    """A function: N strings -> [N, D] float32 text embeddings."""
+    _, encode_text = encoders(graphdef)
+
+    def encode(titles):
+        ids = tokenizer(list(titles))
+        return np.concatenate([b[0] for b in batched(lambda t: encode_text(params, t), (ids,), batch_size)])
+    return encode
+
+
+def image_encoder(graphdef, params) -> Callable[[np.ndarray], np.ndarray]:
+    """A function: [N, S, S, 3] uint8 images -> [N, D] float32 (one call, no padding)."""
+    encode_image, _ = encoders(graphdef)
+    return lambda images: np.asarray(encode_image(params, images))
+
+
+@functools.lru_cache(maxsize=8)
+def split_state_encoder(graphdef):
+    """jitted (params, images, token_ids) -> (image_emb, text_emb, image_tokens, text_tokens, text_valid)."""
+    def encode(params, images, token_ids):
+        model = merge_model(graphdef, params)
+        out = model(images, token_ids)
+        return (out["image_emb"], out["text_emb"], out["image_tokens"], out["text_tokens"],
+                model.text_tower.valid_tokens(token_ids))
+    return jax.jit(encode)
+
+
+@functools.lru_cache(maxsize=8)
+def fusion_log_odds(graphdef):
+    """jitted (params, image_tokens, text_tokens, text_valid, itc) -> [B] fusion match log-odds."""
+    def log_odds(params, image_tokens, text_tokens, text_valid, itc):
+        model = merge_model(graphdef, params)
+        return fusion.match_log_odds(fusion.itm_logits(model, image_tokens, text_tokens, text_valid, itc))
+    return jax.jit(log_odds)
+
+
+def fusion_itm_fn(graphdef, params, *, batch_size: int = 256,
+                  log_odds: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """itm_fn(images [N, S, S, 3] uint8, token_ids [N, L] int32) -> p(match) [N] float32, numpy.
+
+    Runs both towers and the fusion encoder on each pair, in padded batches of
+    `batch_size` (one compilation). The form other modules take an ITM scorer in.
+    With `log_odds`, returns `fusion.match_log_odds` instead of the probability (no saturation at 1).
+    """
+    @jax.jit
+    def probabilities(p, images, token_ids):
+        model = merge_model(graphdef, p)
+        out = model(images, token_ids)
+        itc = out["logit_scale"] * jnp.sum(out["image_emb"] * out["text_emb"], axis=-1)
+        logits = fusion.itm_logits(model, out["image_tokens"], out["text_tokens"],
+                                   model.text_tower.valid_tokens(token_ids), itc)
+        return fusion.match_log_odds(logits) if log_odds else jax.nn.softmax(logits, axis=-1)[:, 1]
+
+    def itm_fn(images: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+        images, token_ids = np.asarray(images), np.asarray(token_ids)
+        if len(images) != len(token_ids):
+            raise ValueError(f"itm_fn: {len(images)} images but {len(token_ids)} token rows; they are pairs")
+        out = batched(lambda x, t: probabilities(params, x, t), (images, token_ids), batch_size)
+        return np.concatenate([b[0] for b in out]) if out else np.zeros((0,), np.float32)
+
+    return itm_fn
+
+
+def matcher_itm_fn(graphdef, params) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """itm_fn(images [N, S, S, 3] uint8, token_ids [N, L] int32) -> P(match) [N] float32, jitted.
+
+    The concat matcher's scorer, in the `fusion_itm_fn` convention; pairs are row i with row i.
+    """
+    @jax.jit
+    def score(params, images, token_ids):
+        model = merge_model(graphdef, params)
+        return matcher.match_probability(model, model.encode_image(images), model.encode_text(token_ids))
+    return lambda images, token_ids: score(params, images, token_ids)
+
+
+def match_head_scorer(config, graphdef, params):
+    """The run's own match head as `itm_fn(images, token_ids) -> p(match)`: the fusion ITM head or the
+    concat matcher; None for a plain two-tower run."""
+    if config.model.fusion.enabled:
+        return fusion_itm_fn(graphdef, params, batch_size=config.eval.batch_size)
+    if config.model.matcher.kind != "none":
+        return matcher_itm_fn(graphdef, params)
+    return None

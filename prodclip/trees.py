@@ -1,0 +1,27 @@
+"""Parameter trees: a leaf's key path as a string, and a content hash of a tree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def path_str(path) -> str:
+    """'text_tower/encoder/blocks/0/attn/query/kernel' for a tree_map_with_path key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def path_keys(path) -> tuple:
+    """('text_tower', 'encoder', 'blocks', 0, ...): a key path as plain dict keys and list indices."""
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
+def hash_tree(h, tree: Any) -> None:
+    """Feeds every leaf of `tree` (key path, dtype, shape, bytes) into the hashlib object `h`, in key order."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
+        array = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
