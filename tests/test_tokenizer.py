@@ -40,3 +40,26 @@ def test_lowercase_is_explicit():
 def test_missing_dir_is_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
         tok.load_hf_tokenizer(tmp_path / "nope")
+
+
+TRAIN_AND_PRINT_VOCAB = """
+import json, sys
+from prodclip.data import synthetic, tokenizer as tok
+titles = list(synthetic.make_catalog("train", 1000, image_size=32).titles)
+print(json.dumps(tok.train_tokenizer(titles, vocab_size=1024).get_vocab(), sort_keys=True))
+"""
+
+
+def test_wordpiece_training_gives_one_vocabulary_in_every_process():
+    """Ties between equally frequent merges used to be broken by hash order, which differs per process."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    vocabs = [json.loads(subprocess.run([sys.executable, "-c", TRAIN_AND_PRINT_VOCAB], cwd=root, check=True,
+                                        capture_output=True, text=True, timeout=120).stdout.splitlines()[-1])
+              for _ in range(3)]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    assert [vocabs[0][t] for t in tok.SPECIAL_TOKENS] == [0, 1, 2, 3]

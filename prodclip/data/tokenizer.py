@@ -24,11 +24,16 @@ def train_tokenizer(titles: Iterable[str], *, kind: str = "wordpiece", vocab_siz
                     lowercase: bool = True) -> transformers.PreTrainedTokenizerFast:
     """Trains a WordPiece or BPE tokenizer on titles; returns it as a transformers tokenizer.
 
-    Titles are encoded as `[CLS] title [SEP]`; [PAD] has id 0.
+    Titles are encoded as `[CLS] title [SEP]`; [PAD] has id 0. The same titles give the same
+    vocabulary in every process (see `word_piece_alphabet`).
     """
+    titles = list(titles)
+    normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else []))
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     if kind == "wordpiece":
         model = models.WordPiece(unk_token="[UNK]")
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
+        continuing = word_piece_alphabet(titles, normalizer, pre_tokenizer)
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *continuing])
         decoder = decoders.WordPiece()
     elif kind == "bpe":
         model = models.BPE(unk_token="[UNK]")
@@ -37,11 +42,15 @@ def train_tokenizer(titles: Iterable[str], *, kind: str = "wordpiece", vocab_siz
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}; valid: wordpiece, bpe")
     tok = tokenizers.Tokenizer(model)
-    steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
-    tok.normalizer = normalizers.Sequence(steps)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoder
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.train_from_iterator(titles, trainer=trainer)
+    if kind == "wordpiece":  # the same vocabulary in a tokenizer whose only special tokens are SPECIAL_TOKENS
+        tok = tokenizers.Tokenizer(models.WordPiece(tok.get_vocab(), unk_token="[UNK]"))
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre_tokenizer
+        tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.decoder = decoder
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -49,6 +58,22 @@ def train_tokenizer(titles: Iterable[str], *, kind: str = "wordpiece", vocab_siz
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
     )
+
+
+def word_piece_alphabet(titles: Sequence[str], normalizer, pre_tokenizer) -> list[str]:
+    """Sorted '##c' for every character c of the normalised, pre-tokenised titles.
+
+    The WordPiece trainer numbers these word-inner pieces in the order it meets them in a
+    hash map, and breaks ties between equally frequent merges by those numbers, so two
+    processes could learn different vocabularies from the same titles. Given to the trainer
+    first (as special tokens, which it numbers in list order), they get fixed numbers and
+    every tie is broken the same way.
+    """
+    chars = set()
+    for title in titles:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(title)):
+            chars.update(word)
+    return [f"##{c}" for c in sorted(chars)]
 
 
 class TitleTokenizer:
