@@ -45,13 +45,35 @@ TEXT_PRESETS = {
 }
 
 
+NEGATIVE_KINDS = ("random", "same_type", "attribute_swap")  # the pair benchmark's non-matching kinds (evaluate/pairs.py)
+CHOICES: dict[str, tuple[str, ...]] = {}  # 'data.name' -> its allowed values, filled by base_config()
+
+
+def one_of(c: ml_collections.ConfigDict, key: str, default: str, allowed: tuple[str, ...]) -> None:
+    """Sets field `key` of `c` to `default` and declares its allowed values (checked by `validate`)."""
+    assert default in allowed, (key, default, allowed)
+    group, _, field = key.rpartition(".")
+    node = c
+    for part in group.split(".") if group else ():
+        node = node[part]
+    node[field] = default
+    CHOICES[key] = allowed
+
+
+def allowed_values() -> dict[str, tuple[str, ...]]:
+    """{dotted key: allowed values} of every field that takes one of a fixed set of strings."""
+    if not CHOICES:
+        base_config()
+    return CHOICES
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key prodclip understands, with its default. Config files start here."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic"  # synthetic | catalog | tfds
+    one_of(c, "data.name", "synthetic", ("synthetic", "catalog", "tfds"))
     c.data.seed = 0
     c.data.image_size = 64
     c.data.num_train = 20000
@@ -66,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.title_template = "{title}"
     c.data.id_column = "id"
     c.data.label_columns = ("category", "colour", "pattern")
-    c.data.resize = "pad"  # pad | crop | stretch: how non-square images reach the model input
+    one_of(c, "data.resize", "pad", ("pad", "crop", "stretch"))  # how non-square images reach the model input
     c.data.augment = True  # random resized crop + flip; colour is never augmented
     c.data.crop_scale_min = 0.8
     c.data.flip = True
@@ -89,15 +111,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # a local HF tokenizer directory; empty = train one on the train titles
-    c.tokenizer.kind = "wordpiece"  # wordpiece | bpe (when trained)
+    one_of(c, "tokenizer.kind", "wordpiece", ("wordpiece", "bpe"))  # used when the tokenizer is trained
     c.tokenizer.vocab_size = 4096
     c.tokenizer.lowercase = True
     c.tokenizer.context_length = 32
-    c.tokenizer.truncation = "right"  # right | left
+    one_of(c, "tokenizer.truncation", "right", ("right", "left"))
 
     c.model = ml_collections.ConfigDict()
     c.model.embed_dim = 256
-    c.model.dtype = "float32"  # compute dtype; params stay float32
+    one_of(c, "model.dtype", "float32", ("float32", "bfloat16"))  # compute dtype; params stay float32
     c.model.logit_scale_init = math.log(1 / 0.07)
     c.model.logit_scale_max = 100.0
     c.model.logit_bias_init = -10.0
@@ -112,17 +134,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.num_heads = config_dict.placeholder(int)
     c.model.image.mlp_ratio = 4.0
     c.model.image.patch_size = 8
-    c.model.image.posemb = "sincos2d"  # sincos2d | learn
-    c.model.image.pooling = "gap"  # cls | gap | map
+    one_of(c, "model.image.posemb", "sincos2d", ("sincos2d", "learn"))
+    one_of(c, "model.image.pooling", "gap", ("cls", "gap", "map"))
     c.model.image.pre_norm = False  # a LayerNorm before the blocks (OpenAI CLIP)
-    c.model.image.activation = "gelu"  # gelu | quick_gelu
+    one_of(c, "model.image.activation", "gelu", ("gelu", "quick_gelu"))
     c.model.image.proj_bias = False
     c.model.image.patch_bias = True  # a bias in the patch embedding (OpenAI CLIP has none)
-    c.model.image.stem = "patch"  # patch (linear patchify) | conv (patchify conv, then 3x3 stride-2 convs)
+    one_of(c, "model.image.stem", "patch", ("patch", "conv"))  # patch (linear patchify) | conv (patchify conv, then 3x3 stride-2 convs)
     c.model.image.stem_depth = 2  # number of 3x3 stride-2 convs in the conv stem; patch_size % 2**stem_depth == 0
-    c.model.image.pixel_norm = "imagenet"  # imagenet | clip: the mean/std the model normalises pixels with
+    one_of(c, "model.image.pixel_norm", "imagenet", ("imagenet", "clip"))  # the mean/std the model normalises pixels with
     # --- baselines (issue 14): a ResNet image tower instead of the ViT (prodclip/models/resnet.py).
-    c.model.image.kind = "vit"  # vit | resnet (resnet uses pooling gap | map and the fields below)
+    one_of(c, "model.image.kind", "vit", ("vit", "resnet"))  # vit | resnet (resnet uses pooling gap | map and the fields below)
     c.model.image.resnet = ml_collections.ConfigDict()
     c.model.image.resnet.depth = 50  # 18 (basic blocks) | 26 | 50 (bottleneck blocks)
     c.model.image.resnet.width_mult = 1.0  # stem channels = round(64 * width_mult); stages x1, x2, x4, x8
@@ -134,13 +156,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text.depth = config_dict.placeholder(int)
     c.model.text.num_heads = config_dict.placeholder(int)
     c.model.text.mlp_ratio = 4.0
-    c.model.text.mask = "causal"  # causal | bidirectional
-    c.model.text.pooling = "eot"  # eot | cls | mean
-    c.model.text.activation = "gelu"
+    one_of(c, "model.text.mask", "causal", ("causal", "bidirectional"))
+    one_of(c, "model.text.pooling", "eot", ("eot", "cls", "mean"))
+    one_of(c, "model.text.activation", "gelu", ("gelu", "quick_gelu"))
     c.model.text.proj_bias = False
     # Where 'eot' pooling reads: last_nonpad | eos_id (first `eos_id` token, transformers' CLIP) |
     # argmax (largest id, transformers' rule for legacy CLIP configs with eos_token_id 2).
-    c.model.text.eot_rule = "last_nonpad"
+    one_of(c, "model.text.eot_rule", "last_nonpad", ("last_nonpad", "eos_id", "argmax"))
     c.model.text.eos_id = -1
     c.model.text.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's size
     # Fusion encoder (ALBEF/BLIP): text tokens cross-attend to the image patch tokens, an ITM head
@@ -153,12 +175,12 @@ def base_config() -> ml_collections.ConfigDict:
     # The ITM head reads the first token ("first", ALBEF / BLIP) or the mean over valid title tokens
     # ("mean": each word's cross-attention evidence reaches the head directly, not only through a later
     # self-attention; depth 1 needs it).
-    c.model.fusion.pooling = "first"
+    one_of(c, "model.fusion.pooling", "first", ("first", "mean"))
     # Residual ITM: match log-odds = fusion head + a * (two-tower logit, held constant) + b, a and b
     # learned. The head learns what the two-tower score gets wrong instead of the whole decision.
     c.model.fusion.itc_residual = False
     # --- baselines (issue 14): a BERT text tower (prodclip/models/bert.py), e.g. a pretrained MiniLM.
-    c.model.text.kind = "transformer"  # transformer (pre-LN, text.py) | bert (post-LN, token types; mask bidirectional)
+    one_of(c, "model.text.kind", "transformer", ("transformer", "bert"))  # transformer (pre-LN, text.py) | bert (post-LN, token types; mask bidirectional)
     c.model.text.pretrained = ""  # a local HF BERT dir (config.json + model.safetensors) whose weights start the tower
     c.model.text.bert = ml_collections.ConfigDict()
     c.model.text.bert.type_vocab_size = 2
@@ -167,12 +189,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text.bert.projection = True  # False: the pooled state is the embedding (needs embed_dim == width)
     # --- baselines (issue 14): a concat-fusion matcher on the two embeddings (prodclip/models/matcher.py).
     c.model.matcher = ml_collections.ConfigDict()
-    c.model.matcher.kind = "none"  # none | concat ([u, v, |u-v|, u*v] -> MLP -> match logit)
+    one_of(c, "model.matcher.kind", "none", ("none", "concat"))  # none | concat ([u, v, |u-v|, u*v] -> MLP -> match logit)
     c.model.matcher.hidden = 256
     c.model.matcher.depth = 2  # hidden layers of the MLP
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
+    one_of(c, "loss.name", "softmax", ("softmax", "sigmoid"))  # softmax (CLIP) | sigmoid (SigLIP)
     c.loss.label_smoothing = 0.0
     # Pairs sharing a product id or an identical title are positives too (all_gather loss only).
     c.loss.extra_positives = True
@@ -211,7 +233,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1
     # --- baselines (issue 14). LiT text cache: with optim.lock_text and no title augmentation, each
     # distinct title is embedded once (prodclip/text_cache.py) and steps run only the image tower.
-    c.train.text_cache = "auto"  # auto | off
+    one_of(c, "train.text_cache", "auto", ("auto", "off"))
     c.train.text_cache_dir = ""  # where caches live (keyed by tokenizer + weights); empty = <workdir>/text_cache
     # Stop training after this much wall-clock from the end of the first (compiling) step, then checkpoint
     # and evaluate as at the last step; 0 = no limit. Resuming such a run continues towards num_steps.
@@ -223,16 +245,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Devices, sharding and hosts (see prodclip/parallel.py).
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.strategy = "sharded"  # sharded (jit over a mesh) | pmap (data parallel, pmean'd gradients)
+    one_of(c, "parallel.strategy", "sharded", ("sharded", "pmap"))  # sharded (jit over a mesh) | pmap (data parallel, pmean'd gradients)
     c.parallel.mesh_shape = (-1, 1)  # sizes of the (data, fsdp) mesh axes; -1 = all remaining devices
-    c.parallel.loss = "all_gather"  # all_gather | ring (shard_map + ppermute, O((B/n)^2) logits per device)
+    one_of(c, "parallel.loss", "all_gather", ("all_gather", "ring"))  # all_gather | ring (shard_map + ppermute, O((B/n)^2) logits per device)
     c.parallel.fsdp_min_size = 16384  # parameters with fewer elements stay replicated
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200  # also saved at the last step, on SIGTERM/SIGINT, and after evals if best_metric
     c.checkpoint.keep = 3  # the last `keep` checkpoints are kept, plus the best one by best_metric
     c.checkpoint.best_metric = ""  # a val metric, e.g. "val/t2i/R@1"; empty = keep only the last ones
-    c.checkpoint.best_mode = "max"  # max | min: which value of best_metric is best
+    one_of(c, "checkpoint.best_mode", "max", ("max", "min"))  # which value of best_metric is best
     c.checkpoint.async_save = True  # write in a background thread while training continues
 
     c.eval = ml_collections.ConfigDict()
@@ -255,12 +277,12 @@ def base_config() -> ml_collections.ConfigDict:
     # two-tower logit (logit_scale * cosine), as BLIP does, times rerank_itc_weight (1.0 = BLIP's sum;
     # choose another on val: benchmarks/rerank_weight.py).
     c.eval.rerank_k = 32
-    c.eval.rerank_mode = "itm+itc"
+    one_of(c, "eval.rerank_mode", "itm+itc", ("itm", "itm+itc"))
     c.eval.rerank_itc_weight = 1.0
 
     # `prodclip embed` / `prodclip search` (prodclip/evaluate/store.py, prodclip/search.py).
     c.embed = ml_collections.ConfigDict()
-    c.embed.mode = "mix"  # image | text | mix: what vector stands for a product in the store
+    one_of(c, "embed.mode", "mix", ("image", "text", "mix"))  # what vector stands for a product in the store
     c.embed.image_weight = 0.9  # mix: normalise(w * image + (1 - w) * title)
     c.embed.shard_size = 65536  # rows per .npy shard; a finished shard is skipped on resume
     c.embed.chunk_size = 8192  # gallery rows scored per step at search time (memory bound)
@@ -269,11 +291,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.match = ml_collections.ConfigDict()
     c.match.type_label = ""  # label naming the kind of product (same_type, attribute_swap); "" = data.label_columns[0]
     c.match.swap_labels = ()  # attributes attribute_swap changes (colour, gender, ...); () = the other label columns
-    c.match.negative_kinds = ("random", "same_type", "attribute_swap")
+    c.match.negative_kinds = NEGATIVE_KINDS  # a non-empty subset of NEGATIVE_KINDS
     c.match.seed = 0  # the pair benchmark is the same for the same catalog and seed
     c.match.fit_split = "val"  # split the calibration, the combined score and the thresholds are fit on
-    c.match.calibration = "auto"  # auto (sigmoid loss: native logit scale/bias; softmax: platt) | native | platt
-    c.match.threshold_rule = "max_f1"  # max_f1 | target_precision
+    one_of(c, "match.calibration", "auto", ("auto", "native", "platt"))  # auto (sigmoid loss: native logit scale/bias; softmax: platt) | native | platt
+    one_of(c, "match.threshold_rule", "max_f1", ("max_f1", "target_precision"))
     c.match.target_precision = 0.9  # for threshold_rule=target_precision
     c.match.ece_bins = 15  # equal-width bins of the expected calibration error and reliability diagram
     c.match.looks_like_k = 3  # audit: best-matching catalog titles / images shown per flagged listing
@@ -454,35 +476,7 @@ def _check_choice(config, key: str, choices: Sequence[str]) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Cross-field checks, run before any compute. Raises ConfigError."""
-    for key, choices in {
-        "data.name": ("synthetic", "catalog", "tfds"),
-        "data.resize": ("pad", "crop", "stretch"),
-        "tokenizer.kind": ("wordpiece", "bpe"),
-        "tokenizer.truncation": ("right", "left"),
-        "model.dtype": ("float32", "bfloat16"),
-        "model.image.posemb": ("sincos2d", "learn"),
-        "model.image.pooling": ("cls", "gap", "map"),
-        "model.image.stem": ("patch", "conv"),
-        "model.image.activation": ("gelu", "quick_gelu"),
-        "model.text.mask": ("causal", "bidirectional"),
-        "model.text.pooling": ("eot", "cls", "mean"),
-        "model.text.activation": ("gelu", "quick_gelu"),
-        "model.image.pixel_norm": ("imagenet", "clip"),
-        "model.text.eot_rule": ("last_nonpad", "eos_id", "argmax"),
-        "loss.name": ("softmax", "sigmoid"),
-        "parallel.strategy": ("sharded", "pmap"),
-        "parallel.loss": ("all_gather", "ring"),
-        "embed.mode": ("image", "text", "mix"),
-        "checkpoint.best_mode": ("max", "min"),
-        "eval.rerank_mode": ("itm", "itm+itc"),
-        "model.fusion.pooling": ("first", "mean"),
-        "match.calibration": ("auto", "native", "platt"),
-        "match.threshold_rule": ("max_f1", "target_precision"),
-        "model.image.kind": ("vit", "resnet"),
-        "model.text.kind": ("transformer", "bert"),
-        "model.matcher.kind": ("none", "concat"),
-        "train.text_cache": ("auto", "off"),
-    }.items():
+    for key, choices in allowed_values().items():
         _check_choice(config, key, choices)
     size, patch = config.data.image_size, config.model.image.patch_size
     if config.model.image.kind == "vit" and (patch <= 0 or size % patch):
@@ -641,12 +635,10 @@ def _validate_fusion(config: ml_collections.ConfigDict) -> None:
                           "gradients only, and the ITM loss also reads the towers' token states")
 def _validate_match(config: ml_collections.ConfigDict) -> None:
     """Values of match.* that cannot work."""
-    from prodclip.evaluate.pairs import NEGATIVE_KINDS as valid_kinds
-
     m = config.match
-    bad = [k for k in m.negative_kinds if k not in valid_kinds]
+    bad = [k for k in m.negative_kinds if k not in NEGATIVE_KINDS]
     if bad or not m.negative_kinds:
-        raise ConfigError(f"match.negative_kinds={tuple(m.negative_kinds)} must be a non-empty subset of {valid_kinds}")
+        raise ConfigError(f"match.negative_kinds={tuple(m.negative_kinds)} must be a non-empty subset of {NEGATIVE_KINDS}")
     if not 0.0 < m.target_precision <= 1.0:
         raise ConfigError(f"'match.target_precision' must be in (0, 1], got {m.target_precision}")
     if m.ece_bins < 2 or m.looks_like_k < 1 or m.report_rows < 0:

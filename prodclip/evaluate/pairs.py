@@ -27,7 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-NEGATIVE_KINDS = ("random", "same_type", "attribute_swap")
+from prodclip.config import NEGATIVE_KINDS
+
 POSITIVE = "positive"
 
 
