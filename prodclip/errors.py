@@ -1,11 +1,12 @@
 """The errors a user can cause, and the exit code each one ends `prodclip` with.
 
 Every error a person can fix (a bad config, catalog, checkpoint, store, query or
-request) is a `ProdclipError`. The command line catches exactly this class at
-the top, prints `prodclip: <kind>: <message>` as one line on stderr and exits
-with `exit_code`; anything else is a bug and keeps its traceback.
+request) is a `ProdclipError`, and so are the two training faults of faults.py
+(NonFiniteError, Preempted), each with its own exit code. The command line catches
+exactly this class at the top, prints `prodclip: <kind>: <message>` as one line on
+stderr and exits with `exit_code`; anything else is a bug and keeps its traceback.
 
-Exit codes (documented in the README and `prodclip --help`):
+Exit codes (docs/errors.md and `prodclip --help`):
 
     0   success
     2   bad input: config, data/catalog, checkpoint, store, query (fix it and rerun)
