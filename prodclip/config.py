@@ -404,6 +404,10 @@ def _parse_value(text: str) -> Any:
         return text  # a bare string, e.g. --config.loss.name=sigmoid
 
 
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def set_field(config: ml_collections.ConfigDict, dotted_key: str, value: Any) -> None:
     """Sets `a.b.c` in a locked config; unknown keys and wrong types raise ConfigError."""
     parts = dotted_key.split(".")
@@ -423,8 +427,8 @@ def set_field(config: ml_collections.ConfigDict, dotted_key: str, value: Any) ->
     current = node[leaf]
     if isinstance(current, ml_collections.ConfigDict):
         raise ConfigError(f"'{dotted_key}' is a group, not a field; set one of: {', '.join(flat_keys(current))}")
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
+    if isinstance(current, tuple) and isinstance(value, list):  # JSON has no tuples: nested lists come back
+        value = _as_tuples(value)
     if isinstance(current, tuple) and isinstance(value, str):
         value = tuple(v for v in value.split(",") if v)
     if isinstance(current, bool) and not isinstance(value, bool):

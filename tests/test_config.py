@@ -93,3 +93,36 @@ def test_preset_fields_override_one_by_one():
     config_lib.apply_overrides(c, ["--config.model.image.preset=s", "--config.model.image.depth=2"])
     dims = config_lib.tower_dims(c.model.image, config_lib.VIT_PRESETS)
     assert dims["depth"] == 2 and dims["num_heads"] == 6
+
+
+def test_load_reads_a_run_dir_and_rejects_an_unknown_saved_key(tmp_path):
+    """config.load is the one loader: a run directory's config.json round-trips, and a key that
+    base_config() does not know is an error naming it (no silent skipping)."""
+    import json
+
+    from prodclip import checkpoint
+
+    config = config_lib.load(QUICKSTART, ["--config.train.num_steps=70"])
+    checkpoint.write_config(tmp_path, config)
+    again = config_lib.load(tmp_path)
+    assert again.train.num_steps == 70 and again.to_dict() == config.to_dict()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["train"]["num_stepz"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(config_lib.ConfigError, match="train.num_stepz"):
+        config_lib.load(tmp_path)
+    with pytest.raises(config_lib.ConfigError, match="not found"):
+        config_lib.load(tmp_path / "missing_run")
+
+
+def test_allowed_values_are_declared_beside_their_fields():
+    allowed = config_lib.allowed_values()
+    assert allowed["loss.name"] == ("softmax", "sigmoid")
+    c = config_lib.base_config()
+    for key, values in allowed.items():  # every default is one of its own allowed values
+        value = c
+        for part in key.split("."):
+            value = value[part]
+        assert value in values, key
+    with pytest.raises(config_lib.ConfigError, match="model.image.pooling"):
+        config_lib.load(None, ["--config.model.image.pooling=max"])
