@@ -113,12 +113,14 @@ def layering_violations(graph: dict[str, set[str]]) -> list[str]:
 
 def test_no_import_cycles():
     graph, _ = import_graph()
-    assert find_cycles(graph) == []
+    cycles = find_cycles(graph)
+    assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
 def test_lower_layers_do_not_import_train_or_cli():
     graph, _ = import_graph()
-    assert layering_violations(graph) == []
+    bad = layering_violations(graph)
+    assert bad == [], "; ".join(bad)
 
 
 def test_no_private_names_across_modules():
@@ -127,7 +129,7 @@ def test_no_private_names_across_modules():
         modules = package_modules()
         for path in sorted((ROOT / directory).glob("*.py")):
             problems += [f"{path.relative_to(ROOT)}:{line} uses {used}" for line, used in imports_of(path, modules)[1]]
-    assert problems == []
+    assert problems == [], "; ".join(problems)
 
 
 def test_the_checks_catch_what_they_are_for(tmp_path):
