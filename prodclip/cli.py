@@ -144,7 +144,8 @@ def cmd_search(args, overrides) -> int:
         query_emb = search.encode_text_queries(graphdef, params, tokenizer, [args.query])
     k, rerank = args.k, None
     if config.model.fusion.enabled and config.eval.rerank_k > 0:  # fusion re-ranks the top rerank_k
-        k, rerank = max(args.k, config.eval.rerank_k), search.fusion_reranker(graphdef, params, tokenizer, store, config)
+        k = max(args.k, config.eval.rerank_k)
+        rerank = search.fusion_reranker(graphdef, params, tokenizer, store, config)
     hits = search.search(store, query_emb, k, chunk_size=config.embed.chunk_size, rerank=rerank,
                          query=query)[0][:args.k]
     if args.html or args.png:

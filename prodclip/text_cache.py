@@ -105,12 +105,8 @@ def build_or_load(directory: str | pathlib.Path, token_ids: np.ndarray, encode_t
             return cache
         distinct = np.unique(np.concatenate([cache.token_ids, distinct]), axis=0)
     t0 = time.time()
-    chunks = []
-    for start in range(0, len(distinct), batch_size):
-        chunk = distinct[start:start + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-        chunks.append(np.asarray(encode_text(padded), np.float32)[:len(chunk)])
-    text_emb = np.concatenate(chunks)
+    blocks = inference.batched(encode_text, (distinct,), batch_size)
+    text_emb = np.concatenate([b[0] for b in blocks]).astype(np.float32)
     directory.mkdir(parents=True, exist_ok=True)
     for path, array in ((emb_path, text_emb), (ids_path, distinct)):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
