@@ -1,0 +1,40 @@
+"""evaluate_all: each split goes through the model once, and every evaluator reads that pass."""
+
+import numpy as np
+
+from prodclip import config as config_lib
+from prodclip import run as run_lib
+from prodclip.evaluate import suite
+from prodclip.models import factory, inference
+
+
+def test_each_split_is_embedded_once_and_probes_reuse_it(tmp_path, monkeypatch):
+    config = config_lib.load(None, [
+        "--config.data.num_train=64", "--config.data.num_test=24", "--config.data.num_compositional=24",
+        "--config.data.image_size=32", "--config.model.image.patch_size=8", "--config.model.embed_dim=16",
+        "--config.model.image.width=16", "--config.model.image.depth=1", "--config.model.image.num_heads=2",
+        "--config.model.text.width=16", "--config.model.text.depth=1", "--config.model.text.num_heads=2",
+        "--config.tokenizer.vocab_size=200", "--config.eval.batch_size=16", "--config.optim.warmup_steps=0",
+        "--config.eval.linear_probe_labels=('category',)", "--config.eval.zeroshot_labels=('category',)"])
+    splits = ("train", *config.data.eval_splits)
+    tokenizer, sources, label_stats = run_lib.load_tokenizer_and_sources(config, tmp_path, splits)
+    graphdef, params = factory.create_model(config, tokenizer, seed=0)
+
+    passes = []
+    real = inference.embed_source
+
+    def counted(graphdef, params, source, *args, **kw):
+        passes.append(next(name for name, s in sources.items() if s is source))
+        return real(graphdef, params, source, *args, **kw)
+
+    monkeypatch.setattr(inference, "embed_source", counted)
+    results = suite.evaluate_all(graphdef, params, sources, tokenizer, config, label_stats)
+    assert sorted(passes) == sorted(splits)  # train once for the probes, each eval split once
+
+    # The shared pass gives the numbers a split evaluated on its own gives, exactly.
+    monkeypatch.setattr(inference, "embed_source", real)
+    for split in config.data.eval_splits:
+        assert 0.0 <= results[split]["baseline/category/linear_probe/top1"] <= 1.0
+        alone = suite.evaluate_split(graphdef, params, sources[split], tokenizer, config, label_stats=label_stats)
+        for key, value in alone.items():
+            np.testing.assert_array_equal(results[split][key], value, err_msg=key)
