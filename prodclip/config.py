@@ -374,6 +374,8 @@ def load(source: str | pathlib.Path | None = None, overrides: Sequence[str] = ()
         config.lock()
     else:
         path = pathlib.Path(source)
+        if not path.exists():
+            raise ConfigError(f"{path} not found: give a config file (--config FILE) or the directory of a run")
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise ConfigError(f"{path} has no config.json: give --config FILE, or a run directory")
