@@ -77,7 +77,8 @@ def cmd_train(args, overrides) -> int:
     _maybe_initialize_distributed(args)
     from prodclip import faults
     try:
-        results = train.train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
+        results = train.train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change,
+                                           allow_fresh_start=args.allow_fresh_start)
     except faults.Preempted as e:
         print(f"prodclip: {e}", file=sys.stderr)
         return faults.EXIT_PREEMPTED
@@ -366,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--process-id", dest="process_id", type=int, default=None, help="env PRODCLIP_PROCESS_ID")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a workdir whose checkpoints were written with a different model/data config")
+    p.add_argument("--allow-fresh-start", action="store_true",
+                   help="when every checkpoint in the workdir is damaged, move them to damaged_checkpoints/ and "
+                   "train from step 0 (without it, train refuses)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="re-evaluate a finished run from its workdir")
     p.add_argument("--workdir", required=True)

@@ -300,12 +300,18 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
         spec.loader.exec_module(module)
     except AttributeError as e:  # a locked ConfigDict refusing an unknown key
         raise ConfigError(f"{path}: {e}") from e
+    except SyntaxError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: syntax error: {e.msg}; fix the file and rerun") from e
+    except Exception as e:  # noqa: BLE001 - any failure while importing the user's file is a config error
+        raise ConfigError(f"{path} could not be imported: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config() function")
     try:
         config = module.get_config(arg) if arg is not None else module.get_config()
-    except (AttributeError, TypeError, KeyError) as e:
-        raise ConfigError(f"{path}: get_config() failed: {e}") from e
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bug in the user's get_config() is reported, not a traceback
+        raise ConfigError(f"{path}: get_config() failed: {type(e).__name__}: {e}") from e
     config.lock()
     return config
 

@@ -28,14 +28,14 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from prodclip import checkpoint
+from prodclip import checkpoint, errors
 from prodclip import config as config_lib
 from prodclip.data import tokenizer as tokenizer_lib
 from prodclip.models import two_tower
 from prodclip.models.vit import PIXEL_STATS
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.CheckpointError):
     """A checkpoint or its config cannot be converted; the message names the tensor or field."""
 
 

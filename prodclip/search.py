@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from prodclip import errors
 from prodclip.evaluate import retrieval
 from prodclip.evaluate.store import Store, StoreError
 
@@ -34,7 +35,7 @@ log = logging.getLogger("prodclip")
 Reranker = Callable[[dict, list[dict]], list[dict]]
 
 
-class SearchError(ValueError):
+class SearchError(errors.QueryError):
     """A query that cannot be run; the message says why."""
 
 

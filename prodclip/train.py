@@ -237,40 +237,52 @@ def load_tokenizer_and_sources(config: ml_collections.ConfigDict, workdir: pathl
     run evaluated on a new catalog file); otherwise they are made from the train split and
     saved there.
     """
+    workdir = pathlib.Path(workdir)
     label_stats = sources.load_label_vocabulary(workdir)
+    saved_vocab = {label: stats["names"] for label, stats in (label_stats or {}).items()}
     needs_train = "train" in splits or label_stats is None or not (workdir / "tokenizer").exists()
-    train_source = sources.make_source(config, "train") if needs_train else None
-    if label_stats is None and train_source is not None:
-        label_stats = sources.label_vocabulary(train_source)
-        sources.save_label_vocabulary(workdir, label_stats)
-    vocab = {label: stats["names"] for label, stats in (label_stats or {}).items()}
+    # The train split indexes its labels with the saved vocabulary too, so that baselines fit on it
+    # predict the classes the eval splits are indexed with.
+    train_source = sources.make_source(config, "train", saved_vocab or None) if needs_train else None
+    new_stats = sources.label_vocabulary(train_source) if label_stats is None and train_source is not None else None
+    vocab = {label: stats["names"] for label, stats in (label_stats or new_stats or {}).items()}
     split_sources = {split: train_source if split == "train" else sources.make_source(config, split, vocab)
                      for split in splits}
+    # Every split was readable: only now is anything written into the workdir.
+    if new_stats is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        sources.save_label_vocabulary(workdir, new_stats)
+        label_stats = new_stats
     train_titles = pipeline.source_titles(train_source) if train_source is not None else None
     tokenizer = tokenizer_lib.tokenizer_from_config(config, train_titles, workdir / "tokenizer")
     return tokenizer, split_sources, label_stats
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+                       allow_config_change: bool = False, allow_fresh_start: bool = False) -> dict[str, Any]:
     """Trains `config` in `workdir`, evaluates on config.data.eval_splits, returns the results.
 
     Resumes from the workdir's newest valid checkpoint. Raises faults.Preempted after saving
     on SIGTERM/SIGINT, faults.NonFiniteError on NaN/Inf, checkpoint.IncompatibleWorkdir when
-    the workdir's checkpoints have another model/data config (unless `allow_config_change`).
+    the workdir's checkpoints have another model/data config (unless `allow_config_change`),
+    checkpoint.NoValidCheckpoint when every checkpoint is damaged (unless `allow_fresh_start`, which
+    moves them to workdir/damaged_checkpoints/ and starts from step 0).
     """
     # --- Set-up: reject a bad config, or a workdir of another run, before any compute.
     config_lib.validate(config)
-    checkpoint.check_workdir(workdir, config, allow_config_change=allow_config_change)
+    checkpoint.check_workdir(workdir, config, allow_config_change=allow_config_change,
+                             allow_fresh_start=allow_fresh_start)
+    t_start = time.time()
+
+    # --- Data: every split is read before anything is written into the workdir.
+    workdir = pathlib.Path(workdir)
+    splits = ("train", "val", *config.data.eval_splits)
+    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits))
     workdir = prepare_workdir(config, workdir)
+    sources.report_skipped(split_sources, workdir)
     if config.train.compilation_cache:
         compile_cache.enable(config.train.compilation_cache_dir)
     writer = MetricsWriter(workdir)
-    t_start = time.time()
-
-    # --- Data.
-    splits = ("train", "val", *config.data.eval_splits)
-    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits))
     train_iter = pipeline.train_iterator(split_sources["train"], tokenizer, config,
                                          process_index=jax.process_index(), process_count=jax.process_count())
     log.info("data: %s", {k: len(v) for k, v in split_sources.items()})
@@ -299,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # --- Resume: the newest valid checkpoint (state and data position), or step 0.
     ckpt = checkpoint.Checkpointer(workdir, config)
-    restored = ckpt.restore(compiled.global_state(state), train_iter)
+    restored = ckpt.restore(compiled.global_state(state), train_iter, allow_fresh_start=allow_fresh_start)
     if restored:
         state = compiled.place_state(restored[0])
     start_step = int(jax.device_get(compiled.global_state(state)["step"]))
@@ -379,6 +391,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     The one place a trained model is loaded (eval, embed, search).
     """
     workdir = pathlib.Path(workdir)
+    checkpoint.check_loadable(workdir)  # before anything (tokenizer, labels.json) is written there
     tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, splits)
     graphdef, params = create_model(config, tokenizer, config.seed)
     tx = make_optimizer(config, params)

@@ -27,12 +27,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from prodclip import errors
+
 STORE_VERSION = 1
 HEADER = "store.json"
 ITEMS = "items.jsonl"
 
 
-class StoreError(ValueError):
+class StoreError(errors.StoreError):
     """A store that cannot be written, read or used with this model; the message says why."""
 
 
