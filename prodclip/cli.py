@@ -107,11 +107,18 @@ def cmd_eval(args, overrides) -> int:
     from prodclip.evaluate import suite
 
     config = _load_config(args, overrides)
+    from prodclip import catalog_eval
+    if catalog_eval.is_other_catalog(config, args.workdir):
+        results = catalog_eval.evaluate_on_catalog(config, args.workdir)
+        print(suite.format_table(results))
+        return 0
     splits = dict.fromkeys(config.data.eval_splits)
     if config.eval.linear_probe_labels:
         splits["train"] = None
     graphdef, params, tokenizer, split_sources, meta, label_stats = train.load_trained(
         config, pathlib.Path(args.workdir), splits)
+    from prodclip.data import sources
+    sources.report_skipped(split_sources, args.workdir, name="reeval_skipped_rows.jsonl")
     results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, config, label_stats,
                                  plot_dir=pathlib.Path(args.workdir) / "confusion")
     suite.write_results(args.workdir, results, step=meta.get("step"), name="reeval")
@@ -268,7 +275,8 @@ def cmd_audit(args, overrides) -> int:
         print(f"prodclip audit: {e}", file=sys.stderr)
         return 2
     print(f"audited {summary['num_listings']} listings: {summary['num_flagged']} flagged as likely mismatches, "
-          f"{summary['num_unscorable']} unscorable; report in {args.out}/audit.html and audit.csv")
+          f"{summary['num_unscorable']} unscorable; report in {args.out}/audit.html and audit.csv\n"
+          f"{audit.expected_flags_line(summary)}")
     return 0
 
 

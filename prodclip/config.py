@@ -276,6 +276,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.match.threshold_rule = "max_f1"  # max_f1 | target_precision
     c.match.target_precision = 0.9  # for threshold_rule=target_precision
     c.match.ece_bins = 15  # equal-width bins of the expected calibration error and reliability diagram
+    # audit: flag a listing when p(match) is below the threshold whose predicted precision, at this
+    # expected fraction of mismatched listings in the audited catalog, is audit_target_precision.
+    c.match.audit_error_rate = 0.03
+    c.match.audit_target_precision = 0.5
     c.match.looks_like_k = 3  # audit: best-matching catalog titles / images shown per flagged listing
     c.match.report_rows = 100  # audit: flagged listings shown (with thumbnails) in the HTML page
     return c
@@ -625,5 +629,8 @@ def _validate_match(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"match.negative_kinds={tuple(m.negative_kinds)} must be a non-empty subset of {valid_kinds}")
     if not 0.0 < m.target_precision <= 1.0:
         raise ConfigError(f"'match.target_precision' must be in (0, 1], got {m.target_precision}")
+    if not (0 < m.audit_error_rate < 1 and 0 < m.audit_target_precision <= 1):
+        raise ConfigError(f"match.audit_error_rate must be in (0, 1) (got {m.audit_error_rate}) and "
+                          f"match.audit_target_precision in (0, 1] (got {m.audit_target_precision})")
     if m.ece_bins < 2 or m.looks_like_k < 1 or m.report_rows < 0:
         raise ConfigError("match.ece_bins must be >= 2, match.looks_like_k >= 1 and match.report_rows >= 0")
