@@ -67,6 +67,16 @@ def catalog_config(config: ml_collections.ConfigDict, catalog: str | pathlib.Pat
     return config
 
 
+def check_catalog(config: ml_collections.ConfigDict, catalog: str | pathlib.Path) -> None:
+    """Raises DataError if `catalog` is missing or lacks a column the run reads; writes nothing."""
+    from prodclip.data import catalog as catalog_lib
+    from prodclip.data import sources
+
+    d = catalog_config(config, catalog).data
+    catalog_lib.check_columns(sources.catalog_file(d.path, AUDIT_SPLIT), image_column=d.image_column,
+                              id_column=d.id_column, title_template=d.title_template)
+
+
 def own_pair_cosines(image_store: store_lib.Store, title_store: store_lib.Store) -> np.ndarray:
     """[N] float64 cosine of each listing's photo with its own title, read one shard at a time."""
     return np.concatenate([np.einsum("nd,nd->n", np.asarray(a, np.float64), np.asarray(b, np.float64))

@@ -74,7 +74,8 @@ def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathli
     """Metrics of the run in `workdir` on the catalog `config.data` names (see the module docstring).
 
     Returns {split: {metric: value}}, with "labels/<label>/unseen_rows" per label and, when the
-    run's train split is readable and eval.linear_probe_labels is set, "baseline/..." metrics.
+    run's train split is readable and eval.linear_probe_labels is set, "baseline/..." metrics;
+    also written to workdir/catalog_eval.json and .md (the run's own eval.json is left alone).
     """
     workdir = pathlib.Path(workdir)
     files = catalog_splits(config)  # raises DataError before anything is loaded or written
@@ -94,4 +95,5 @@ def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathli
         source = split_sources[split]
         for label in source.labels:
             results[split][f"labels/{label}/unseen_rows"] = sum(source.unseen_labels.get(label, {}).values())
+    suite.write_results(workdir, results, name="catalog_eval")
     return results

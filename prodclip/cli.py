@@ -25,6 +25,8 @@ import os
 import pathlib
 import sys
 
+from prodclip import errors
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -157,10 +159,7 @@ def cmd_data(args, overrides) -> int:
 
 
 def _user_errors():
-    from prodclip.evaluate.store import StoreError
-    from prodclip.search import SearchError
-
-    return StoreError, SearchError, FileNotFoundError
+    return (FileNotFoundError,)  # the ProdclipErrors (StoreError, QueryError, ...) reach main's handler
 
 
 def cmd_embed(args, overrides) -> int:
@@ -172,6 +171,8 @@ def cmd_embed(args, overrides) -> int:
         graphdef, params, tokenizer, split_sources, _, _ = train.load_trained(config, args.workdir, {args.split: None})
         header = store.embed_catalog(graphdef, params, split_sources[args.split], tokenizer, config, args.out,
                                      split=args.split, workdir=args.workdir, progress=config.train.progress_bar)
+        from prodclip.data import sources
+        sources.report_skipped(split_sources, args.out)
     except _user_errors() as e:
         print(f"prodclip embed: {e}", file=sys.stderr)
         return 2
@@ -250,9 +251,13 @@ def cmd_match(args, overrides) -> int:
     try:
         graphdef, params, tokenizer, split_sources, _, _ = train.load_trained(
             config, args.workdir, dict.fromkeys([config.match.fit_split, *splits]))
+        from prodclip.data import sources
+        sources.report_skipped(split_sources, args.out or args.workdir, name="match_skipped_rows.jsonl")
         results = matching.run_benchmark(graphdef, params, tokenizer, split_sources, config,
                                          args.out or args.workdir, splits=splits, fit_split=config.match.fit_split,
                                          itm_fn=_match_head_scorer(config, graphdef, params))
+    except errors.ProdclipError:
+        raise
     except (ValueError, FileNotFoundError) as e:
         print(f"prodclip match: {e}", file=sys.stderr)
         return 2
@@ -264,6 +269,7 @@ def cmd_audit(args, overrides) -> int:
     from prodclip import audit, train
 
     config = _load_config(args, overrides)
+    audit.check_catalog(config, args.catalog)
     try:
         graphdef, params, tokenizer, _, _, _ = train.load_trained(config, args.workdir, {})
         itm_fn = _match_head_scorer(config, graphdef, params)
@@ -271,6 +277,8 @@ def cmd_audit(args, overrides) -> int:
                                                     args.calibration, itm_fn=itm_fn)
         summary = audit.audit_catalog(graphdef, params, tokenizer, config, args.catalog, args.out, calibration,
                                       workdir=args.workdir, itm_fn=itm_fn, progress=config.train.progress_bar)
+    except errors.ProdclipError:
+        raise
     except (*_user_errors(), ValueError) as e:
         print(f"prodclip audit: {e}", file=sys.stderr)
         return 2
