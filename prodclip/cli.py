@@ -292,6 +292,7 @@ def cmd_export(args, overrides) -> int:
     from prodclip import checkpoint, train
 
     config = _load_config(args, overrides)
+    checkpoint.check_loadable(args.workdir)  # before Checkpointer, which would create checkpoints/
     step = checkpoint.Checkpointer(args.workdir, config).best_step() if args.best else None
     if args.best and step is None:
         print("prodclip: --best needs checkpoint.best_metric set and a checkpoint saved after an eval",
