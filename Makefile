@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_WORKDIR ?= runs/quickstart
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test clean clean-runs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,9 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
+# `clean` keeps runs/ (every run's checkpoints and results); `clean-runs` deletes it.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache
+
+clean-runs:
+	rm -rf runs

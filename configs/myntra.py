@@ -6,8 +6,9 @@
 This is the config to copy for your own catalog: point `data.path` at a folder holding
 train.parquet / val.parquet (one row per product, image bytes in a column), name the
 columns, and give readable prompt names for the label values you classify zero-shot.
-The data is found at ../shared/data/myntra (beside the repository) unless
-PRODCLIP_MYNTRA_DIR or --config.data.path says otherwise. Tune on `val` only.
+Where the data is: --config.data.path=DIR (a folder with train.parquet and val.parquet), else
+the environment variable PRODCLIP_MYNTRA_DIR, else ../shared/data/myntra beside the repository.
+A path that does not exist fails with one line saying so. Tune on `val` only.
 """
 
 import os

@@ -4,9 +4,21 @@
 
 Every listing's own (photo, title) pair is scored with the run's match calibration
 (prodclip/evaluate/matching.py) and the listings are ranked from the likeliest mismatch.
-A listing is flagged when its match probability is below the calibration's threshold; for
-each flagged one the report shows the catalog titles its photo matches best ("looks like")
+For each flagged one the report shows the catalog titles its photo matches best ("looks like")
 and the catalog photos its title matches best.
+
+Which listings are flagged. The calibration is fit on a pair benchmark where half the pairs are
+wrong; a real catalog has a few percent wrong, and a threshold chosen on the benchmark (max F1)
+flags mostly correct listings there. So the flag threshold is chosen for the catalog's expected
+mismatch rate pi (match.audit_error_rate, default 0.03): with F_mis(t) and F_mat(t) the shares of
+the fit split's mismatched and matched pairs whose p(match) is below t, a catalog with rate pi
+has, among the listings below t, the expected precision
+
+    precision(t) = pi F_mis(t) / (pi F_mis(t) + (1 - pi) F_mat(t))      (prior shift)
+
+and the threshold is the largest t whose precision(t) reaches match.audit_target_precision
+(default 0.5: at least every second flag a real mismatch), or the t of the highest precision when
+none does. The report's header gives the expected precision and recall of the flags.
 
 It scales like `prodclip embed`: the catalog is embedded once into two sharded stores
 (REPORT/stores/images, REPORT/stores/titles; re-running resumes them), own-pair scores are
@@ -56,6 +68,16 @@ def catalog_config(config: ml_collections.ConfigDict, catalog: str | pathlib.Pat
     return config
 
 
+def check_catalog(config: ml_collections.ConfigDict, catalog: str | pathlib.Path) -> None:
+    """Raises DataError if `catalog` is missing or lacks a column the run reads; writes nothing."""
+    from prodclip.data import catalog as catalog_lib
+    from prodclip.data import sources
+
+    d = catalog_config(config, catalog).data
+    catalog_lib.check_columns(sources.catalog_file(d.path, AUDIT_SPLIT), image_column=d.image_column,
+                              id_column=d.id_column, title_template=d.title_template)
+
+
 def own_pair_cosines(image_store: store_lib.Store, title_store: store_lib.Store) -> np.ndarray:
     """[N] float64 cosine of each listing's photo with its own title, read one shard at a time."""
     return np.concatenate([np.einsum("nd,nd->n", np.asarray(a, np.float64), np.asarray(b, np.float64))
@@ -94,6 +116,27 @@ def nearest_others(queries: np.ndarray, store: store_lib.Store, own_rows: np.nda
     return out
 
 
+def flag_threshold(fit_scores: dict, error_rate: float, target_precision: float) -> dict:
+    """The flag threshold for a catalog with `error_rate` mismatched listings (see the module docstring).
+
+    fit_scores: {"matched": [...], "mismatched": [...]} p(match) quantiles of the fit split
+    (Calibration.fit_scores[score]). Returns {"threshold", "expected_precision", "expected_recall",
+    "reached"}: listings with p(match) < threshold are flagged.
+    """
+    matched = np.sort(np.asarray(fit_scores["matched"], np.float64))
+    mismatched = np.sort(np.asarray(fit_scores["mismatched"], np.float64))
+    # Candidate thresholds just above each mismatched pair's score: each flags one more of them.
+    candidates = np.nextafter(mismatched, np.inf)
+    below_mis = np.searchsorted(mismatched, candidates, side="left") / len(mismatched)
+    below_mat = np.searchsorted(matched, candidates, side="left") / max(len(matched), 1)
+    flagged_share = error_rate * below_mis + (1 - error_rate) * below_mat
+    precision = error_rate * below_mis / np.maximum(flagged_share, 1e-300)
+    ok = np.flatnonzero(precision >= target_precision)
+    best = int(ok[-1]) if len(ok) else int(np.flatnonzero(precision == precision.max())[-1])
+    return {"threshold": float(candidates[best]), "expected_precision": float(precision[best]),
+            "expected_recall": float(below_mis[best]), "reached": bool(len(ok))}
+
+
 def _own_itm(itm_fn: matching.ItmFn, source, tokenizer, config) -> np.ndarray:
     from prodclip.data import pipeline
 
@@ -110,9 +153,10 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     from prodclip.data import sources
 
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = catalog_config(config, catalog)
     source = sources.open_catalog(config, sources.catalog_file(config.data.path, AUDIT_SPLIT))
+    out.mkdir(parents=True, exist_ok=True)
+    sources.report_skipped({AUDIT_SPLIT: source}, out)
     unscorable = source.report.to_dict()["skipped_rows"]
     stores = {"image": out / "stores" / "images", "text": out / "stores" / "titles"}
     store_lib.embed_catalog_views(graphdef, params, source, tokenizer, config, stores, split=AUDIT_SPLIT,
@@ -126,7 +170,19 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     itm = _own_itm(itm_fn, source, tokenizer, config) if itm_fn is not None else None
     score = calibration.best_score()
     prob = calibration.probabilities(cos, itm)[score]
-    threshold = calibration.thresholds[score]
+    m = config.match
+    if calibration.fit_scores and score in calibration.fit_scores:
+        flags = flag_threshold(calibration.fit_scores[score], m.audit_error_rate, m.audit_target_precision)
+        if not flags["reached"]:
+            log.warning("no threshold reaches the expected precision %.2f at an error rate of %.3f; flagging at the "
+                        "highest (%.2f)", m.audit_target_precision, m.audit_error_rate, flags["expected_precision"])
+    else:
+        flags = {"threshold": calibration.thresholds[score], "expected_precision": None, "expected_recall": None,
+                 "reached": False}
+        log.warning("the calibration has no fit-split scores (saved by an older prodclip): flagging at its %s "
+                    "threshold, whose precision on a catalog is unknown; refit it with `prodclip match`",
+                    calibration.rule)
+    threshold = flags["threshold"]
     order = np.argsort(prob, kind="stable")
     flagged = order[prob[order] < threshold]
 
@@ -149,7 +205,10 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     summary = {
         "catalog": str(catalog), "num_listings": int(len(cos) + len(unscorable)), "num_scored": int(len(cos)),
         "num_unscorable": len(unscorable), "num_flagged": int(len(flagged)), "score": score,
-        "threshold": threshold, "calibration": dataclasses.asdict(calibration),
+        "threshold": threshold, "expected_error_rate": m.audit_error_rate,
+        "target_precision": m.audit_target_precision, "expected_precision": flags["expected_precision"],
+        "expected_recall": flags["expected_recall"], "precision_target_reached": flags["reached"],
+        "calibration": {k: v for k, v in dataclasses.asdict(calibration).items() if k != "fit_scores"},
         "unscorable_reasons": source.report.to_dict()["skipped"],
     }
     shown = flagged[:config.match.report_rows]
@@ -158,6 +217,15 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     _write_html(out / "audit.html", summary, shown, cos, prob, neighbours, title_store, images, unscorable)
     (out / "audit.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def expected_flags_line(summary: dict) -> str:
+    """One sentence: the expected precision and recall of the flags, and the assumption behind them."""
+    if summary["expected_precision"] is None:
+        return "Expected precision of the flags: unknown (the calibration keeps no fit-split scores)."
+    return (f"Expected precision of the flags: {summary['expected_precision']:.2f}, expected recall "
+            f"{summary['expected_recall']:.2f}, if {summary['expected_error_rate']:.1%} of the listings are "
+            f"mismatched (match.audit_error_rate; target precision {summary['target_precision']:.2f}).")
 
 
 def _write_csv(path: pathlib.Path, order: np.ndarray, cos: np.ndarray, prob: np.ndarray, neighbours: dict,
@@ -214,6 +282,7 @@ def _write_html(path: pathlib.Path, summary: dict, shown: np.ndarray, cos: np.nd
         f"<p>{summary['num_listings']} listings: {summary['num_scored']} scored, {summary['num_flagged']} flagged "
         f"(p(match) &lt; {summary['threshold']:.3f}, {esc(summary['score'])} score), "
         f"{summary['num_unscorable']} unscorable. Showing the {len(shown)} likeliest mismatches.</p>"
+        f"<p>{esc(expected_flags_line(summary))}</p>"
         "<table><tr><th>#</th><th>photo</th><th>title</th><th>its photo</th><th>its title matches these photos"
         f"</th></tr>{''.join(rows)}</table>"
         f"<h3>Unscorable listings ({len(unscorable)})</h3><table><tr><th>row</th><th>id</th><th>reason</th>"

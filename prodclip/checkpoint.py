@@ -11,8 +11,11 @@ iterator's state), so there is no separate RNG state to save.
 Digests are exact integer checksums (float bits as uint32, position-weighted, summed
 mod 2**32), computed by jit on whatever mesh holds the state; they do not depend on
 the sharding, so they verify a restore onto any device count. A checkpoint whose files
-are missing, unreadable or whose restored values do not match its digests is moved to
-`workdir/damaged_checkpoints/` with a warning, and the previous one is tried.
+are missing, unreadable or whose restored values do not match its digests is skipped with
+a warning and the previous one is tried; once a valid one is restored, the damaged newer ones
+are moved to `workdir/damaged_checkpoints/step_<s>/` (one copy per step). When every checkpoint
+is damaged nothing is moved and training refuses to start (NoValidCheckpoint) unless it is
+allowed to start afresh (`prodclip train --allow-fresh-start`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ class IncompatibleWorkdir(ConfigError):
 
 class NoValidCheckpoint(errors.CheckpointError):
     """Checkpoints exist but every one of them is damaged."""
+
+
+DAMAGED_DIR = "damaged_checkpoints"
+FRESH_START_FLAG = "--allow-fresh-start"
 
 
 # ----------------------------------------------------------------------------- digests
@@ -175,16 +182,43 @@ def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def damaged_steps(workdir: str | pathlib.Path) -> list[str]:
+    """Names of the checkpoints moved aside as damaged (workdir/damaged_checkpoints/*)."""
+    directory = pathlib.Path(workdir) / DAMAGED_DIR
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
+def check_loadable(workdir: str | pathlib.Path) -> None:
+    """Raises CheckpointError unless `workdir` is an export or holds a checkpoint; writes nothing."""
+    workdir = pathlib.Path(workdir)
+    if (workdir / EXPORT_MARKER).exists() or checkpoint_steps(workdir):
+        return
+    if not workdir.is_dir():
+        raise errors.CheckpointError(f"{workdir} does not exist; give the --workdir of a trained run or an export")
+    damaged = damaged_steps(workdir)
+    extra = f" (its damaged checkpoints are in {workdir / DAMAGED_DIR}: {', '.join(damaged)})" if damaged else ""
+    raise errors.CheckpointError(f"no checkpoint in {workdir / 'checkpoints'} and no {EXPORT_MARKER} in {workdir}"
+                                 f"{extra}; give the --workdir of a trained run or an export")
+
+
 def check_workdir(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, *,
-                  allow_config_change: bool = False) -> None:
+                  allow_config_change: bool = False, allow_fresh_start: bool = False) -> None:
     """Refuses to resume checkpoints in `workdir` written with a different model or data config.
 
     Raises IncompatibleWorkdir naming every differing field, unless `allow_config_change`.
-    A workdir without checkpoints starts afresh, whatever its config.json says.
+    A workdir without checkpoints starts afresh, whatever its config.json says, except one whose
+    checkpoints were all moved aside as damaged: that raises NoValidCheckpoint unless
+    `allow_fresh_start`, so that a run never silently starts over.
     """
     workdir = pathlib.Path(workdir)
     steps = checkpoint_steps(workdir)
     if not steps:
+        damaged = damaged_steps(workdir)
+        if damaged and not allow_fresh_start:
+            raise NoValidCheckpoint(
+                f"{workdir} has no valid checkpoint; its damaged ones are in {workdir / DAMAGED_DIR}: "
+                f"{', '.join(damaged)}. Rerun with {FRESH_START_FLAG} to train this workdir again from step 0, "
+                "or use a new --workdir")
         return
     saved_path = workdir / "config.json"
     if not saved_path.exists():
@@ -275,30 +309,48 @@ class Checkpointer:
         return self.manager.best_step() if self.best_metric else None
 
     def restore(self, target: Any, data_iterator: Iterator | None = None,
-                step: int | None = None, *, move_damaged: bool = True) -> tuple[Any, dict] | None:
+                step: int | None = None, *, move_damaged: bool = True,
+                allow_fresh_start: bool = False) -> tuple[Any, dict] | None:
         """The newest valid checkpoint (or `step`) restored onto `target`'s structure and shardings.
 
         Returns (state, meta), or None when there is no checkpoint. A damaged checkpoint is
-        skipped with a warning and the previous one tried; a resuming run (`move_damaged`)
-        also moves it aside so that it can save that step again, while read-only users
-        (eval, export) leave the workdir untouched. `data_iterator`, if given, is set to the
-        restored position. Raises NoValidCheckpoint if all are damaged.
+        skipped with a warning and the previous one tried; once one restores, a resuming run
+        (`move_damaged`) moves the damaged newer ones aside so that it can save those steps
+        again, while read-only users (eval, export) leave the workdir untouched.
+        `data_iterator`, if given, is set to the restored position.
+
+        When every checkpoint is damaged, raises NoValidCheckpoint naming them and moves nothing;
+        with `allow_fresh_start` (and `move_damaged`) they are moved aside and None is returned.
         """
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             return None
-        problems = []
+        problems, damaged = [], []
         for candidate in steps:
             try:
-                return self._restore_verified(candidate, target, data_iterator)
+                restored = self._restore_verified(candidate, target, data_iterator)
             except IncompatibleWorkdir:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read back means this checkpoint is unusable
                 problems.append(f"step {candidate}: {type(e).__name__}: {str(e)[:300]}")
+                damaged.append(candidate)
                 log.warning("checkpoint at step %d is damaged (%s); trying the previous one", candidate, problems[-1])
-                if move_damaged:
-                    self._move_aside(candidate)
-        raise NoValidCheckpoint(f"no valid checkpoint in {self.manager.directory}: " + " | ".join(problems))
+                continue
+            if move_damaged:
+                for bad in damaged:
+                    self._move_aside(bad)
+            return restored
+        if move_damaged and allow_fresh_start:
+            for bad in damaged:
+                self._move_aside(bad)
+            log.warning("every checkpoint was damaged (steps %s); moved to %s; starting from step 0",
+                        ", ".join(map(str, damaged)), self.workdir / DAMAGED_DIR)
+            return None
+        listing = "; ".join(problems)
+        hint = (f" Nothing was moved or deleted. Rerun with {FRESH_START_FLAG} to move them to "
+                f"{self.workdir / DAMAGED_DIR} and train again from step 0, or use a new --workdir."
+                if move_damaged else " Give another run, or a --step whose checkpoint is intact.")
+        raise NoValidCheckpoint(f"every checkpoint in {self.manager.directory} is damaged ({listing}).{hint}")
 
     def _restore_verified(self, step: int, target: Any, data_iterator: Iterator | None) -> tuple[Any, dict]:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -325,10 +377,12 @@ class Checkpointer:
         """Moves a damaged step out of orbax's view, so a resumed run can save that step again."""
         if jax.process_index() == 0:
             source = pathlib.Path(self.manager.directory) / str(step)
-            damaged = self.workdir / "damaged_checkpoints"
-            damaged.mkdir(exist_ok=True)
+            target = self.workdir / DAMAGED_DIR / f"step_{step}"
+            target.parent.mkdir(exist_ok=True)
             if source.exists():
-                shutil.move(str(source), str(damaged / f"{step}"))
+                if target.exists():  # one copy per step: the latest damaged copy replaces an older one
+                    shutil.rmtree(target)
+                shutil.move(str(source), str(target))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"prodclip_move_aside_{step}")
@@ -349,7 +403,7 @@ def export(out_dir: str | pathlib.Path, params: Any, config: ml_collections.Conf
     """
     out_dir = pathlib.Path(out_dir).absolute()
     if (out_dir / EXPORT_MARKER).exists() or (out_dir / "params").exists():
-        raise FileExistsError(f"{out_dir} already holds an export; choose a new --out")
+        raise errors.CheckpointError(f"{out_dir} already holds an export; choose a new --out (nothing was written)")
     out_dir.mkdir(parents=True, exist_ok=True)
     leaf_digests, non_finite = digests(params)
     if non_finite:
@@ -378,7 +432,7 @@ def load_params(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, 
         restored, _ = digests(params)
         wrong = [k for k, v in meta["digests"].items() if restored.get(k) != v]
         if wrong:
-            raise ValueError(f"export {workdir} is damaged: params differ from their digests in {', '.join(wrong[:5])}")
+            raise errors.CheckpointError(f"export {workdir} is damaged: params differ from their digests in {', '.join(wrong[:5])}")
         return params, meta
     restored = Checkpointer(workdir, config).restore(target_state, step=step, move_damaged=False)
     if restored is None:

@@ -26,6 +26,8 @@ import os
 import pathlib
 import sys
 
+from prodclip import errors
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -56,7 +58,8 @@ def cmd_train(args, overrides) -> int:
 
     config = _config(args, overrides)
     _maybe_initialize_distributed(args)
-    results = train.train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
+    results = train.train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change,
+                                       allow_fresh_start=args.allow_fresh_start)
     print(suite.format_table(results))
     print(f"\ntrained in {results['train_seconds']:.0f} s; results in {args.workdir}/eval.json")
     return 0
@@ -78,8 +81,15 @@ def cmd_eval(args, overrides) -> int:
     from prodclip.evaluate import suite
 
     config = _config(args, overrides)
+    from prodclip import catalog_eval
+    if catalog_eval.is_other_catalog(config, args.workdir):
+        results = catalog_eval.evaluate_on_catalog(config, args.workdir)
+        print(suite.format_table(results))
+        return 0
     splits = [*config.data.eval_splits, *(["train"] if config.eval.linear_probe_labels else [])]
     run = _load_run(args, config, splits)
+    from prodclip.data import sources
+    sources.report_skipped(run.sources, args.workdir, name="reeval_skipped_rows.jsonl")
     results = suite.evaluate_all(run.graphdef, run.params, run.sources, run.tokenizer, run.config, run.label_stats,
                                  plot_dir=pathlib.Path(args.workdir) / "confusion")
     suite.write_results(args.workdir, results, step=run.meta.get("step"), name="reeval")
@@ -117,6 +127,8 @@ def cmd_embed(args, overrides) -> int:
     header = store.embed_catalog(run.graphdef, run.params, run.sources[args.split], run.tokenizer, run.config,
                                  args.out, split=args.split, workdir=args.workdir,
                                  progress=run.config.train.progress_bar)
+    from prodclip.data import sources
+    sources.report_skipped(run.sources, args.out)
     print(f"embedded {header['num_items']} items ({header['mode']}, dim {header['dim']}, "
           f"model {header['fingerprint']}) into {args.out}")
     return 0
@@ -170,9 +182,13 @@ def cmd_match(args, overrides) -> int:
     splits = args.split or [config.data.eval_splits[0]]
     try:
         run = _load_run(args, config, dict.fromkeys([config.match.fit_split, *splits]))
+        from prodclip.data import sources
+        sources.report_skipped(run.sources, args.out or args.workdir, name="match_skipped_rows.jsonl")
         results = matching.run_benchmark(run.graphdef, run.params, run.tokenizer, run.sources, run.config,
                                          args.out or args.workdir, splits=splits, fit_split=config.match.fit_split,
                                          itm_fn=inference.match_head_scorer(run.config, run.graphdef, run.params))
+    except errors.ProdclipError:
+        raise
     except (ValueError, FileNotFoundError) as e:
         print(f"prodclip match: {e}", file=sys.stderr)
         return 2
@@ -184,19 +200,24 @@ def cmd_audit(args, overrides) -> int:
     from prodclip import audit
     from prodclip.models import inference
 
+    config = _config(args, overrides)
+    audit.check_catalog(config, args.catalog)
     try:
-        run = _load_run(args, _config(args, overrides))
+        run = _load_run(args, config)
         itm_fn = inference.match_head_scorer(run.config, run.graphdef, run.params)
         calibration = audit.load_or_fit_calibration(run.graphdef, run.params, run.tokenizer, run.config, args.workdir,
                                                     args.out, args.calibration, itm_fn=itm_fn)
         summary = audit.audit_catalog(run.graphdef, run.params, run.tokenizer, run.config, args.catalog, args.out,
                                       calibration, workdir=args.workdir, itm_fn=itm_fn,
                                       progress=run.config.train.progress_bar)
+    except errors.ProdclipError:
+        raise
     except (ValueError, FileNotFoundError) as e:
         print(f"prodclip audit: {e}", file=sys.stderr)
         return 2
     print(f"audited {summary['num_listings']} listings: {summary['num_flagged']} flagged as likely mismatches, "
-          f"{summary['num_unscorable']} unscorable; report in {args.out}/audit.html and audit.csv")
+          f"{summary['num_unscorable']} unscorable; report in {args.out}/audit.html and audit.csv\n"
+          f"{audit.expected_flags_line(summary)}")
     return 0
 
 
@@ -204,6 +225,7 @@ def cmd_export(args, overrides) -> int:
     from prodclip import checkpoint, errors
 
     config = _config(args, overrides)
+    checkpoint.check_loadable(args.workdir)  # before Checkpointer, which would create checkpoints/
     step = checkpoint.Checkpointer(args.workdir, config).best_step() if args.best else None
     if args.best and step is None:
         raise errors.CheckpointError("--best needs checkpoint.best_metric set and a checkpoint saved after an eval")
@@ -276,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--process-id", dest="process_id", type=int, default=None, help="env PRODCLIP_PROCESS_ID")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a workdir whose checkpoints were written with a different model/data config")
+    p.add_argument("--allow-fresh-start", action="store_true",
+                   help="when every checkpoint in the workdir is damaged, move them to damaged_checkpoints/ and "
+                   "train from step 0 (without it, train refuses)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="re-evaluate a finished run from its workdir")
     p.add_argument("--workdir", required=True)

@@ -298,6 +298,10 @@ def base_config() -> ml_collections.ConfigDict:
     one_of(c, "match.threshold_rule", "max_f1", ("max_f1", "target_precision"))
     c.match.target_precision = 0.9  # for threshold_rule=target_precision
     c.match.ece_bins = 15  # equal-width bins of the expected calibration error and reliability diagram
+    # audit: flag a listing when p(match) is below the threshold whose predicted precision, at this
+    # expected fraction of mismatched listings in the audited catalog, is audit_target_precision.
+    c.match.audit_error_rate = 0.03
+    c.match.audit_target_precision = 0.5
     c.match.looks_like_k = 3  # audit: best-matching catalog titles / images shown per flagged listing
     c.match.report_rows = 100  # audit: flagged listings shown (with thumbnails) in the HTML page
     return c
@@ -328,12 +332,18 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
         module = load_module(path, "prodclip_config")
     except AttributeError as e:  # a locked ConfigDict refusing an unknown key
         raise ConfigError(f"{path}: {e}") from e
+    except SyntaxError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: syntax error: {e.msg}; fix the file and rerun") from e
+    except Exception as e:  # noqa: BLE001 - any failure while importing the user's file is a config error
+        raise ConfigError(f"{path} could not be imported: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config() function")
     try:
         config = module.get_config(arg) if arg is not None else module.get_config()
-    except (AttributeError, TypeError, KeyError) as e:
-        raise ConfigError(f"{path}: get_config() failed: {e}") from e
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bug in the user's get_config() is reported, not a traceback
+        raise ConfigError(f"{path}: get_config() failed: {type(e).__name__}: {e}") from e
     config.lock()
     return config
 
@@ -647,5 +657,8 @@ def _validate_match(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"match.negative_kinds={tuple(m.negative_kinds)} must be a non-empty subset of {NEGATIVE_KINDS}")
     if not 0.0 < m.target_precision <= 1.0:
         raise ConfigError(f"'match.target_precision' must be in (0, 1], got {m.target_precision}")
+    if not (0 < m.audit_error_rate < 1 and 0 < m.audit_target_precision <= 1):
+        raise ConfigError(f"match.audit_error_rate must be in (0, 1) (got {m.audit_error_rate}) and "
+                          f"match.audit_target_precision in (0, 1] (got {m.audit_target_precision})")
     if m.ece_bins < 2 or m.looks_like_k < 1 or m.report_rows < 0:
         raise ConfigError("match.ece_bins must be >= 2, match.looks_like_k >= 1 and match.report_rows >= 0")

@@ -50,14 +50,20 @@ def load_tokenizer_and_sources(config: ml_collections.ConfigDict, workdir: pathl
     workdir = pathlib.Path(workdir)
     splits = list(splits)
     label_stats = sources.load_label_vocabulary(workdir)
+    saved_vocab = {label: stats["names"] for label, stats in (label_stats or {}).items()}
     needs_train = "train" in splits or label_stats is None or not (workdir / "tokenizer").exists()
-    train_source = sources.make_source(config, "train") if needs_train else None
-    if label_stats is None and train_source is not None:
-        label_stats = sources.label_vocabulary(train_source)
-        sources.save_label_vocabulary(workdir, label_stats)
-    vocab = {label: stats["names"] for label, stats in (label_stats or {}).items()}
+    # The train split indexes its labels with the saved vocabulary too, so that baselines fit on it
+    # predict the classes the eval splits are indexed with.
+    train_source = sources.make_source(config, "train", saved_vocab or None) if needs_train else None
+    new_stats = sources.label_vocabulary(train_source) if label_stats is None and train_source is not None else None
+    vocab = {label: stats["names"] for label, stats in (label_stats or new_stats or {}).items()}
     split_sources = {split: train_source if split == "train" else sources.make_source(config, split, vocab)
                      for split in splits}
+    # Every split was readable: only now is anything written into the workdir.
+    if new_stats is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        sources.save_label_vocabulary(workdir, new_stats)
+        label_stats = new_stats
     train_titles = pipeline.source_titles(train_source) if train_source is not None else None
     tokenizer = tokenizer_lib.tokenizer_from_config(config, train_titles, workdir / "tokenizer")
     return tokenizer, split_sources, label_stats
@@ -73,6 +79,7 @@ def load_run(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | No
     """
     workdir = pathlib.Path(workdir)
     config = config if config is not None else config_lib.load(workdir)
+    checkpoint.check_loadable(workdir)  # before anything (tokenizer, labels.json) is written there
     tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, splits)
     graphdef, params = factory.create_model(config, tokenizer, config.seed)
     params, meta = checkpoint.load_params(workdir, config, optim.init_train_state(config, params), step=step)

@@ -9,7 +9,10 @@ bounded by one gallery chunk per step, never the whole store.
 
 Behaviour on bad input:
   - a text query longer than the context length is truncated the way training
-    titles are (tokenizer.truncation, default: keep the start) with a warning;
+    titles are (tokenizer.truncation, default: keep the start) with a warning that
+    shows its first ECHO_CHARS characters;
+  - a text query none of whose tokens is in the vocabulary ("!!!", emoji) is answered
+    with a warning that the ranking carries no information about it;
   - an image that fails to decode, an empty or incomplete store, and a store
     embedded by another model (fingerprint mismatch) raise SearchError/StoreError.
 """
@@ -64,6 +67,20 @@ def top_k(store_shards: Sequence[np.ndarray], queries: np.ndarray, k: int, *,
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(index, order, axis=1)
 
 
+ECHO_CHARS = 80  # characters of a query shown in a warning
+
+
+def shorten(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` itself, or its first `limit` characters and how many more there are."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def known_token_count(tokenizer, text: str) -> int:
+    """Tokens of `text` (special tokens excluded) that are in the vocabulary, i.e. not [UNK]."""
+    ids = tokenizer.hf(text.lower() if tokenizer.lowercase else text, add_special_tokens=False)["input_ids"]
+    return sum(1 for i in ids if i != tokenizer.hf.unk_token_id)
+
+
 def query_token_count(tokenizer, text: str) -> int:
     """Tokens `text` needs, special tokens included, before truncation."""
     return len(tokenizer.hf(text.lower() if tokenizer.lowercase else text)["input_ids"])
@@ -77,8 +94,11 @@ def encode_text_queries(graphdef, params, tokenizer, texts: Sequence[str]) -> np
         n = query_token_count(tokenizer, text)
         if n > tokenizer.context_length:
             log.warning("query %r is %d tokens; truncated to the context length %d (%s side dropped)",
-                        text, n, tokenizer.context_length,
+                        shorten(text), n, tokenizer.context_length,
                         "start" if tokenizer.hf.truncation_side == "left" else "end")
+        if known_token_count(tokenizer, text) == 0:
+            log.warning("query %r: none of its tokens is in the model's vocabulary; the results are not "
+                        "about it (try words from catalog titles)", shorten(text))
     return inference.title_encoder(graphdef, params, tokenizer, batch_size=len(texts))(texts)
 
 

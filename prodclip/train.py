@@ -19,7 +19,7 @@ import optax
 
 from prodclip import checkpoint, compile_cache, faults, gradcache, losses, optim, parallel
 from prodclip import config as config_lib
-from prodclip.data import pipeline
+from prodclip.data import pipeline, sources
 from prodclip.evaluate import suite
 from prodclip.metrics_writer import MetricsWriter
 from prodclip.models import matcher as matcher_lib
@@ -133,25 +133,30 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+                       allow_config_change: bool = False, allow_fresh_start: bool = False) -> dict[str, Any]:
     """Trains `config` in `workdir`, evaluates on config.data.eval_splits, returns the results.
 
     Resumes from the workdir's newest valid checkpoint. Raises faults.Preempted after saving
     on SIGTERM/SIGINT, faults.NonFiniteError on NaN/Inf, checkpoint.IncompatibleWorkdir when
-    the workdir's checkpoints have another model/data config (unless `allow_config_change`).
+    the workdir's checkpoints have another model/data config (unless `allow_config_change`),
+    checkpoint.NoValidCheckpoint when every checkpoint is damaged (unless `allow_fresh_start`, which
+    moves them to workdir/damaged_checkpoints/ and starts from step 0).
     """
     # --- Set-up: reject a bad config, or a workdir of another run, before any compute.
     config_lib.validate(config)
-    checkpoint.check_workdir(workdir, config, allow_config_change=allow_config_change)
+    checkpoint.check_workdir(workdir, config, allow_config_change=allow_config_change,
+                             allow_fresh_start=allow_fresh_start)
+    t_start = time.time()
+
+    # --- Data: every split is read before anything is written into the workdir.
+    workdir = pathlib.Path(workdir)
+    splits = ("train", "val", *config.data.eval_splits)
+    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits))
     workdir = prepare_workdir(config, workdir)
+    sources.report_skipped(split_sources, workdir)
     if config.train.compilation_cache:
         compile_cache.enable(config.train.compilation_cache_dir)
     writer = MetricsWriter(workdir)
-    t_start = time.time()
-
-    # --- Data.
-    splits = ("train", "val", *config.data.eval_splits)
-    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits))
     train_iter = pipeline.train_iterator(split_sources["train"], tokenizer, config,
                                          process_index=jax.process_index(), process_count=jax.process_count())
     log.info("data: %s", {k: len(v) for k, v in split_sources.items()})
@@ -180,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # --- Resume: the newest valid checkpoint (state and data position), or step 0.
     ckpt = checkpoint.Checkpointer(workdir, config)
-    restored = ckpt.restore(compiled.global_state(state), train_iter)
+    restored = ckpt.restore(compiled.global_state(state), train_iter, allow_fresh_start=allow_fresh_start)
     if restored:
         state = compiled.place_state(restored[0])
     start_step = int(jax.device_get(compiled.global_state(state)["step"]))

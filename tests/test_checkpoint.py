@@ -209,7 +209,8 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(reference_run, tmp_pat
     assert cli.main(train_args(workdir, 2 * N)) == 0
     assert f"checkpoint at step {2 * N} is damaged" in caplog.text
     assert f"resumed from the checkpoint of step {N}" in caplog.text
-    assert (workdir / "damaged_checkpoints" / str(2 * N)).is_dir()
+    assert sorted(p.name for p in (workdir / "damaged_checkpoints").iterdir()) == [f"step_{2 * N}"]
+    assert (workdir / "damaged_checkpoints" / f"step_{2 * N}" / "state").is_dir()  # one copy, not nested
     # Retrained from N, step 2N is again exactly the reference's.
     assert_bitwise_equal(saved_state(workdir, 2 * N), saved_state(ref_dir, 2 * N))
 
@@ -221,8 +222,17 @@ def test_all_checkpoints_damaged_is_an_error(tmp_path):
     with checkpoint.Checkpointer(tmp_path, config) as ckpt:
         ckpt.save(1, state, None)
     _flip_state_bytes(tmp_path / "checkpoints" / "1")
-    with pytest.raises(checkpoint.NoValidCheckpoint, match="step 1"):
+    with pytest.raises(checkpoint.NoValidCheckpoint, match="step 1.*--allow-fresh-start"):
         checkpoint.Checkpointer(tmp_path, config).restore(state)
+    assert checkpoint.checkpoint_steps(tmp_path) == [1]  # refused: nothing moved
+    assert not (tmp_path / "damaged_checkpoints").exists()
+    assert checkpoint.Checkpointer(tmp_path, config).restore(state, allow_fresh_start=True) is None
+    assert checkpoint.checkpoint_steps(tmp_path) == []
+    assert checkpoint.damaged_steps(tmp_path) == ["step_1"]
+    # The workdir now has no checkpoint: a plain rerun must still refuse to start over.
+    with pytest.raises(checkpoint.NoValidCheckpoint, match="step_1.*--allow-fresh-start"):
+        checkpoint.check_workdir(tmp_path, config)
+    checkpoint.check_workdir(tmp_path, config, allow_fresh_start=True)
 
 
 def _sharded(tree, mesh):

@@ -250,7 +250,7 @@ def test_audit_ranks_injected_mismatches_first(trained_run, tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist(rows), path)
     out = tmp_path / "report"
     command = ["audit", "--workdir", str(trained_run), "--catalog", str(path), "--out", str(out),
-               "--config.embed.shard_size=100"]
+               "--config.embed.shard_size=100", "--config.match.audit_error_rate=0.1"]  # 10% injected
     assert cli.main(command) == 0
     assert "258 listings" in capsys.readouterr().out
 

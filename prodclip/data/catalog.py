@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from prodclip import errors
+from prodclip.errors import DataError
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused as decompression bombs
 
@@ -42,6 +43,7 @@ class ImageError(errors.DataError):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.detail = detail
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -150,7 +152,48 @@ def iter_manifest_rows(path: str | pathlib.Path, columns: Sequence[str] | None =
                 if line.strip():
                     yield json.loads(line)
     else:
-        raise ValueError(f"unsupported manifest {path}: use .parquet, .csv or .jsonl")
+        raise DataError(f"unsupported manifest {path}: use .parquet, .csv or .jsonl")
+
+
+def manifest_columns(path: str | pathlib.Path, sample_rows: int = 100) -> list[str]:
+    """The column names of a manifest (JSONL: the keys of its first `sample_rows` rows). Raises DataError."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"catalog not found: {path}")
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        columns: dict[str, None] = {}
+        for i, row in enumerate(iter_manifest_rows(path)):
+            columns.update(dict.fromkeys(row))
+            if i + 1 >= sample_rows:
+                break
+        return list(columns)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow / csv / json raise many types for an unreadable file
+        raise DataError(f"{path} cannot be read as a {path.suffix} catalog: {type(e).__name__}: {e}") from e
+
+
+def check_columns(path: str | pathlib.Path, *, image_column: str, id_column: str, title_template: str,
+                  extra: Sequence[str] = ()) -> list[str]:
+    """Raises DataError naming every column the config reads that `path` lacks; returns the file's columns.
+
+    Required: the id column, the image column (or the fields of an image path template such as
+    "images/{id}.png"), every field of the title template, and `extra`.
+    """
+    columns = manifest_columns(path)
+    image_fields = template_fields(image_column) if "{" in image_column else [image_column]
+    wanted = {"data.id_column": [id_column], "data.image_column": image_fields,
+              "data.title_template": template_fields(title_template), "": list(extra)}
+    missing = [(key, c) for key, names in wanted.items() for c in names if c not in columns]
+    if missing:
+        listing = ", ".join(f"{c!r}" + (f" ({key})" if key else "") for key, c in missing)
+        raise DataError(f"{path} has no column {listing}; its columns are: {', '.join(columns) or 'none'}. "
+                        "Name the columns with --config.data.image_column / id_column / title_template")
+    return columns
 
 
 @dataclasses.dataclass
@@ -220,6 +263,7 @@ def read_catalog(path: str | pathlib.Path, *, image_column: str = "image", id_co
     """
     report = report if report is not None else BuildReport()
     root = pathlib.Path(image_root) if image_root else pathlib.Path(path).parent
+    check_columns(path, image_column=image_column, id_column=id_column, title_template=title_template)
     seen: set = set()
     for index, row in enumerate(iter_manifest_rows(path)):
         report.rows += 1
@@ -233,7 +277,7 @@ def read_catalog(path: str | pathlib.Path, *, image_column: str = "image", id_co
         try:
             title = clean_title(render_title(title_template, row))
         except ValueError as e:
-            report.skip(index, item_id, str(e), f"title template {title_template!r}")
+            report.skip(index, item_id, str(e), f"title template {title_template!r} gives no text")
             continue
         try:
             data = _image_bytes(render_title(image_column, row) if "{" in image_column else row.get(image_column), root)
@@ -241,7 +285,7 @@ def read_catalog(path: str | pathlib.Path, *, image_column: str = "image", id_co
             with Image.open(io.BytesIO(data)) as probe:
                 mode, image_format = probe.mode, probe.format or ""
         except ImageError as e:
-            report.skip(index, item_id, e.reason, str(e))
+            report.skip(index, item_id, e.reason, e.detail)
             continue
         except Exception as e:
             report.skip(index, item_id, "corrupt_image", f"{type(e).__name__}: {e}")
@@ -261,6 +305,8 @@ class CatalogSource:
       titles: list[str]; ids: [N] int64 (or a running index when ids are not integers);
       labels: name -> [N] int32 (-1 = missing or not in the vocabulary);
       label_names: name -> tuple of class names; report: the BuildReport.
+      missing_label_columns: configured label columns the file lacks (left out of `labels`).
+      unseen_labels: name -> {value: rows} of values outside `label_vocab` (labelled -1).
     """
 
     def __init__(self, path, *, image_column="image", id_column="id", title_template="{title}",
@@ -276,7 +322,10 @@ class CatalogSource:
             if max_items is not None and len(records) >= max_items:
                 break
         if not records:
-            raise ValueError(f"{path}: no usable rows ({self.report.to_dict()['skipped']})")
+            skipped = ", ".join(f"{reason} {n}" for reason, n in self.report.skipped.most_common()) or "no rows"
+            raise DataError(f"{path}: no usable rows out of {self.report.rows} ({skipped}); "
+                            "check the image and title columns the config names (data.image_column, "
+                            "data.title_template)")
         self.titles = [r.title for r in records]
         self._images = [r.image_bytes for r in records]
         try:
@@ -285,13 +334,20 @@ class CatalogSource:
             self.ids = np.arange(len(records), dtype=np.int64)
         self.raw_ids = [r.id for r in records]
         vocab = dict(label_vocab or {})
-        self.labels, self.label_names = {}, {}
+        self.labels, self.label_names, self.unseen_labels = {}, {}, {}
+        present = manifest_columns(path)
+        self.missing_label_columns = [c for c in label_columns if c not in present]
         for column in label_columns:
+            if column in self.missing_label_columns:
+                continue
             values = [r.labels[column] for r in records]
             names = tuple(vocab.get(column) or sorted({v for v in values if v not in (None, "")}))
             index = {name: i for i, name in enumerate(names)}
             self.labels[column] = np.asarray([index.get(v, -1) for v in values], np.int32)
             self.label_names[column] = names
+            unseen = collections.Counter(str(v) for v in values if v not in (None, "") and v not in index)
+            if unseen:
+                self.unseen_labels[column] = dict(unseen.most_common())
 
     def __len__(self) -> int:
         return len(self.titles)

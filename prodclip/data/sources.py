@@ -16,6 +16,7 @@ classification on any label column.
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Sequence
 
@@ -23,8 +24,12 @@ import ml_collections
 import numpy as np
 
 from prodclip.data.catalog import CatalogSource
+from prodclip.errors import ConfigError, DataError
+
+log = logging.getLogger("prodclip")
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl")
+SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
 
 
 def split_size(config: ml_collections.ConfigDict, split: str) -> int:
@@ -33,7 +38,8 @@ def split_size(config: ml_collections.ConfigDict, split: str) -> int:
     sizes = {"train": d.num_train, "val": d.num_val, "test": d.num_test, "compositional": d.num_compositional}
     if split not in sizes:
         if d.name == "synthetic":
-            raise ValueError(f"unknown synthetic split {split!r}; valid: {', '.join(sizes)}")
+            raise DataError(f"the synthetic catalog has no split {split!r}; valid: {', '.join(sizes)} "
+                            "(check data.eval_splits and match.fit_split)")
         return 0
     return sizes[split]
 
@@ -47,9 +53,12 @@ def catalog_file(path: str, split: str) -> pathlib.Path:
         for suffix in MANIFEST_SUFFIXES:
             if (root / f"{split}{suffix}").exists():
                 return root / f"{split}{suffix}"
-        raise FileNotFoundError(f"no {split}.parquet/.csv/.jsonl in {root}")
+        found = sorted(p.name for p in root.iterdir() if p.suffix in MANIFEST_SUFFIXES)
+        raise DataError(f"no {split}.parquet/.csv/.jsonl in {root} (found: {', '.join(found) or 'none'}); "
+                        "the splits read are train, val, data.eval_splits and match.fit_split")
     if not root.exists():
-        raise FileNotFoundError(f"catalog not found: {root}")
+        raise DataError(f"catalog not found: {root} (data.path); pass --config.data.path=DIR_OR_FILE, a folder "
+                        "holding train.parquet / val.parquet (or .csv / .jsonl) or one catalog file")
     return root
 
 
@@ -82,7 +91,56 @@ def make_source(config: ml_collections.ConfigDict, split: str,
         return TfdsSource(d.tfds_name, d.data_dir, split, image_key=d.image_key, text_key=d.text_key,
                           id_key=d.id_column, label_keys=tuple(d.label_columns),
                           max_items=split_size(config, split))
-    raise ValueError(f"data.name={d.name!r} is not readable; valid: synthetic, catalog, tfds")
+    raise ConfigError(f"data.name={d.name!r} is not readable; valid: synthetic, catalog, tfds")
+
+
+def skipped_rows(split_sources: dict) -> list[dict]:
+    """Every row the sources skipped: {"split", "file", "row", "id", "reason", "detail"}, in split order."""
+    rows = []
+    for split, source in split_sources.items():
+        report = getattr(source, "report", None)
+        if report is None:
+            continue
+        for row, item_id, reason, detail in report.skipped_rows:
+            rows.append({"split": split, "file": str(source.path), "row": row, "id": item_id, "reason": reason,
+                         "detail": detail})
+    return rows
+
+
+def report_skipped(split_sources: dict, out_dir: str | pathlib.Path, name: str = SKIPPED_ROWS_FILE) -> dict:
+    """Logs, per split read from a catalog, the rows kept and the rows skipped by reason, and writes
+    every skipped row (split, file, row number, id, reason, detail) to out_dir/name as JSON lines.
+
+    Sources without a skip report (synthetic, TFDS) are left out; nothing is written when no source
+    has one. Returns split -> {reason: count}.
+    """
+    counts, seen = {}, set()
+    for split, source in split_sources.items():
+        report = getattr(source, "report", None)
+        if report is None or id(source) in seen:
+            continue
+        seen.add(id(source))
+        counts[split] = dict(report.skipped)
+        unseen = {label: sum(values.values()) for label, values in getattr(source, "unseen_labels", {}).items()}
+        if report.skipped:
+            listing = ", ".join(f"{reason} {n}" for reason, n in report.skipped.most_common())
+            log.warning("data: %s (%s): %d rows read, %d kept, %d skipped: %s; see %s", split, source.path,
+                        report.rows, report.kept, sum(report.skipped.values()), listing,
+                        pathlib.Path(out_dir) / name)
+        else:
+            log.info("data: %s (%s): %d rows read, all kept", split, source.path, report.rows)
+        for label in getattr(source, "missing_label_columns", []):
+            log.warning("data: %s (%s) has no label column %r; it is left out", split, source.path, label)
+        for label, n in unseen.items():
+            log.warning("data: %s: %d rows have a %s value the run was not trained on (%s); they are "
+                        "not scored for %s", split, n, label, ", ".join(list(source.unseen_labels[label])[:5]), label)
+    if counts:
+        out = pathlib.Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / name, "w", encoding="utf-8") as f:
+            for row in skipped_rows({s: src for s, src in split_sources.items() if s in counts}):
+                f.write(json.dumps(row, default=str) + "\n")
+    return counts
 
 
 def label_vocabulary(train_source) -> dict[str, dict]:

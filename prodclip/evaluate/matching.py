@@ -36,6 +36,7 @@ log = logging.getLogger("prodclip")
 ItmFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 CALIBRATION_FILE = "match_calibration.json"
+FIT_QUANTILES = 1001
 SCORES = ("two_tower", "fusion", "combined")
 _EPS = 1e-6
 
@@ -93,6 +94,9 @@ class Calibration:
     method: "native" | "platt"; p_two_tower = sigmoid(scale * cos + bias).
     combined: (w_cos, w_itm, bias) of the combined score, or None without a fusion head.
     thresholds: score name -> probability threshold; reached: score name -> target precision reached.
+    fit_scores: score name -> {"matched": [...], "mismatched": [...]}: up to FIT_QUANTILES quantiles of
+      the fit split's probabilities per class, from which `prodclip audit` predicts the precision
+      of a threshold at another mismatch rate (None in calibrations saved before they were kept).
     """
 
     method: str
@@ -104,6 +108,7 @@ class Calibration:
     target_precision: float
     fit_split: str
     combined: tuple[float, float, float] | None = None
+    fit_scores: dict | None = None
 
     def two_tower(self, cos: np.ndarray) -> np.ndarray:
         """[P] cosines -> [P] match probabilities."""
@@ -168,10 +173,21 @@ def fit_calibration(cos: np.ndarray, labels: np.ndarray, *, loss_name: str, meth
     if itm_prob is not None:
         weights, bias = fit_logistic(np.stack([np.asarray(cos, np.float64), logit(itm_prob)], axis=1), labels)
         calibration.combined = (float(weights[0]), float(weights[1]), bias)
+    calibration.fit_scores = {}
     for name, prob in calibration.probabilities(cos, itm_prob).items():
         calibration.thresholds[name], calibration.reached[name] = choose_threshold(prob, labels, rule,
                                                                                    target_precision)
+        calibration.fit_scores[name] = {kind: class_quantiles(prob[np.asarray(labels) == value])
+                                        for kind, value in (("matched", 1), ("mismatched", 0))}
     return calibration
+
+
+def class_quantiles(prob: np.ndarray, num: int = FIT_QUANTILES) -> list[float]:
+    """`num` evenly spaced quantiles of one class's probabilities (all of them when fewer), ascending."""
+    prob = np.sort(np.asarray(prob, np.float64))
+    if len(prob) > num:
+        prob = np.quantile(prob, np.linspace(0.0, 1.0, num))
+    return [float(p) for p in prob]
 
 
 # ----------------------------------------------------------------------------- metrics

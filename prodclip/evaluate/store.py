@@ -7,11 +7,14 @@ Layout of a store directory:
                         (the run's `data` config + split, to re-open images) and the workdir
     items.jsonl         one {"id", "title"} per item, in store order
     shards/emb_00000.npy  [<= shard_size, D] float32 rows, L2-normalised, in store order
+    shards/emb_00000.json {"rows", "dim", "bytes", "sha256"} of that shard file
 
-Shards are written to a temporary name and renamed, so a shard that exists is
-complete: re-running `prodclip embed` with the same model and settings skips them
-(resume). A store made by a different model (fingerprint), mode, weight or
-shard size is refused with an error rather than mixed.
+Shards are written to a temporary name and renamed, then their record is written. A shard
+counts as done only when its record exists and the file's size and SHA-256 match it: re-running
+`prodclip embed` with the same model and settings skips the done shards and redoes a missing,
+truncated or altered one (resume), and opening a store for search verifies every shard the same
+way. A store made by a different model (fingerprint), mode, weight or shard size is refused with
+an error rather than mixed, and so is an --out folder that holds other files.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pathlib
 from typing import Any
@@ -29,10 +33,11 @@ import numpy as np
 from prodclip import errors, trees
 from prodclip.models import inference
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 HEADER = "store.json"
 ITEMS = "items.jsonl"
 
+log = logging.getLogger("prodclip")
 
 class StoreError(errors.StoreError):
     """A store that cannot be written, read or used with this model; the message says why."""
@@ -85,6 +90,64 @@ def _shard_path(store: pathlib.Path, index: int) -> pathlib.Path:
     return store / "shards" / f"emb_{index:05d}.npy"
 
 
+def _record_path(shard: pathlib.Path) -> pathlib.Path:
+    return shard.with_suffix(".json")
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(path: pathlib.Path, rows: np.ndarray) -> None:
+    """Writes a shard file atomically, then its record (rows, dim, bytes, sha256)."""
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, rows)
+    os.replace(tmp, path)
+    record = {"rows": int(rows.shape[0]), "dim": int(rows.shape[1]), "bytes": path.stat().st_size,
+              "sha256": file_sha256(path)}
+    _record_path(path).with_suffix(".json.tmp").write_text(json.dumps(record))
+    os.replace(_record_path(path).with_suffix(".json.tmp"), _record_path(path))
+
+
+def shard_problem(path: pathlib.Path, rows: int | None = None) -> str | None:
+    """Why the shard at `path` cannot be used (missing, no record, wrong size or checksum), or None."""
+    record_path = _record_path(path)
+    if not path.exists():
+        return f"{path.name} is missing"
+    if not record_path.exists():
+        return f"{path.name} has no record {record_path.name} (its write did not finish)"
+    record = json.loads(record_path.read_text())
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{path.name} is {size} bytes, {record['bytes']} were written (truncated or replaced)"
+    if rows is not None and record["rows"] != rows:
+        return f"{path.name} holds {record['rows']} rows, {rows} expected"
+    if file_sha256(path) != record["sha256"]:
+        return f"{path.name} does not match its SHA-256 checksum (altered or damaged)"
+    return None
+
+
+# Files a store directory may hold before its header exists (an embed killed while starting).
+_STORE_FILES = {HEADER, ITEMS, f"{HEADER}.tmp", f"{ITEMS}.tmp", "shards", "skipped_rows.jsonl"}
+
+
+def check_store_dir(store: str | pathlib.Path) -> None:
+    """Raises StoreError if `store` exists holding files that are not an embedding store's; writes nothing."""
+    store = pathlib.Path(store)
+    if store.exists() and not store.is_dir():
+        raise StoreError(f"--out {store} is a file; give a new or existing store directory")
+    if not store.is_dir() or (store / HEADER).exists():
+        return
+    others = sorted(p.name for p in store.iterdir() if p.name not in _STORE_FILES)
+    if others:
+        raise StoreError(f"--out {store} is not empty and is not an embedding store (it holds "
+                         f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); give a new directory")
+
+
 def _source_ids(source) -> list:
     raw = getattr(source, "raw_ids", None)
     ids = raw if raw is not None else getattr(source, "ids", None)
@@ -111,6 +174,7 @@ def embed_catalog(graphdef, params, source, tokenizer, config: ml_collections.Co
 
 
 def _open_or_create(store: pathlib.Path, header: dict, source) -> None:
+    check_store_dir(store)
     if (store / HEADER).exists():
         _check_same_settings(store / HEADER, json.loads((store / HEADER).read_text()), header)
         return
@@ -137,6 +201,8 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
         raise StoreError(f"split {split!r} of data.name={config.data.name!r} has no items: nothing to embed")
     e = config.embed
     stores = {mode: pathlib.Path(path) for mode, path in store_dirs.items()}
+    for store in stores.values():
+        check_store_dir(store)
     fingerprint, headers = model_fingerprint(params, tokenizer, config), {}
     for mode, store in stores.items():
         headers[mode] = {
@@ -159,19 +225,23 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
     dim = None
     for index in range(num_shards):
         start, stop = index * shard_size, min((index + 1) * shard_size, num_items)
-        todo = {mode: _shard_path(store, index) for mode, store in stores.items()
-                if not _shard_path(store, index).exists()}
+        todo = {}
+        for mode, store in stores.items():
+            path = _shard_path(store, index)
+            problem = shard_problem(path, stop - start)
+            if problem is not None:
+                if path.exists():
+                    log.warning("store %s: %s; embedding that shard again", store, problem)
+                todo[mode] = path
         if not todo:
-            dim = np.load(_shard_path(next(iter(stores.values())), index), mmap_mode="r").shape[1]
+            dim = json.loads(_record_path(_shard_path(next(iter(stores.values())), index)).read_text())["dim"]
             bar.update(stop - start)
             continue
         image_emb, text_emb = inference.embed_source(graphdef, params, RowRange(source, start, stop), tokenizer, config)
         for mode, path in todo.items():
             rows = product_vectors(image_emb, text_emb, mode, e.image_weight)
             dim = rows.shape[1]
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, rows)
-            os.replace(tmp, path)
+            write_shard(path, rows)
         bar.update(stop - start)
     bar.close()
     for mode, store in stores.items():
@@ -199,19 +269,23 @@ def open_store(store_dir: str | pathlib.Path) -> Store:
     store = pathlib.Path(store_dir)
     if not (store / HEADER).exists():
         raise StoreError(f"no embedding store at {store} (missing {HEADER}); make one with `prodclip embed`")
-    header = json.loads((store / HEADER).read_text())
+    try:
+        header = json.loads((store / HEADER).read_text())
+        items = [json.loads(line) for line in (store / ITEMS).read_text().splitlines() if line]
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"store {store} is damaged ({type(e).__name__}: {e}); embed it again into a new --out") from e
     if header.get("version") != STORE_VERSION:
-        raise StoreError(f"{store / HEADER}: format version {header.get('version')}, expected {STORE_VERSION}")
-    items = [json.loads(line) for line in (store / ITEMS).read_text().splitlines() if line]
+        raise StoreError(f"{store / HEADER}: format version {header.get('version')}, expected {STORE_VERSION}; "
+                         "embed the catalog again with `prodclip embed` into a new --out")
     num_items, shard_size = header["num_items"], header["shard_size"]
     if num_items == 0 or not items:
         raise StoreError(f"store {store} is empty: nothing to search")
     shards = []
     for index in range(-(-num_items // shard_size)):
         path = _shard_path(store, index)
-        if not path.exists():
-            raise StoreError(f"store {store} is incomplete: {path.name} is missing; re-run `prodclip embed` "
-                             "with the same --out to resume")
+        problem = shard_problem(path, min(shard_size, num_items - index * shard_size))
+        if problem is not None:
+            raise StoreError(f"store {store}: {problem}; re-run `prodclip embed` with the same --out to redo it")
         shards.append(np.load(path, mmap_mode="r"))
     if sum(len(s) for s in shards) != num_items or len(items) != num_items:
         raise StoreError(f"store {store}: {sum(len(s) for s in shards)} rows in shards and {len(items)} items, "

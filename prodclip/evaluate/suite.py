@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -12,6 +13,8 @@ import numpy as np
 from prodclip.data import pipeline
 from prodclip.evaluate import baselines, rerank, retrieval, zeroshot
 from prodclip.models import inference
+
+log = logging.getLogger("prodclip")
 
 
 def retrieval_keys(source) -> tuple[np.ndarray, str]:
@@ -67,6 +70,10 @@ def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections
         if label not in getattr(source, "labels", {}):
             continue
         raw_names, names, labels = zeroshot_classes(label, source, config, label_stats)
+        if not (labels >= 0).any():
+            log.warning("zero-shot %s skipped on %s: no row has a %s value the run knows", label, split or "split",
+                        label)
+            continue
         class_emb = zeroshot.class_embeddings(encode, names, label_templates(label, config))
         for name, value in zeroshot.classify(image_emb, class_emb, labels).items():
             if name.startswith("class/"):
@@ -135,7 +142,9 @@ def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label
                                      label_stats=label_stats, plot_dir=plot_dir, split=split,
                                      embedded=embedded.get(split))
                for split in config.data.eval_splits}
-    probe_labels = [l for l in config.eval.linear_probe_labels if l in getattr(split_sources.get("train"), "labels", {})]
+    probe_labels = [l for l in config.eval.linear_probe_labels
+                    if l in getattr(split_sources.get("train"), "labels", {})
+                    and all(l in getattr(split_sources[s], "labels", {}) for s in config.data.eval_splits)]
     if probe_labels:
         train_source = split_sources["train"]
         train_emb = inference.embed_images(graphdef, params, train_source, tokenizer, config)
@@ -144,6 +153,8 @@ def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label
             for label in probe_labels:
                 _, _, train_labels = zeroshot_classes(label, train_source, config, label_stats)
                 names, _, eval_labels = zeroshot_classes(label, split_sources[split], config, label_stats)
+                if not (eval_labels >= 0).any() or not (train_labels >= 0).any():
+                    continue
                 rates = {**baselines.chance_and_majority(train_labels, eval_labels, len(names)),
                          **baselines.linear_probe(train_emb, train_labels, eval_emb, eval_labels)}
                 results[split].update({f"baseline/{label}/{k}": v for k, v in rates.items()})

@@ -1,0 +1,99 @@
+"""Evaluating a trained run on a catalog that is not its own.
+
+    prodclip eval --workdir RUN --config.data.path=OTHER.parquet
+
+What the numbers mean:
+  - the whole file is evaluated: the run's data.num_train / num_val / num_test cap the run's
+    own splits, never this catalog;
+  - one file is one eval split, named after the file ("other" for other.parquet); a folder is
+    evaluated on the data.eval_splits it holds (an error names the ones it lacks);
+  - labels are mapped through the run's vocabularies (labels.json): a value the run was not
+    trained on counts as unlabelled for that label, and the rows are counted and reported
+    ("labels/<label>/unseen_rows"); a label column the file lacks is skipped with a message;
+  - the baselines (majority class, linear probe) are fitted on the run's own train split
+    (the data config saved in the workdir), or not reported, with a message, when that split
+    cannot be read.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pathlib
+
+import ml_collections
+
+from prodclip import errors, train
+from prodclip.data import sources
+from prodclip.evaluate import suite
+
+log = logging.getLogger("prodclip")
+
+
+def run_data_config(workdir: str | pathlib.Path) -> dict | None:
+    """The `data` config the run in `workdir` was trained with (its config.json), or None."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("data")
+
+
+def is_other_catalog(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> bool:
+    """True when `config.data` names a catalog (data.name=catalog) at another path than the run's own."""
+    run_data = run_data_config(workdir)
+    if config.data.name != "catalog" or run_data is None:
+        return False
+    return run_data.get("name") != "catalog" or run_data.get("path") != config.data.path
+
+
+def catalog_splits(config: ml_collections.ConfigDict) -> dict[str, pathlib.Path]:
+    """Split name -> file to evaluate: one file (named by its stem), or the eval splits of a folder."""
+    path = config.data.path
+    if "{split}" not in path and pathlib.Path(path).is_file():
+        return {pathlib.Path(path).stem: pathlib.Path(path)}
+    return {split: sources.catalog_file(path, split) for split in config.data.eval_splits}
+
+
+def run_train_source(workdir: pathlib.Path, config: ml_collections.ConfigDict, vocab: dict):
+    """The run's own train split (its saved data config), labels indexed by `vocab`; None if unreadable."""
+    from prodclip import config as config_lib
+
+    own = copy.deepcopy(config)
+    for key, value in (run_data_config(workdir) or {}).items():
+        if key in own.data:
+            config_lib.set_field(own, f"data.{key}", tuple(value) if isinstance(value, list) else value)
+    try:
+        return sources.make_source(own, "train", vocab)
+    except errors.DataError as e:
+        log.warning("baselines not reported: the run's own train split cannot be read (%s)", e)
+        return None
+
+
+def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Metrics of the run in `workdir` on the catalog `config.data` names (see the module docstring).
+
+    Returns {split: {metric: value}}, with "labels/<label>/unseen_rows" per label and, when the
+    run's train split is readable and eval.linear_probe_labels is set, "baseline/..." metrics;
+    also written to workdir/catalog_eval.json and .md (the run's own eval.json is left alone).
+    """
+    workdir = pathlib.Path(workdir)
+    files = catalog_splits(config)  # raises DataError before anything is loaded or written
+    graphdef, params, tokenizer, _, _, label_stats = train.load_trained(config, workdir, {})
+    vocab = {label: stats["names"] for label, stats in (label_stats or {}).items()}
+    split_sources = {split: sources.open_catalog(config, path, label_vocab=vocab) for split, path in files.items()}
+    if config.eval.linear_probe_labels:
+        train_source = run_train_source(workdir, config, vocab)
+        if train_source is not None:
+            split_sources["train"] = train_source
+    sources.report_skipped({s: split_sources[s] for s in files}, workdir, name="catalog_eval_skipped_rows.jsonl")
+    eval_config = copy.deepcopy(config)
+    eval_config.data.eval_splits = tuple(files)
+    results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, eval_config, label_stats,
+                                 plot_dir=workdir / "confusion")
+    for split in files:
+        source = split_sources[split]
+        for label in source.labels:
+            results[split][f"labels/{label}/unseen_rows"] = sum(source.unseen_labels.get(label, {}).values())
+    suite.write_results(workdir, results, name="catalog_eval")
+    return results
