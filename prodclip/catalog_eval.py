@@ -24,7 +24,8 @@ import pathlib
 
 import ml_collections
 
-from prodclip import errors, train
+from prodclip import errors
+from prodclip import run as run_lib
 from prodclip.data import sources
 from prodclip.evaluate import suite
 
@@ -79,7 +80,8 @@ def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathli
     """
     workdir = pathlib.Path(workdir)
     files = catalog_splits(config)  # raises DataError before anything is loaded or written
-    graphdef, params, tokenizer, _, _, label_stats = train.load_trained(config, workdir, {})
+    run = run_lib.load_run(workdir, config)
+    graphdef, params, tokenizer, label_stats = run.graphdef, run.params, run.tokenizer, run.label_stats
     vocab = {label: stats["names"] for label, stats in (label_stats or {}).items()}
     split_sources = {split: sources.open_catalog(config, path, label_vocab=vocab) for split, path in files.items()}
     if config.eval.linear_probe_labels:

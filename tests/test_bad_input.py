@@ -436,13 +436,13 @@ def _embed_rows(model, rows: list[dict], tokenizer, config) -> tuple[np.ndarray,
 def test_eval_on_another_catalog_matches_numpy(run, shop, tmp_path, capsys, caplog):
     """20 rows (more than the run's num_val=8, fewer than a num_val of 50), one colour value the run never
     saw, no pattern column: every metric, baselines included, recomputed here from the model's embeddings."""
-    import argparse
-
     from sklearn.linear_model import LogisticRegression
 
     import jax.numpy as jnp
 
-    from prodclip import train
+    from prodclip import config as config_lib
+    from prodclip import run as run_lib
+    from prodclip.models import factory
 
     rows = good_rows(20, seed=5, prefix="other")
     rows[3]["colour"] = "ultraviolet"
@@ -459,10 +459,10 @@ def test_eval_on_another_catalog_matches_numpy(run, shop, tmp_path, capsys, capl
                    capsys)[0] == 0
     assert json.loads((run / "catalog_eval.json").read_text())["other"] == results
 
-    config = cli._load_config(argparse.Namespace(config=None, config_arg=None, workdir=run),
-                              [f"--config.data.path={other}"])
-    graphdef, params, tokenizer, _, _, label_stats = train.load_trained(config, run, {})
-    model = train.merge_model(graphdef, params)
+    config = config_lib.load(run, [f"--config.data.path={other}"])
+    loaded = run_lib.load_run(run, config)
+    tokenizer, label_stats = loaded.tokenizer, loaded.label_stats
+    model = factory.merge_model(loaded.graphdef, loaded.params)
     image_emb, text_emb = _embed_rows(model, rows, tokenizer, config)
     titles = [r["title"] for r in rows]
     keys = np.asarray([titles.index(t) for t in titles])
