@@ -120,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.patch_bias = True  # a bias in the patch embedding (OpenAI CLIP has none)
     c.model.image.stem = "patch"  # patch (linear patchify) | conv (patchify conv, then 3x3 stride-2 convs)
     c.model.image.stem_depth = 2  # number of 3x3 stride-2 convs in the conv stem; patch_size % 2**stem_depth == 0
-    c.model.image.pixel_norm = "imagenet"  # imagenet | clip: the mean/std the model normalises pixels with
+    c.model.image.pixel_norm = "imagenet"  # imagenet | clip | tf_lite (EfficientNet-Lite's weights): the mean/std the model normalises pixels with
     # --- baselines (issue 14): a ResNet image tower instead of the ViT (prodclip/models/resnet.py).
     c.model.image.kind = "vit"  # vit | resnet (resnet uses pooling gap | map and the fields below)
     c.model.image.resnet = ml_collections.ConfigDict()
@@ -443,7 +443,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.text.mask": ("causal", "bidirectional"),
         "model.text.pooling": ("eot", "cls", "mean"),
         "model.text.activation": ("gelu", "quick_gelu"),
-        "model.image.pixel_norm": ("imagenet", "clip"),
+        "model.image.pixel_norm": ("imagenet", "clip", "tf_lite"),
         "model.text.eot_rule": ("last_nonpad", "eos_id", "argmax"),
         "loss.name": ("softmax", "sigmoid"),
         "parallel.strategy": ("sharded", "pmap"),
