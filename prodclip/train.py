@@ -170,6 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         from prodclip import convert_bert
         params = convert_bert.load_text_tower(config.model.text.pretrained, config, params)
         log.info("model: text tower initialised from %s", config.model.text.pretrained)
+    if config.model.image.init_checkpoint and not config.model.init_checkpoint:
+        from prodclip import convert_efficientnet
+        params = convert_efficientnet.load_image_tower(config.model.image.init_checkpoint, config, params,
+                                                       cache_dir=workdir / "pretrained")
+        log.info("model: image tower initialised from %s", config.model.image.init_checkpoint)
     tx = optim.make_optimizer(config, params)
     state = optim.init_train_state(config, params)
     num_params = sum(x.size for x in jax.tree.leaves(params))

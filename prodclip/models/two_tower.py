@@ -9,7 +9,7 @@ from flax import nnx
 
 from prodclip import config as config_lib
 from prodclip import losses
-from prodclip.models import bert, resnet
+from prodclip.models import bert, efficientnet, resnet
 from prodclip.models import matcher as matcher_lib
 from prodclip.models.fusion import FusionEncoder, build_fusion
 from prodclip.models.text import TextTransformer
@@ -34,7 +34,8 @@ class TwoTower(nnx.Module):
       matcher: None, or a match classifier on the two embeddings (matcher.py).
     """
 
-    def __init__(self, image_tower: VisionTransformer | resnet.ResNet, text_tower: TextTransformer | bert.BertTextTower,
+    def __init__(self, image_tower: VisionTransformer | resnet.ResNet | efficientnet.EfficientNetTower,
+                 text_tower: TextTransformer | bert.BertTextTower,
                  *, logit_scale_init: float, logit_bias_init: float, logit_scale_max: float = 100.0,
                  fusion: FusionEncoder | None = None, matcher: matcher_lib.ConcatMatcher | None = None):
         self.image_tower = image_tower
@@ -81,13 +82,16 @@ def build_model(config: ml_collections.ConfigDict, *, vocab_size: int, pad_id: i
     pixel_mean, pixel_std = PIXEL_STATS[m.image.pixel_norm]
     image_dims = config_lib.tower_dims(m.image, config_lib.VIT_PRESETS)
     text_dims = config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS)
-    image_tower = resnet.build_resnet(config, dtype, rngs) if m.image.kind == "resnet" else VisionTransformer(
+    image_tower = resnet.build_resnet(config, dtype, rngs) if m.image.kind == "resnet" else efficientnet.build_efficientnet(
+        config, dtype, rngs) if m.image.kind in efficientnet.VARIANTS else VisionTransformer(
         image_size=config.data.image_size, patch_size=m.image.patch_size, mlp_ratio=m.image.mlp_ratio,
         embed_dim=m.embed_dim, pooling=m.image.pooling, posemb=m.image.posemb, pre_norm=m.image.pre_norm,
         activation=m.image.activation, proj_bias=m.image.proj_bias, dtype=dtype, remat=m.remat, rngs=rngs,
         patch_bias=m.image.patch_bias, stem=m.image.stem, stem_depth=m.image.stem_depth, pixel_mean=pixel_mean, pixel_std=pixel_std,
         **image_dims,
     )
+    if m.image.kind in efficientnet.VARIANTS:  # the fusion encoder cross-attends to the 1280-wide feature map
+        image_dims = {**image_dims, "width": efficientnet.FEATURE_CHANNELS}
     text_tower = bert.build_bert(config, vocab_size, pad_id, dtype, rngs) if m.text.kind == "bert" else TextTransformer(
         vocab_size=vocab_size, context_length=config.tokenizer.context_length, mlp_ratio=m.text.mlp_ratio,
         embed_dim=m.embed_dim, mask=m.text.mask, pooling=m.text.pooling, pad_id=pad_id,
