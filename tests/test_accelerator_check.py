@@ -37,6 +37,7 @@ def test_parse_junit(tmp_path):
     assert check.parse_junit(str(tmp_path / "missing.xml")) == []
 
 
+@pytest.mark.slow  # about 2 minutes on 2 cores; still run by default
 def test_dry_run_end_to_end(tmp_path):
     """The whole check, every size shrunk, on CPU: every phase runs and the reports are written."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accelerator_check.py"), "--dry-run", "--out",
