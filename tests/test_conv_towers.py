@@ -2,8 +2,8 @@
 
 Tolerance: 1e-5 absolute and relative on outputs and input/parameter gradients, float32 (the
 two formulations compute the same sums in a different order). Also checks that on CPU the
-towers' jaxpr holds no `conv_general_dilated` (the explicit formulation is the one taken), and
-that a native copy does.
+explicit copy's jaxpr holds no `conv_general_dilated` (the explicit formulation is the one
+taken) and the native copy's does, and which one each tower uses by default on CPU.
 """
 
 import copy
@@ -15,15 +15,15 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from prodclip.models import resnet, vit
+from prodclip.models import convolution, resnet, vit
 
 
-def native_copy(module):
-    """A copy of `module` whose every nnx.Conv calls lax.conv_general_dilated directly (same parameters)."""
+def with_convolutions(module, conv_fn):
+    """A copy of `module` whose every nnx.Conv computes with `conv_fn` (same parameters)."""
     clone = copy.deepcopy(module)
     for _, sub in nnx.iter_graph(clone):
         if isinstance(sub, nnx.Conv):
-            sub.conv_general_dilated = lax.conv_general_dilated
+            sub.conv_general_dilated = conv_fn
     return clone
 
 
@@ -42,10 +42,10 @@ def primitives(fn, *args) -> set[str]:
 
 
 def assert_same_function(module, x, output=lambda y: y):
-    """Outputs and gradients (w.r.t. x and every parameter) of `module` and its native copy agree at 1e-5."""
-    native = native_copy(module)
-    graphdef, params = nnx.split(module)
-    native_graphdef, _ = nnx.split(native)
+    """Outputs and gradients (w.r.t. x and every parameter) of `module` on the explicit CPU convolutions and on
+    the native ones agree at 1e-5."""
+    graphdef, params = nnx.split(with_convolutions(module, convolution.lax_conv_general_dilated))
+    native_graphdef, _ = nnx.split(with_convolutions(module, lax.conv_general_dilated))
     cotangent_key = jax.random.key(7)
 
     def loss(graphdef):
@@ -90,3 +90,15 @@ def test_resnet_tower_explicit_equals_native():
     tower = resnet.ResNet(depth=18, width_mult=0.125, embed_dim=16, norm_groups=4, rngs=nnx.Rngs(0))
     images = jax.random.randint(jax.random.key(2), (2, 32, 32, 3), 0, 256).astype(jnp.float32)
     assert_same_function(tower, images, output=lambda out: out[0])
+
+
+def test_cpu_default_formulations():
+    """On CPU the ResNet tower takes the explicit convolutions; the ViT conv stem keeps XLA's native ones
+    (its explicit form measured slower on CPU, docs/performance.md)."""
+    assert jax.default_backend() == "cpu"
+    tower = resnet.ResNet(depth=18, width_mult=0.125, embed_dim=16, norm_groups=4, rngs=nnx.Rngs(0))
+    stem = vit.ConvStem(16, 32, nnx.Rngs(0), depth=2)
+    for module, size, explicit in ((tower, 32, True), (stem, 32, False)):
+        graphdef, params = nnx.split(module)
+        x = jnp.zeros((1, size, size, 3))
+        assert ("conv_general_dilated" not in primitives(lambda p, x: nnx.merge(graphdef, p)(x), params, x)) == explicit

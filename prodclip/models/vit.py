@@ -8,7 +8,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from prodclip.models import convolution, layers
+from prodclip.models import layers
 
 # ImageNet statistics on a 0..255 scale; the model normalises its own uint8 input.
 PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -48,13 +48,10 @@ class ConvStem(nnx.Module):
         shapes = ([(first, first)] if first > 1 else []) + [(3, 2)] * depth  # (kernel, stride) per conv
         channels = [max(width // 2 ** (len(shapes) - 1 - i), 8) for i in range(len(shapes))]
         ins = [3, *channels[:-1]]
-        # The explicit formulation on CPU, XLA's native convolution elsewhere (models/convolution.py).
-        conv = convolution.lax_conv_general_dilated
         self.convs = nnx.List([nnx.Conv(i, o, (k, k), strides=s, padding="SAME" if k > s else "VALID",
-                                        dtype=dtype, conv_general_dilated=conv, rngs=rngs)
-                               for i, o, (k, s) in zip(ins, channels, shapes)])
+                                        dtype=dtype, rngs=rngs) for i, o, (k, s) in zip(ins, channels, shapes)])
         self.norms = nnx.List([nnx.LayerNorm(o, epsilon=1e-5, dtype=dtype, rngs=rngs) for o in channels])
-        self.out = nnx.Conv(channels[-1], width, (1, 1), dtype=dtype, conv_general_dilated=conv, rngs=rngs)
+        self.out = nnx.Conv(channels[-1], width, (1, 1), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, S, S, 3] normalised pixels -> [B, (S/patch)², width]."""
