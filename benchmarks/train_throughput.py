@@ -82,6 +82,15 @@ def quickstart_config():
     return c
 
 
+def resnet_baseline_config():
+    """configs/ablations/architectures.py's resnet_transformer row (ResNet-18 at width 0.5, GroupNorm) as it trains."""
+    from prodclip import config as config_lib
+    c = config_lib.load_config_file(os.path.join(REPO, "configs", "ablations", "architectures.py"),
+                                    "resnet_transformer")
+    c.model.text.vocab_size = c.tokenizer.vocab_size
+    return c
+
+
 def resized(config, *, image_size, patch, context, vocab, embed, image, text, batch):
     """`config` with other shapes: image / text are (width, depth, heads)."""
     config.data.image_size, config.model.image.patch_size = image_size, patch
@@ -105,7 +114,7 @@ def micro_config():
 
 
 CONFIGS = {"quickstart": quickstart_config, "tiny_clip": tiny_clip_config, "vit_b16": vit_b16_config,
-           "micro": micro_config}
+           "resnet_baseline": resnet_baseline_config, "micro": micro_config}
 
 
 # ----------------------------------------------------------------------------- FLOPs

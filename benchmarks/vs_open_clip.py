@@ -1,14 +1,21 @@
 """prodclip vs open_clip: the same CLIP, batch and optimizer, trained side by side on random data.
 
-    pip install --no-deps open_clip_torch==3.3.0 ftfy wcwidth     # beside torch==2.13.0 (CPU)
-    python benchmarks/vs_open_clip.py           # tiny CLIP, batch 128, float32
-    python benchmarks/vs_open_clip.py --rounds 4 --steps 5 --out vs.json
+    pip install --no-deps "open_clip_torch==3.3.0" "ftfy>=6.1,<7" wcwidth   # beside torch==2.13.0 (CPU)
+    python benchmarks/vs_open_clip.py                     # tiny CLIP, batch 128, float32, 3 rounds of 20 steps
+    python benchmarks/vs_open_clip.py --batch-size 64 --rounds 3 --steps 20 --out vs.json
 
 Two worker processes, one per framework, are started once (each imports only its own
-framework, so each reports its own peak RSS) and then take turns: in each round one runs
-`--steps` timed train steps while the other waits on its pipe, then the other does, the
-order swapping every round. The ratio of the two pairs/s is printed per round, so a
-machine that gets busier or quieter during the run moves both sides of each ratio.
+framework, so each reports its own peak RSS). Each is first warmed up, alone, until its step
+time is stable: it runs steps until the last `--stable-window` step times lie within
+`--stable-tol` of their median (at most `--max-warmup` steps; open_clip's eager PyTorch needs a
+few steps for its allocator and thread pool to settle, prodclip its compile). Warm-up steps
+are not timed. Then the workers take turns: in each round one runs `--steps` (at least 20)
+timed train steps while the other waits on its pipe, then the other does, the order swapping
+every round. Reported per framework: the median of all its per-step times (and pairs/s from
+it); per round: the ratio of the two frameworks' median step times; overall: the ratio of the
+per-framework medians, with the spread (min-max) of the per-round ratios. The CPU model and
+the load average before and after the run are printed too, to show whether other work shared
+the machine.
 
 The model is `train_throughput.tiny_clip_config()`, built in open_clip as `open_clip.CLIP`
 with the same shapes (class token, learned positions, ln_pre, no patch bias, exact GELU,
@@ -35,6 +42,7 @@ import importlib.machinery
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -159,9 +167,11 @@ def torch_matmul_peak(n: int = 2048, reps: int = 10) -> float:
 # ----------------------------------------------------------------------------- workers
 
 
-def worker(framework: str, config_name: str) -> None:
+def worker(framework: str, config_name: str, batch_size: int = 0) -> None:
     """Serves commands on stdin, one JSON reply per line on stdout: run K | peak | info | quit."""
     config = tt.CONFIGS[config_name]()
+    if batch_size:
+        config.train.batch_size = batch_size
     t = time.perf_counter()
     if framework == "prodclip":
         runner = tt.ProdclipStep(config)
@@ -185,11 +195,12 @@ def worker(framework: str, config_name: str) -> None:
 
 
 class Worker:
-    def __init__(self, framework: str, config_name: str):
+    def __init__(self, framework: str, config_name: str, batch_size: int = 0):
         self.framework = framework
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([tt.REPO, os.path.dirname(os.path.abspath(__file__))]))
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", framework, "--config", config_name],
+            [sys.executable, os.path.abspath(__file__), "--worker", framework, "--config", config_name,
+             "--batch-size", str(batch_size)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tt.REPO)
         self.ready = self.read()
 
@@ -210,13 +221,50 @@ class Worker:
         self.proc.wait()
 
 
-def compare(config_name: str, rounds: int, steps: int, warmup: int) -> dict:
+def cpu_model() -> str:
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (runnable processes); above the core count means contention."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def is_stable(times: list[float], window: int, tol: float) -> bool:
+    """True when the last `window` step times all lie within `tol` (relative) of their median."""
+    if len(times) < window:
+        return False
+    last = np.asarray(times[-window:])
+    median = float(np.median(last))
+    return bool(np.all(np.abs(last - median) <= tol * median))
+
+
+def warm_up(worker: "Worker", window: int, tol: float, max_steps: int) -> dict:
+    """Runs untimed steps one at a time until the step time is stable (see `is_stable`) or `max_steps`."""
+    times: list[float] = []
+    while len(times) < max_steps and not is_stable(times, window, tol):
+        times.extend(worker.ask("run 1")["times"])
+    return {"steps": len(times), "times": times, "stable": is_stable(times, window, tol)}
+
+
+def compare(config_name: str, rounds: int, steps: int, window: int = 3, tol: float = 0.1, max_warmup: int = 15,
+            batch_size: int = 0) -> dict:
+    """Warms both frameworks up, then alternates `rounds` rounds of `steps` timed steps each; see the module doc."""
     config = tt.CONFIGS[config_name]()
-    batch = config.train.batch_size
-    workers = {}
+    batch = batch_size or config.train.batch_size
+    load_before = load_average()
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average before: {load_before}", file=sys.stderr)
+    workers, warmups = {}, {}
     for name in ("open_clip", "prodclip"):  # set up one at a time: compiles and inits are not overlapped
-        workers[name] = Worker(name, config_name)
-        workers[name].ask(f"run {warmup}")
+        workers[name] = Worker(name, config_name, batch)
+        warmups[name] = warm_up(workers[name], window, tol, max_warmup)
+        print(f"{name}: warmed up in {warmups[name]['steps']} steps "
+              f"({'stable' if warmups[name]['stable'] else 'NOT stable'}: last "
+              f"{', '.join(f'{t:.2f}' for t in warmups[name]['times'][-window:])} s)", file=sys.stderr, flush=True)
     times = {name: [] for name in workers}
     peaks, torch_peaks, per_round = [], [], []
     for r in range(rounds):
@@ -225,21 +273,33 @@ def compare(config_name: str, rounds: int, steps: int, warmup: int) -> dict:
         for name in order:
             t = workers[name].ask(f"run {steps}")["times"]
             times[name].extend(t)
-            row[name] = batch / float(np.median(t))
+            row[f"{name}_median_step_s"] = float(np.median(t))
         peaks.append(workers["prodclip"].ask("peak")["peak"])
         torch_peaks.append(workers["open_clip"].ask("peak")["peak"])
-        row["ratio"] = row["prodclip"] / row["open_clip"]
+        # prodclip's speed relative to open_clip's: > 1 means prodclip is faster.
+        row["ratio"] = row["open_clip_median_step_s"] / row["prodclip_median_step_s"]
         per_round.append(row)
-        print(f"round {r + 1}: open_clip {row['open_clip']:.1f} pairs/s, prodclip {row['prodclip']:.1f} pairs/s, "
-              f"ratio {row['ratio']:.2f}x, JAX matmul peak {peaks[-1] / 1e9:.0f} GFLOP/s", file=sys.stderr, flush=True)
+        print(f"round {r + 1}: median step open_clip {row['open_clip_median_step_s']:.3f} s, prodclip "
+              f"{row['prodclip_median_step_s']:.3f} s, prodclip speed / open_clip speed {row['ratio']:.2f}x, "
+              f"JAX matmul peak {peaks[-1] / 1e9:.0f} GFLOP/s", file=sys.stderr, flush=True)
     info = {name: w.ask("info") for name, w in workers.items()}
     for w in workers.values():
         w.close()
+    load_after = load_average()
+    print(f"load average after: {load_after}", file=sys.stderr)
+    config.train.batch_size = batch
     peak = max(peaks)
+    ratios = [row["ratio"] for row in per_round]
+    medians = {name: float(np.median(times[name])) for name in workers}
     result = {"config": config_name, "batch_size": batch, "rounds": rounds, "steps_per_round": steps,
+              "warmup": {name: {k: v for k, v in w.items()} for name, w in warmups.items()},
+              "median_step_s": medians,
+              "ratio_of_medians": medians["open_clip"] / medians["prodclip"],
+              "ratio_per_round_min": min(ratios), "ratio_per_round_max": max(ratios),
               "jax_matmul_peak_flops_per_sec": peak, "jax_matmul_peak_per_round": peaks,
               "torch_matmul_peak_flops_per_sec": max(torch_peaks), "per_round": per_round,
-              "ratio_median": float(np.median([row["ratio"] for row in per_round])), "machine": tt.machine()}
+              "cpu_model": cpu_model(), "load_average_before": load_before, "load_average_after": load_after,
+              "machine": tt.machine()}
     for name in workers:
         result[name] = {**tt.summarize(config, times[name], peak), **info[name],
                         "setup_s": workers[name].ready["setup_s"]}
@@ -249,21 +309,30 @@ def compare(config_name: str, rounds: int, steps: int, warmup: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny_clip", choices=sorted(tt.CONFIGS))
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per framework per round")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=0, help="override the config's batch size (0 = its own)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per framework per round (>= 20)")
+    parser.add_argument("--stable-window", type=int, default=3, help="warm-up ends when this many step times ...")
+    parser.add_argument("--stable-tol", type=float, default=0.1, help="... lie within this fraction of their median")
+    parser.add_argument("--max-warmup", type=int, default=15, help="untimed warm-up steps at most")
     parser.add_argument("--out", default="")
+    parser.add_argument("--allow-few-steps", action="store_true", help=argparse.SUPPRESS)  # tests only
     parser.add_argument("--worker", choices=("prodclip", "open_clip"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.config)
+        worker(args.worker, args.config, args.batch_size)
         return
-    result = compare(args.config, args.rounds, args.steps, args.warmup)
+    if args.steps < 20 and not args.allow_few_steps:
+        parser.error(f"--steps {args.steps}: time at least 20 steps per round, or a round's median is noise")
+    result = compare(args.config, args.rounds, args.steps, args.stable_window, args.stable_tol, args.max_warmup,
+                     args.batch_size)
     p, o = result["prodclip"], result["open_clip"]
-    print(f"{args.config}, batch {result['batch_size']}: prodclip {p['pairs_per_sec']:.1f} pairs/s "
-          f"(MFU {p['mfu']:.1%}, peak RSS {p['peak_rss_mb']:.0f} MiB), open_clip {o['pairs_per_sec']:.1f} pairs/s "
-          f"(MFU {o['mfu']:.1%}, peak RSS {o['peak_rss_mb']:.0f} MiB); ratio {result['ratio_median']:.2f}x "
-          f"(median of rounds)", file=sys.stderr)
+    print(f"{args.config}, batch {result['batch_size']}: median step prodclip {result['median_step_s']['prodclip']:.3f} s "
+          f"({p['pairs_per_sec']:.1f} pairs/s, MFU {p['mfu']:.1%}, peak RSS {p['peak_rss_mb']:.0f} MiB), open_clip "
+          f"{result['median_step_s']['open_clip']:.3f} s ({o['pairs_per_sec']:.1f} pairs/s, MFU {o['mfu']:.1%}, "
+          f"peak RSS {o['peak_rss_mb']:.0f} MiB); prodclip / open_clip speed {result['ratio_of_medians']:.2f}x "
+          f"(ratio of median step times; per round {result['ratio_per_round_min']:.2f}-"
+          f"{result['ratio_per_round_max']:.2f}x)", file=sys.stderr)
     tt.print_json(result, args.out)
 
 

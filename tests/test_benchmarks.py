@@ -156,3 +156,42 @@ def test_rerank_errors_named_differences_and_ceiling_match_brute_force():
     assert re.ambiguity_ceiling(twins, np.zeros(2, bool)) == 0.5
     assert re.named_differences(twins, np.zeros(2, bool), 0, 1) == []
     assert re.named_differences(twins, np.ones(2, bool), 0, 1) == ["brand"]
+
+
+class FakeWorker:
+    """Replies to `run 1` with the next of a fixed list of step times."""
+
+    def __init__(self, times):
+        self.times = list(times)
+
+    def ask(self, command):
+        assert command == "run 1"
+        return {"times": [self.times.pop(0)]}
+
+
+def test_warm_up_runs_until_step_time_is_stable():
+    vs = importlib.import_module("vs_open_clip")
+    assert not vs.is_stable([1.0, 1.0], window=3, tol=0.1)
+    assert vs.is_stable([5.0, 1.0, 1.05, 0.95], window=3, tol=0.1)
+    assert not vs.is_stable([1.0, 1.0, 1.3], window=3, tol=0.1)
+    warm = vs.warm_up(FakeWorker([9.0, 4.0, 2.0, 1.2, 1.0, 1.0, 1.05, 7.0]), window=3, tol=0.1, max_steps=20)
+    assert warm["stable"] and warm["steps"] == 7  # 1.2 is > 10% off the median of (1.2, 1.0, 1.0)
+    warm = vs.warm_up(FakeWorker([9.0, 4.0, 2.0, 1.2]), window=3, tol=0.1, max_steps=4)
+    assert not warm["stable"] and warm["steps"] == 4
+
+
+def test_vs_open_clip_reports_ratio_of_median_step_times(tmp_path):
+    """A micro run end to end: per-framework medians over all timed steps, their ratio and the per-round spread."""
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch ftfy wcwidth)")
+    out = tmp_path / "vs.json"
+    subprocess.run([sys.executable, str(BENCH / "vs_open_clip.py"), "--config", "micro", "--rounds", "2", "--steps", "3",
+                    "--allow-few-steps", "--max-warmup", "3", "--out", str(out)], check=True, cwd=BENCH.parent,
+                   stdout=subprocess.DEVNULL, timeout=300)
+    r = json.loads(out.read_text())
+    assert len(r["per_round"]) == 2 and r["steps_per_round"] == 3
+    assert r["ratio_of_medians"] == pytest.approx(r["median_step_s"]["open_clip"] / r["median_step_s"]["prodclip"])
+    assert r["ratio_per_round_min"] <= r["ratio_per_round_max"]
+    assert r["prodclip"]["step_time_s"]["n"] == 6 and r["warmup"]["prodclip"]["steps"] >= 1
+    assert len(r["load_average_before"]) == 3 and r["cpu_model"]

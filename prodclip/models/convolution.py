@@ -120,3 +120,27 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: Padding
     if resolve_formulation(formulation) == "native":
         return native_conv2d(x, kernel, stride, pads, groups)
     return explicit_conv2d(x, kernel, stride, pads, groups)
+
+
+NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def lax_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
+                             rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1, precision=None,
+                             **kwargs) -> jax.Array:
+    """`lax.conv_general_dilated`'s signature, computed by `conv2d` (formulation 'auto') where that applies.
+
+    For `nnx.Conv(..., conv_general_dilated=lax_conv_general_dilated)`: the layer keeps its
+    parameters (so checkpoints do not change) and runs the explicit formulation on CPU and the
+    native convolution elsewhere. NHWC x HWIO 2-D convolutions with equal strides, no dilation,
+    default precision and no other options take `conv2d`; anything else goes to lax unchanged.
+    """
+    undilated = all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+    nhwc = lhs.ndim == 4 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO) == \
+        lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or NHWC_HWIO)
+    plain = precision is None and all(v is None for v in kwargs.values())
+    if undilated and nhwc and plain and len(set(window_strides)) == 1:
+        pads = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+        return conv2d(lhs, rhs, stride=int(window_strides[0]), padding=pads, groups=feature_group_count)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, precision=precision, **kwargs)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from prodclip.models import layers
+from prodclip.models import convolution, layers
 from prodclip.models.vit import PIXEL_MEAN, PIXEL_STATS, PIXEL_STD
 
 # depth -> (block kind, blocks per stage)
@@ -38,8 +38,10 @@ def stage_channels(depth: int, width_mult: float) -> tuple[int, list[int]]:
 
 
 def _conv(cin, cout, kernel, stride, rngs, dtype):
+    # The explicit formulation on CPU, XLA's native convolution elsewhere (models/convolution.py).
     return nnx.Conv(cin, cout, (kernel, kernel), (stride, stride), padding="SAME", use_bias=False,
-                    kernel_init=CONV_INIT, dtype=dtype, rngs=rngs)
+                    kernel_init=CONV_INIT, dtype=dtype, conv_general_dilated=convolution.lax_conv_general_dilated,
+                    rngs=rngs)
 
 
 def _norm(channels, groups, rngs, dtype, zero_scale=False):
