@@ -27,9 +27,9 @@ from flax import nnx
 from multihost_worker import tiny_batch, tiny_config, tiny_model
 from test_parallel import assert_same_training, one_device_mesh, run_steps
 
-from prodclip import parallel, train
+from prodclip import optim, parallel, train
 from prodclip import config as config_lib
-from prodclip.models import layers
+from prodclip.models import factory, layers
 
 pytestmark = pytest.mark.accelerator
 
@@ -136,8 +136,8 @@ def step_config(dtype: str):
 def test_bfloat16_step_matches_float32(record_property):
     f32, bf16 = step_config("float32"), step_config("bfloat16")
     tokenizer = types.SimpleNamespace(vocab_size=64, pad_id=0)
-    graphdef32, params = train.create_model(f32, tokenizer, seed=0)
-    graphdef16, params16 = train.create_model(bf16, tokenizer, seed=0)
+    graphdef32, params = factory.create_model(f32, tokenizer, seed=0)
+    graphdef16, params16 = factory.create_model(bf16, tokenizer, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params16)))
     batch = jax.tree.map(jnp.asarray, tiny_batch(f32, seed=0))
     with jax.default_matmul_precision("highest"):
@@ -156,8 +156,8 @@ def test_bfloat16_step_matches_float32(record_property):
     assert grad_error <= 5e-2 and cosine >= 0.998
 
     def losses_after_steps(config, graphdef, steps=3):
-        tx = train.make_optimizer(config, params)
-        state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+        tx = optim.make_optimizer(config, params)
+        state = optim.init_train_state(config, params)
         compiled = parallel.compile_train_step(
             config, one_device_mesh(config), lambda loss, reduce: train.make_train_step(config, graphdef, tx, loss,
                                                                                        reduce),
