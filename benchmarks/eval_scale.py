@@ -46,7 +46,7 @@ def embed_throughput(num_items: int) -> dict:
     hf = tokenizer_lib.train_tokenizer(catalog.titles, vocab_size=config.tokenizer.vocab_size)
     tokenizer = tokenizer_lib.TitleTokenizer(hf, context_length=config.tokenizer.context_length)
     graphdef, params = train.create_model(config, tokenizer, seed=0)
-    warm = store._Rows(catalog, 0, config.eval.batch_size)
+    warm = store.Rows(catalog, 0, config.eval.batch_size)
     suite.embed_source(graphdef, params, warm, tokenizer, config)  # compile
     start = time.perf_counter()
     image_emb, text_emb = suite.embed_source(graphdef, params, catalog, tokenizer, config)

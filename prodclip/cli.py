@@ -167,8 +167,10 @@ def cmd_embed(args, overrides) -> int:
     except _user_errors() as e:
         print(f"prodclip embed: {e}", file=sys.stderr)
         return 2
+    from prodclip.data.builders.build import peak_rss_mb
+
     print(f"embedded {header['num_items']} items ({header['mode']}, dim {header['dim']}, "
-          f"model {header['fingerprint']}) into {args.out}")
+          f"model {header['fingerprint']}) into {args.out}; peak RSS {peak_rss_mb():.0f} MB")
     return 0
 
 

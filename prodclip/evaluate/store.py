@@ -74,7 +74,7 @@ def product_vectors(image_emb: np.ndarray, text_emb: np.ndarray, mode: str, imag
     return (rows / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-class _Rows:
+class Rows:
     """Rows start..stop-1 of a source, as a source."""
 
     def __init__(self, source, start: int, stop: int):
@@ -182,32 +182,45 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
             "catalog": {"split": split, "data": json.loads(config.data.to_json_best_effort())},
             "workdir": str(pathlib.Path(workdir).absolute()),
         }
-        _open_or_create(store, headers[mode], source)
+    # several processes (multi-host): process 0 creates the stores, each writes the shards it owns
+    import jax
+
+    from prodclip.evaluate import multihost
+
+    process, count = jax.process_index(), jax.process_count()
+    if process == 0:
+        for mode, store in stores.items():
+            _open_or_create(store, headers[mode], source)
+    multihost.barrier("prodclip-embed-stores-created")
+    if process != 0:
+        for mode, store in stores.items():
+            _check_same_settings(store / HEADER, json.loads((store / HEADER).read_text()), headers[mode])
 
     import tqdm
 
     shard_size = int(e.shard_size)
     num_shards = -(-num_items // shard_size)
     bar = tqdm.tqdm(total=num_items, desc="embed", unit="item", disable=not progress, dynamic_ncols=True)
-    dim = None
     for index in range(num_shards):
         start, stop = index * shard_size, min((index + 1) * shard_size, num_items)
         todo = {mode: _shard_path(store, index) for mode, store in stores.items()
                 if not _shard_path(store, index).exists()}
-        if not todo:
-            dim = np.load(_shard_path(next(iter(stores.values())), index), mmap_mode="r").shape[1]
+        if not todo or multihost.shard_owner(index, count) != process:
             bar.update(stop - start)
             continue
-        image_emb, text_emb = suite.embed_source(graphdef, params, _Rows(source, start, stop), tokenizer, config)
-        for mode, path in todo.items():
+        image_emb, text_emb = suite.embed_source(graphdef, params, Rows(source, start, stop), tokenizer, config)
+        for mode in todo:
             rows = product_vectors(image_emb, text_emb, mode, e.image_weight)
-            dim = rows.shape[1]
             write_shard(stores[mode], index, rows, headers[mode]["dtype"])
         bar.update(stop - start)
     bar.close()
+    multihost.barrier("prodclip-embed-shards-written")
+    dim = int(np.load(_shard_path(next(iter(stores.values())), 0), mmap_mode="r").shape[1])
     for mode, store in stores.items():
-        headers[mode]["dim"] = int(dim)
-        (store / HEADER).write_text(json.dumps(headers[mode], indent=2))
+        headers[mode]["dim"] = dim
+        if process == 0:
+            (store / HEADER).write_text(json.dumps(headers[mode], indent=2))
+    multihost.barrier("prodclip-embed-done")
     return headers
 
 
