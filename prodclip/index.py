@@ -85,7 +85,7 @@ def factory_string(kind: str, dim: int, num_items: int) -> str:
     if kind == "ivf-pq":
         if dim % 8:
             raise StoreError(f"ivf-pq needs a dim divisible by 8, the store has dim {dim}; use ivf-sq8")
-        return f"IVF{nlist},PQ{dim // 8}"
+        return f"IVF{nlist},PQ{dim // 8}np"  # np: no polysemous training (slow, unused here)
     raise StoreError(f"index kind {kind!r} is not one of auto, {', '.join(KINDS)}")
 
 
