@@ -159,6 +159,7 @@ def cmd_embed(args, overrides) -> int:
     from prodclip import train
     from prodclip.evaluate import store
 
+    _maybe_initialize_distributed(args)
     config = _load_config(args, overrides)
     try:
         graphdef, params, tokenizer, split_sources, _, _ = train.load_trained(config, args.workdir, {args.split: None})
@@ -202,7 +203,7 @@ def cmd_search(args, overrides) -> int:
             k, rerank = max(args.k, config.eval.rerank_k), search.fusion_reranker(graphdef, params, tokenizer,
                                                                                   store, config)
         hits = search.search(store, query_emb, k, chunk_size=config.embed.chunk_size, rerank=rerank,
-                             query=query)[0][:args.k]
+                             query=query, index=None if args.exact else "auto", rescore=args.rescore)[0][:args.k]
         if args.html or args.png:
             images = search.store_images(store, [h["index"] for h in hits])
             if args.html:
@@ -388,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("embed", help="embed a catalog split into a sharded, resumable embedding store")
     p.add_argument("--workdir", required=True, help="the trained run")
     p.add_argument("--out", required=True, help="store directory (re-run with the same --out to resume)")
+    p.add_argument("--multihost", action="store_true",
+                   help="several processes embed one store, each its own shards (flags as for train)")
+    p.add_argument("--coordinator-address", dest="coordinator_address", default=None)
+    p.add_argument("--num-processes", dest="num_processes", type=int, default=None)
+    p.add_argument("--process-id", dest="process_id", type=int, default=None)
     p.add_argument("--split", default="test", help="which split of config.data to embed (default: test)")
     _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_embed)
@@ -400,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--html", default=None, help="write a grid of the result images to this HTML file")
     p.add_argument("--png", default=None, help="write a grid of the result images to this PNG file")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.add_argument("--exact", action="store_true", help="scan the whole store even when it has an index")
+    p.add_argument("--rescore", type=int, default=None, metavar="R",
+                   help="with an index: re-score R*k candidates with the exact store vectors (default: the index's)")
     _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_search)
 
