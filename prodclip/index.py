@@ -8,10 +8,10 @@ been re-embedded by another model or resized. Scores are inner products of L2-no
 vectors (cosines), the same numbers the exact scan gives.
 
 Kinds (bytes per item at dim D; measured in docs/search_latency.md):
-  flat      exact scan (4D). The default up to AUTO_FLAT_MAX_ITEMS items.
+  flat      exact scan (4D). The default up to AUTO_FLAT_MAX_ITEMS (20k) items.
   hnsw      graph search (4D + ~8M links); slow to build on 2 cores.
-  ivf-flat  inverted lists of full vectors (4D + 8). The default above AUTO_FLAT_MAX_ITEMS.
-  ivf-sq8   inverted lists of int8 vectors (D + 8). The default above AUTO_IVF_FLAT_MAX_ITEMS.
+  ivf-flat  inverted lists of full vectors (4D + 8). The default above that, up to 2M items.
+  ivf-sq8   inverted lists of int8 vectors (D + 8). The default above AUTO_IVF_FLAT_MAX_ITEMS (2M).
   ivf-pq    inverted lists of product-quantised codes (D/8 + 8); re-scored with exact store
             vectors by default (RESCORE_FACTOR * k candidates), since PQ alone ranks coarsely.
 
@@ -43,10 +43,12 @@ log = logging.getLogger("prodclip")
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 KINDS = ("flat", "hnsw", "ivf-flat", "ivf-sq8", "ivf-pq")
-# Chosen by benchmarks/search_latency.py (2-core CPU, dim 256): a flat scan of 100k items
-# answers one query in ~4 ms, so it stays exact up to there; IVF lists of float32 vectors
-# take 4 KB/item-dim... i.e. 1 GB per million at dim 256, so above 2M items the int8 lists win.
-AUTO_FLAT_MAX_ITEMS = 100_000
+# Chosen with benchmarks/search_latency.py (docs/search_latency.md; 2-core CPU, dim 256): an exact
+# scan takes 7 ms per query at 30k items and 11 ms at 100k, so search stays exact only up to 20k
+# (~5 ms); inverted lists answered in 0.1-0.2 ms at recall@10 0.98-1.0 from 30k to 1M items.
+# Float32 lists cost 1 KB per item at dim 256 (1 GB per million), so above
+# AUTO_IVF_FLAT_MAX_ITEMS the int8 lists (a quarter of that) are used.
+AUTO_FLAT_MAX_ITEMS = 20_000
 AUTO_IVF_FLAT_MAX_ITEMS = 2_000_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64

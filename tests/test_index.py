@@ -126,3 +126,10 @@ def test_compressed_store_round_trip_error_bounds(tmp_path, dtype):
     _, rows = search.top_k(store.shards, queries, 5, chunk_size=100)
     np.testing.assert_array_equal(rows, np.argsort(-(queries @ back.T), axis=1, kind="stable")[:, :5])
     assert store_codec.bytes_per_item(dtype, 256) == {"float16": 512, "int8": 260}[dtype]
+
+
+def test_auto_kind_follows_the_measured_thresholds():
+    assert index_lib.auto_kind(index_lib.AUTO_FLAT_MAX_ITEMS) == "flat"
+    assert index_lib.auto_kind(index_lib.AUTO_FLAT_MAX_ITEMS + 1) == "ivf-flat"
+    assert index_lib.auto_kind(index_lib.AUTO_IVF_FLAT_MAX_ITEMS + 1) == "ivf-sq8"
+    assert [index_lib.num_lists(n) for n in (1_000, 100_000, 1_000_000, 10_000_000)] == [64, 512, 2048, 4096]
