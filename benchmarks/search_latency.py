@@ -153,7 +153,6 @@ def run_size(n: int, kinds: list[str], args, root: pathlib.Path) -> list[dict]:
                      "bytes_per_item": size / n, **timing, "recall_at_10": index_lib.recall_at_k(found, truth),
                      "calibrated_recall_at_10": meta["calibrated_recall_at_10"]})
         print(json.dumps(rows[-1]), flush=True)
-        del index
     shutil.rmtree(path)
     return rows
 
