@@ -132,4 +132,4 @@ def test_auto_kind_follows_the_measured_thresholds():
     assert index_lib.auto_kind(index_lib.AUTO_FLAT_MAX_ITEMS) == "flat"
     assert index_lib.auto_kind(index_lib.AUTO_FLAT_MAX_ITEMS + 1) == "ivf-flat"
     assert index_lib.auto_kind(index_lib.AUTO_IVF_FLAT_MAX_ITEMS + 1) == "ivf-sq8"
-    assert [index_lib.num_lists(n) for n in (1_000, 100_000, 1_000_000, 10_000_000)] == [64, 512, 2048, 4096]
+    assert [index_lib.num_lists(n) for n in (1_000, 100_000, 1_000_000, 10_000_000)] == [64, 512, 2048, 2048]
