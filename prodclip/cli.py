@@ -123,14 +123,16 @@ def cmd_data(args, overrides) -> int:
 def cmd_embed(args, overrides) -> int:
     from prodclip.evaluate import store
 
+    _maybe_initialize_distributed(args)
     run = _load_run(args, _config(args, overrides), [args.split])
     header = store.embed_catalog(run.graphdef, run.params, run.sources[args.split], run.tokenizer, run.config,
                                  args.out, split=args.split, workdir=args.workdir,
                                  progress=run.config.train.progress_bar)
     from prodclip.data import sources
     sources.report_skipped(run.sources, args.out)
+    from prodclip.data.builders.build import peak_rss_mb
     print(f"embedded {header['num_items']} items ({header['mode']}, dim {header['dim']}, "
-          f"model {header['fingerprint']}) into {args.out}")
+          f"model {header['fingerprint']}) into {args.out}; peak RSS {peak_rss_mb():.0f} MB")
     return 0
 
 
@@ -159,7 +161,7 @@ def cmd_search(args, overrides) -> int:
         k = max(args.k, config.eval.rerank_k)
         rerank = search.fusion_reranker(graphdef, params, tokenizer, store, config)
     hits = search.search(store, query_emb, k, chunk_size=config.embed.chunk_size, rerank=rerank,
-                         query=query)[0][:args.k]
+                         query=query, index=None if args.exact else "auto", rescore=args.rescore)[0][:args.k]
     if args.html or args.png:
         images = search.store_images(store, [h["index"] for h in hits])
         if args.html:
@@ -171,6 +173,18 @@ def cmd_search(args, overrides) -> int:
     else:
         for h in hits:
             print(f"{h['rank']:>3}  {h['score']:.4f}  {h['id']}  {h['title']}")
+    return 0
+
+
+def cmd_index(args, overrides) -> int:
+    from prodclip import index as index_lib
+
+    path = index_lib.build_index(args.store, args.kind, target_recall=args.target_recall)
+    meta = index_lib.index_meta(path.parent)
+    breadth = f", {'efSearch' if meta['kind'] == 'hnsw' else 'nprobe'} {meta['breadth']}" if meta["breadth"] else ""
+    print(f"indexed {meta['num_items']} items ({meta['factory']}{breadth}, recall@10 "
+          f"{meta['calibrated_recall_at_10']:.3f} on calibration queries, {meta['bytes_per_item']} bytes/item, "
+          f"built in {meta['build_seconds']} s) into {path}")
     return 0
 
 
@@ -313,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("embed", help="embed a catalog split into a sharded, resumable embedding store")
     p.add_argument("--workdir", required=True, help="the trained run")
     p.add_argument("--out", required=True, help="store directory (re-run with the same --out to resume)")
+    p.add_argument("--multihost", action="store_true",
+                   help="several processes embed one store, each its own shards (flags as for train)")
+    p.add_argument("--coordinator-address", dest="coordinator_address", default=None)
+    p.add_argument("--num-processes", dest="num_processes", type=int, default=None)
+    p.add_argument("--process-id", dest="process_id", type=int, default=None)
     p.add_argument("--split", default="test", help="which split of config.data to embed (default: test)")
     _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_embed)
@@ -325,8 +344,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--html", default=None, help="write a grid of the result images to this HTML file")
     p.add_argument("--png", default=None, help="write a grid of the result images to this PNG file")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.add_argument("--exact", action="store_true", help="scan the whole store even when it has an index")
+    p.add_argument("--rescore", type=int, default=None, metavar="R",
+                   help="with an index: re-score R*k candidates with the exact store vectors (default: the index's)")
     _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("index", help="build a FAISS index inside an embedding store; `search` then uses it")
+    p.add_argument("--store", required=True)
+    p.add_argument("--kind", default="auto", choices=("auto", "flat", "hnsw", "ivf-flat", "ivf-sq8", "ivf-pq"),
+                   help="auto: exact (flat) for small stores, inverted lists (IVF) above; see prodclip/index.py")
+    p.add_argument("--target-recall", dest="target_recall", type=float, default=0.95,
+                   help="approximate kinds: the recall@10 the search breadth (nprobe/efSearch) is chosen to reach")
+    p.set_defaults(fn=cmd_index)
 
     p = sub.add_parser("match", help="pair benchmark: calibrated match verdicts per negative kind")
     p.add_argument("--workdir", required=True, help="the trained run")

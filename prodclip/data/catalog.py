@@ -21,7 +21,7 @@ import json
 import pathlib
 import string
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -253,10 +253,13 @@ class CatalogRecord:
 def read_catalog(path: str | pathlib.Path, *, image_column: str = "image", id_column: str = "id",
                  title_template: str = "{title}", label_columns: Sequence[str] = (),
                  image_root: str | pathlib.Path | None = None, keep_columns: Sequence[str] = (),
-                 report: BuildReport | None = None) -> Iterator[CatalogRecord]:
+                 report: BuildReport | None = None,
+                 only_rows: Callable[[int], bool] | None = None) -> Iterator[CatalogRecord]:
     """Validated records of a catalog manifest, in file order; bad rows go to `report`.
 
     keep_columns: further columns (a split column, a list of captions) copied raw to `record.extra`.
+    only_rows: when given, manifest rows (by index) it rejects are passed over unread and uncounted;
+    a second pass over rows a first pass kept (one split of them) streams them again.
 
     Every image is fully decoded once here, so a record that comes out is known to be
     readable; its original bytes are kept (decoding again at train time is cheap).
@@ -266,6 +269,8 @@ def read_catalog(path: str | pathlib.Path, *, image_column: str = "image", id_co
     check_columns(path, image_column=image_column, id_column=id_column, title_template=title_template)
     seen: set = set()
     for index, row in enumerate(iter_manifest_rows(path)):
+        if only_rows is not None and not only_rows(index):
+            continue
         report.rows += 1
         item_id = row.get(id_column)
         if item_id is None or item_id == "":

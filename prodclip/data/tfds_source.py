@@ -8,6 +8,7 @@ per caption, all sharing the image's id, so the loss treats them as positives.
 
 from __future__ import annotations
 
+import array
 import pathlib
 import zlib
 from typing import Any, Sequence
@@ -52,6 +53,14 @@ def _stable_id(value: Any) -> int:
         return zlib.crc32(text.encode("utf-8")) | (1 << 40)
 
 
+def _iter_records(records, batch: int = 1024):
+    """(index, record) over a TFDS data source, read `batch` records per call (~10x faster than one by one)."""
+    for start in range(0, len(records), batch):
+        indices = list(range(start, min(start + batch, len(records))))
+        chunk = records.__getitems__(indices) if hasattr(records, "__getitems__") else [records[i] for i in indices]
+        yield from zip(indices, chunk)
+
+
 class TfdsSource:
     """Random access to the image-text pairs of one split.
 
@@ -73,35 +82,36 @@ class TfdsSource:
             id_key = "product_id"  # prodclip's builders name the product id so
         self.image_key = image_key
         self._records = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
-        # one pass over the split (images stay encoded) to index every (record, caption) pair
-        self._pairs: list[tuple[int, str]] = []
-        ids, labels = [], {k: [] for k in label_keys}
-        for index in range(len(self._records)):
-            record = self._records[index]
+        # one pass over the split (images stay encoded) to index every (record, caption) pair;
+        # per pair it keeps a record number, a title and the labels in flat arrays, not objects
+        self._record_of = array.array("q")
+        titles, ids, labels = [], array.array("q"), {k: array.array("i") for k in label_keys}
+        for index, record in _iter_records(self._records):
             texts = _get(record, text_key)
             texts = [texts] if isinstance(texts, (str, bytes)) else list(texts)
             has_id = id_key and id_key.split("/")[0] in record
             item_id = _stable_id(_get(record, id_key)) if has_id else index
             for text in texts:
-                self._pairs.append((index, _text(text)))
+                self._record_of.append(index)
+                titles.append(_text(text))
                 ids.append(item_id)
                 for key in label_keys:
                     labels[key].append(int(_get(record, key)))
-            if max_items and len(self._pairs) >= max_items:
+            if max_items and len(titles) >= max_items:
                 break
-        self._pairs = self._pairs[:max_items or None]
-        self.titles = [title for _, title in self._pairs]
-        self.ids = np.asarray(ids[:len(self._pairs)], np.int64)
-        self.labels = {k: np.asarray(v[:len(self._pairs)], np.int32) for k, v in labels.items()}
+        n = min(len(titles), max_items or len(titles))
+        del self._record_of[n:]
+        self.titles = titles[:n]
+        self.ids = np.array(ids, np.int64)[:n]
+        self.labels = {k: np.array(v, np.int32)[:n] for k, v in labels.items()}
         self.label_names = {k: tuple(getattr(features[k] if k in features else None, "names", None) or ())
                             for k in label_keys}
 
     def __len__(self) -> int:
-        return len(self._pairs)
+        return len(self._record_of)
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
-        index, title = self._pairs[i]
-        image = _get(self._records[index], self.image_key)
-        return {"image": decode_image(image), "title": title, "id": int(self.ids[i]),
+        image = _get(self._records[self._record_of[i]], self.image_key)
+        return {"image": decode_image(image), "title": self.titles[i], "id": int(self.ids[i]),
                 **{k: int(v[i]) for k, v in self.labels.items()}}

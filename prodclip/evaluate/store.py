@@ -6,8 +6,10 @@ Layout of a store directory:
                         mode (image | text | mix), image_weight, the catalog pointer
                         (the run's `data` config + split, to re-open images) and the workdir
     items.jsonl         one {"id", "title"} per item, in store order
-    shards/emb_00000.npy  [<= shard_size, D] float32 rows, L2-normalised, in store order
-    shards/emb_00000.json {"rows", "dim", "bytes", "sha256"} of that shard file
+    shards/emb_00000.npy  [<= shard_size, D] rows, L2-normalised, in store order, kept as the
+                        header's dtype: float32, float16 or int8 (see store_codec.py)
+    shards/scale_00000.npy  int8 stores only: [<= shard_size] float32 per-row scales
+    shards/emb_00000.json {"rows", "dim", "bytes", "sha256"[, "scale_sha256"]} of that shard's files
 
 Shards are written to a temporary name and renamed, then their record is written. A shard
 counts as done only when its record exists and the file's size and SHA-256 match it: re-running
@@ -31,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from prodclip import errors, trees
+from prodclip.evaluate import store_codec
 from prodclip.models import inference
 
 STORE_VERSION = 2
@@ -90,8 +93,18 @@ def _shard_path(store: pathlib.Path, index: int) -> pathlib.Path:
     return store / "shards" / f"emb_{index:05d}.npy"
 
 
-def _record_path(shard: pathlib.Path) -> pathlib.Path:
-    return shard.with_suffix(".json")
+def _scale_path(store: pathlib.Path, index: int) -> pathlib.Path:
+    return store / "shards" / f"scale_{index:05d}.npy"
+
+
+def _record_path(store: pathlib.Path, index: int) -> pathlib.Path:
+    return _shard_path(store, index).with_suffix(".json")
+
+
+def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
 
 
 def file_sha256(path: pathlib.Path) -> str:
@@ -102,20 +115,28 @@ def file_sha256(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def write_shard(path: pathlib.Path, rows: np.ndarray) -> None:
-    """Writes a shard file atomically, then its record (rows, dim, bytes, sha256)."""
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, rows)
-    os.replace(tmp, path)
-    record = {"rows": int(rows.shape[0]), "dim": int(rows.shape[1]), "bytes": path.stat().st_size,
-              "sha256": file_sha256(path)}
-    _record_path(path).with_suffix(".json.tmp").write_text(json.dumps(record))
-    os.replace(_record_path(path).with_suffix(".json.tmp"), _record_path(path))
+def write_shard(store: pathlib.Path, index: int, rows: np.ndarray, dtype: str) -> None:
+    """Writes shard `index` of `store` from [n, D] float32 rows, encoded as `dtype`, then its record.
+
+    Each file is written to a temporary name and renamed; the record (rows, dim, bytes, SHA-256 of
+    the rows file and, for int8, of the scales file) comes last, so a shard with a record is complete.
+    """
+    stored, scales = store_codec.encode_rows(rows, dtype)
+    record = {"rows": int(rows.shape[0]), "dim": int(rows.shape[1])}
+    if scales is not None:
+        _save_atomic(_scale_path(store, index), scales)
+        record["scale_sha256"] = file_sha256(_scale_path(store, index))
+    path = _shard_path(store, index)
+    _save_atomic(path, stored)
+    record.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    tmp = _record_path(store, index).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, _record_path(store, index))
 
 
-def shard_problem(path: pathlib.Path, rows: int | None = None) -> str | None:
-    """Why the shard at `path` cannot be used (missing, no record, wrong size or checksum), or None."""
-    record_path = _record_path(path)
+def shard_problem(store: pathlib.Path, index: int, rows: int | None = None) -> str | None:
+    """Why shard `index` of `store` cannot be used (missing, no record, wrong size or checksum), or None."""
+    path, record_path = _shard_path(store, index), _record_path(store, index)
     if not path.exists():
         return f"{path.name} is missing"
     if not record_path.exists():
@@ -128,6 +149,10 @@ def shard_problem(path: pathlib.Path, rows: int | None = None) -> str | None:
         return f"{path.name} holds {record['rows']} rows, {rows} expected"
     if file_sha256(path) != record["sha256"]:
         return f"{path.name} does not match its SHA-256 checksum (altered or damaged)"
+    if "scale_sha256" in record:
+        scale = _scale_path(store, index)
+        if not scale.exists() or file_sha256(scale) != record["scale_sha256"]:
+            return f"{scale.name} is missing or does not match its SHA-256 checksum"
     return None
 
 
@@ -157,7 +182,8 @@ def _source_ids(source) -> list:
 
 
 def _check_same_settings(path: pathlib.Path, old: dict, new: dict) -> None:
-    for key in ("version", "fingerprint", "mode", "image_weight", "shard_size", "num_items", "catalog"):
+    old = {"dtype": "float32", **old}  # stores written before the dtype option are float32
+    for key in ("version", "fingerprint", "mode", "image_weight", "shard_size", "num_items", "catalog", "dtype"):
         if old.get(key) != new.get(key):
             raise StoreError(
                 f"{path} was made with {key}={old.get(key)!r}, but this run has {key}={new.get(key)!r}; "
@@ -200,6 +226,8 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
     if num_items == 0:
         raise StoreError(f"split {split!r} of data.name={config.data.name!r} has no items: nothing to embed")
     e = config.embed
+    if e.get("dtype", "float32") not in store_codec.DTYPES:
+        raise StoreError(f"embed.dtype={e.dtype!r} is not one of {', '.join(store_codec.DTYPES)}")
     stores = {mode: pathlib.Path(path) for mode, path in store_dirs.items()}
     for store in stores.values():
         check_store_dir(store)
@@ -211,48 +239,101 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
             "mode": mode,
             "image_weight": float(e.image_weight) if mode == "mix" else None,
             "shard_size": int(e.shard_size),
+            "dtype": str(e.get("dtype", "float32")),
             "num_items": num_items,
             "catalog": {"split": split, "data": json.loads(config.data.to_json_best_effort())},
             "workdir": str(pathlib.Path(workdir).absolute()),
         }
-        _open_or_create(store, headers[mode], source)
+    # several processes (multi-host): process 0 creates the stores, each writes the shards it owns
+    import jax
+
+    from prodclip.evaluate import multihost
+
+    process, count = jax.process_index(), jax.process_count()
+    if process == 0:
+        for mode, store in stores.items():
+            _open_or_create(store, headers[mode], source)
+    multihost.barrier("prodclip-embed-stores-created")
+    if process != 0:
+        for mode, store in stores.items():
+            _check_same_settings(store / HEADER, json.loads((store / HEADER).read_text()), headers[mode])
 
     import tqdm
 
     shard_size = int(e.shard_size)
     num_shards = -(-num_items // shard_size)
     bar = tqdm.tqdm(total=num_items, desc="embed", unit="item", disable=not progress, dynamic_ncols=True)
-    dim = None
     for index in range(num_shards):
         start, stop = index * shard_size, min((index + 1) * shard_size, num_items)
         todo = {}
         for mode, store in stores.items():
             path = _shard_path(store, index)
-            problem = shard_problem(path, stop - start)
+            problem = shard_problem(store, index, stop - start)
             if problem is not None:
-                if path.exists():
+                if path.exists() and process == 0:
                     log.warning("store %s: %s; embedding that shard again", store, problem)
                 todo[mode] = path
-        if not todo:
-            dim = json.loads(_record_path(_shard_path(next(iter(stores.values())), index)).read_text())["dim"]
+        if not todo or multihost.shard_owner(index, count) != process:
             bar.update(stop - start)
             continue
-        image_emb, text_emb = inference.embed_source(graphdef, params, RowRange(source, start, stop), tokenizer, config)
-        for mode, path in todo.items():
+        image_emb, text_emb = inference.embed_source(graphdef, params, RowRange(source, start, stop), tokenizer,
+                                                     config)
+        for mode in todo:
             rows = product_vectors(image_emb, text_emb, mode, e.image_weight)
-            dim = rows.shape[1]
-            write_shard(path, rows)
+            write_shard(stores[mode], index, rows, headers[mode]["dtype"])
         bar.update(stop - start)
     bar.close()
+    multihost.barrier("prodclip-embed-shards-written")
+    dim = int(np.load(_shard_path(next(iter(stores.values())), 0), mmap_mode="r").shape[1])
     for mode, store in stores.items():
-        headers[mode]["dim"] = int(dim)
-        (store / HEADER).write_text(json.dumps(headers[mode], indent=2))
+        headers[mode]["dim"] = dim
+        if process == 0:
+            (store / HEADER).write_text(json.dumps(headers[mode], indent=2))
+    multihost.barrier("prodclip-embed-done")
     return headers
+
+
+def write_vector_store(store_dir: str | pathlib.Path, chunks, *, fingerprint: str, num_items: int,
+                       titles=None, shard_size: int = 65536, dtype: str = "float32") -> dict:
+    """A store from vectors made elsewhere (benchmarks, tests): no model, no catalog pointer.
+
+    chunks: an iterable of [n, D] float32 L2-normalised row blocks of any sizes, num_items rows in all.
+    titles: num_items strings (default "item <row>"). Returns the header.
+    """
+    store = pathlib.Path(store_dir)
+    (store / "shards").mkdir(parents=True, exist_ok=True)
+    with open(store / ITEMS, "w") as f:
+        for row in range(num_items):
+            f.write(json.dumps({"id": row, "title": titles[row] if titles is not None else f"item {row}"}) + "\n")
+    header = {"version": STORE_VERSION, "fingerprint": fingerprint, "mode": "image", "image_weight": None,
+              "shard_size": int(shard_size), "dtype": dtype, "num_items": int(num_items), "catalog": None,
+              "workdir": None}
+    buffer, index, written = [], 0, 0
+    for rows in chunks:
+        buffer.append(np.asarray(rows, np.float32))
+        while sum(len(b) for b in buffer) >= shard_size:
+            block = np.concatenate(buffer)
+            write_shard(store, index, block[:shard_size], dtype)
+            buffer, index, written = [block[shard_size:]], index + 1, written + shard_size
+            header["dim"] = int(block.shape[1])
+    rest = np.concatenate(buffer) if buffer else np.zeros((0, 0), np.float32)
+    if len(rest):
+        write_shard(store, index, rest, dtype)
+        written += len(rest)
+        header["dim"] = int(rest.shape[1])
+    if written != num_items:
+        raise StoreError(f"write_vector_store: got {written} rows, num_items says {num_items}")
+    (store / HEADER).write_text(json.dumps(header, indent=2))
+    return header
 
 
 @dataclasses.dataclass
 class Store:
-    """An opened store. `shards`: memory-mapped [rows, D] float32 arrays in store order."""
+    """An opened store. `shards`: [rows, D] arrays in store order that read as float32 when sliced.
+
+    float32 / float16 stores: memory-mapped arrays; int8 stores: `store_codec.QuantizedShard`s
+    over memory-mapped codes. `dtype`: how the rows are kept on disk.
+    """
 
     path: pathlib.Path
     header: dict
@@ -262,6 +343,32 @@ class Store:
 
     def __len__(self) -> int:
         return len(self.titles)
+
+    @property
+    def dtype(self) -> str:
+        return self.header.get("dtype", "float32")
+
+    @property
+    def dim(self) -> int:
+        return int(self.shards[0].shape[1])
+
+    def rows(self, indices) -> np.ndarray:
+        """[len(indices), D] float32 store vectors of the given store rows (any order)."""
+        indices = np.asarray(indices, np.int64)
+        shard_size = self.header["shard_size"]
+        out = np.empty((len(indices), self.dim), np.float32)
+        for shard in np.unique(indices // shard_size):
+            where = np.flatnonzero(indices // shard_size == shard)
+            out[where] = np.asarray(self.shards[shard][indices[where] - shard * shard_size], np.float32)
+        return out
+
+    def iter_rows(self, chunk: int = 65536):
+        """Yields (start, [n, D] float32) over the store in order, `chunk` rows at a time at most."""
+        start = 0
+        for shard in self.shards:
+            for a in range(0, len(shard), chunk):
+                yield start + a, np.asarray(shard[a:a + chunk], np.float32)
+            start += len(shard)
 
 
 def open_store(store_dir: str | pathlib.Path) -> Store:
@@ -283,10 +390,13 @@ def open_store(store_dir: str | pathlib.Path) -> Store:
     shards = []
     for index in range(-(-num_items // shard_size)):
         path = _shard_path(store, index)
-        problem = shard_problem(path, min(shard_size, num_items - index * shard_size))
+        problem = shard_problem(store, index, min(shard_size, num_items - index * shard_size))
         if problem is not None:
             raise StoreError(f"store {store}: {problem}; re-run `prodclip embed` with the same --out to redo it")
-        shards.append(np.load(path, mmap_mode="r"))
+        codes = np.load(path, mmap_mode="r")
+        if header.get("dtype", "float32") == "int8":
+            codes = store_codec.QuantizedShard(codes, np.load(_scale_path(store, index)))
+        shards.append(codes)
     if sum(len(s) for s in shards) != num_items or len(items) != num_items:
         raise StoreError(f"store {store}: {sum(len(s) for s in shards)} rows in shards and {len(items)} items, "
                          f"header says {num_items}")

@@ -6,11 +6,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import pathlib
 import textwrap
+import types
 
 import ml_collections
 import numpy as np
+
+log = logging.getLogger("prodclip")
 
 BUILDERS = ("synthetic_products", "product_catalog")
 
@@ -44,10 +50,50 @@ def make_builder(name: str, data_dir: str | pathlib.Path, config: ml_collections
     raise ValueError(f"unknown builder {name!r}; valid: {', '.join(BUILDERS)}")
 
 
+# TFDS keeps a split's serialized examples in memory until they pass 1 GB, then spills them to
+# bucket files; a smaller cap keeps a build's memory bounded for catalogs of any size.
+WRITE_BUFFER_BYTES = 32 << 20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+# TFDS writes its spill files through tf.io.gfile, and prodclip runs without TensorFlow: local
+# files through Python's own, with the two other names its bucket code touches.
+LOCAL_GFILE = types.SimpleNamespace(
+    io=types.SimpleNamespace(gfile=types.SimpleNamespace(GFile=open, exists=os.path.exists, remove=os.remove)),
+    errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised))
+
+
+@contextlib.contextmanager
+def bounded_write_buffer(limit_bytes: int | None = None):
+    """Within the block, TFDS spills examples to local bucket files once a split's buffer passes
+    `limit_bytes` (default WRITE_BUFFER_BYTES). The prepared files are the same either way: both
+    paths sort examples by their hashed key."""
+    from tensorflow_datasets.core import shuffle
+
+    previous, previous_tf = shuffle.MAX_MEM_BUFFER_SIZE, shuffle.tf
+    shuffle.MAX_MEM_BUFFER_SIZE = min(previous, int(WRITE_BUFFER_BYTES if limit_bytes is None else limit_bytes))
+    shuffle.tf = LOCAL_GFILE
+    try:
+        yield
+    finally:
+        shuffle.MAX_MEM_BUFFER_SIZE, shuffle.tf = previous, previous_tf
+
+
 def build(name: str, data_dir: str | pathlib.Path, config: ml_collections.ConfigDict) -> dict:
     """Prepares dataset `name` in `data_dir` (array_record); returns the build report.
 
-    An existing prepared copy of the same version is rebuilt from scratch.
+    An existing prepared copy of the same version is rebuilt from scratch. Rows are streamed;
+    the report's peak_rss_mb is the process's peak resident memory after the build.
     """
     import shutil
 
@@ -58,11 +104,15 @@ def build(name: str, data_dir: str | pathlib.Path, config: ml_collections.Config
     if pathlib.Path(builder.data_dir).exists():
         shutil.rmtree(builder.data_dir)
         builder = make_builder(name, data_dir, config)
-    builder.download_and_prepare()
+    with bounded_write_buffer():
+        builder.download_and_prepare()
     if hasattr(builder, "write_report"):
-        return builder.write_report()
-    counts = {split: {"pairs": info.num_examples} for split, info in builder.info.splits.items()}
-    return {"split_counts": counts}
+        report = builder.write_report()
+    else:
+        report = {"split_counts": {split: {"pairs": info.num_examples} for split, info in builder.info.splits.items()}}
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    log.info("data build %s: peak RSS %.0f MB", name, report["peak_rss_mb"])
+    return report
 
 
 def inspect(data_dir: str | pathlib.Path, name: str, out_png: str | pathlib.Path | None = None, *,
