@@ -38,7 +38,7 @@ def embed_throughput(num_items: int) -> dict:
     from prodclip.models import inference
     from prodclip.models import factory
     from prodclip import config as config_lib
-    from prodclip.data import synthetic
+    from prodclip.data import sources, synthetic
     from prodclip.data import tokenizer as tokenizer_lib
     from prodclip.evaluate import store
 
@@ -47,7 +47,7 @@ def embed_throughput(num_items: int) -> dict:
     hf = tokenizer_lib.train_tokenizer(catalog.titles, vocab_size=config.tokenizer.vocab_size)
     tokenizer = tokenizer_lib.TitleTokenizer(hf, context_length=config.tokenizer.context_length)
     graphdef, params = factory.create_model(config, tokenizer, seed=0)
-    warm = store.RowRange(catalog, 0, config.eval.batch_size)
+    warm = sources.RowRange(catalog, 0, config.eval.batch_size)
     inference.embed_source(graphdef, params, warm, tokenizer, config)  # compile
     start = time.perf_counter()
     image_emb, text_emb = inference.embed_source(graphdef, params, catalog, tokenizer, config)

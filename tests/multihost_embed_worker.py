@@ -36,7 +36,7 @@ def main(port: str, num_processes: str, process_id: str, out_dir: str, tokenizer
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         parallel.initialize_distributed(f"127.0.0.1:{port}", int(num_processes), int(process_id), timeout_s=60)
     from prodclip import config as config_lib
-    from prodclip import train
+    from prodclip.models import factory
     from prodclip.data import synthetic
     from prodclip.data import tokenizer as tokenizer_lib
     from prodclip.evaluate import multihost
@@ -51,7 +51,7 @@ def main(port: str, num_processes: str, process_id: str, out_dir: str, tokenizer
     catalog = synthetic.make_catalog("test", NUM_ITEMS, image_size=32)
     hf = tokenizer_lib.load_hf_tokenizer(tokenizer_dir)
     tokenizer = tokenizer_lib.TitleTokenizer(hf, context_length=12)
-    graphdef, params = train.create_model(config, tokenizer, seed=0)
+    graphdef, params = factory.create_model(config, tokenizer, seed=0)
     out = pathlib.Path(out_dir)
     store_lib.embed_catalog(graphdef, params, catalog, tokenizer, config, out / "store", split="test",
                             workdir="run", progress=False)

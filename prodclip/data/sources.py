@@ -165,3 +165,15 @@ def load_label_vocabulary(workdir: pathlib.Path) -> dict | None:
     path = pathlib.Path(workdir) / "labels.json"
     return json.loads(path.read_text()) if path.exists() else None
 
+
+class RowRange:
+    """Rows start..stop-1 of a source, as a source."""
+
+    def __init__(self, source, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[self.start + int(i)]

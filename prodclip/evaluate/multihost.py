@@ -60,18 +60,18 @@ def gather_rows(local: np.ndarray, num_items: int) -> np.ndarray:
 
 
 def embed_source_gathered(graphdef, params, source, tokenizer, config) -> tuple[np.ndarray, np.ndarray]:
-    """`suite.embed_source` of the whole source, each process embedding only its slice.
+    """`inference.embed_source` of the whole source, each process embedding only its slice.
 
     Returns ([N, D], [N, D]) float32 image and title embeddings in source order, on every process.
     """
     import jax
 
-    from prodclip.evaluate import suite
-    from prodclip.evaluate.store import Rows
+    from prodclip.data.sources import RowRange
+    from prodclip.models import inference
 
     start, stop = process_slice(len(source), jax.process_index(), jax.process_count())
     if stop > start:
-        image_emb, text_emb = suite.embed_source(graphdef, params, Rows(source, start, stop), tokenizer, config)
+        image_emb, text_emb = inference.embed_source(graphdef, params, RowRange(source, start, stop), tokenizer, config)
     else:
         dim = int(config.model.embed_dim)
         image_emb = text_emb = np.zeros((0, dim), np.float32)

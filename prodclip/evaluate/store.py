@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from prodclip import errors, trees
+from prodclip.data.sources import RowRange
 from prodclip.evaluate import store_codec
 from prodclip.models import inference
 
@@ -74,19 +75,6 @@ def product_vectors(image_emb: np.ndarray, text_emb: np.ndarray, mode: str, imag
         raise ValueError(f"embed mode {mode!r} is not one of image, text, mix")
     norm = np.linalg.norm(rows, axis=-1, keepdims=True)
     return (rows / np.maximum(norm, 1e-12)).astype(np.float32)
-
-
-class RowRange:
-    """Rows start..stop-1 of a source, as a source."""
-
-    def __init__(self, source, start: int, stop: int):
-        self.source, self.start, self.stop = source, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, i: int) -> dict:
-        return self.source[self.start + int(i)]
 
 
 def _shard_path(store: pathlib.Path, index: int) -> pathlib.Path:
