@@ -228,6 +228,18 @@ def cmd_serve(args, overrides) -> int:
     return 0
 
 
+def cmd_index(args, overrides) -> int:
+    from prodclip import index as index_lib
+
+    path = index_lib.build_index(args.store, args.kind, target_recall=args.target_recall)
+    meta = index_lib.index_meta(path.parent)
+    breadth = f", {'efSearch' if meta['kind'] == 'hnsw' else 'nprobe'} {meta['breadth']}" if meta["breadth"] else ""
+    print(f"indexed {meta['num_items']} items ({meta['factory']}{breadth}, recall@10 "
+          f"{meta['calibrated_recall_at_10']:.3f} on calibration queries, {meta['bytes_per_item']} bytes/item, "
+          f"built in {meta['build_seconds']} s) into {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- match / audit (issue 13)
 
 
@@ -407,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audit", default=None, metavar="DIR", help="a `prodclip audit --out` directory to link")
     _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("index", help="build a FAISS index inside an embedding store; `search` then uses it")
+    p.add_argument("--store", required=True)
+    p.add_argument("--kind", default="auto", choices=("auto", "flat", "hnsw", "ivf-flat", "ivf-sq8", "ivf-pq"),
+                   help="auto: exact (flat) for small stores, inverted lists (IVF) above; see prodclip/index.py")
+    p.add_argument("--target-recall", dest="target_recall", type=float, default=0.95,
+                   help="approximate kinds: the recall@10 the search breadth (nprobe/efSearch) is chosen to reach")
+    p.set_defaults(fn=cmd_index)
 
     p = sub.add_parser("match", help="pair benchmark: calibrated match verdicts per negative kind")
     p.add_argument("--workdir", required=True, help="the trained run")

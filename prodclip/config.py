@@ -264,6 +264,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.embed.image_weight = 0.9  # mix: normalise(w * image + (1 - w) * title)
     c.embed.shard_size = 65536  # rows per .npy shard; a finished shard is skipped on resume
     c.embed.chunk_size = 8192  # gallery rows scored per step at search time (memory bound)
+    c.embed.dtype = "float32"  # float32 | float16 | int8 (per-row scalar-quantised): bytes per stored component
 
     # `prodclip match` / `prodclip audit` (prodclip/evaluate/pairs.py, matching.py, prodclip/audit.py).
     c.match = ml_collections.ConfigDict()

@@ -109,17 +109,42 @@ def encode_image_queries(graphdef, params, images: np.ndarray) -> np.ndarray:
     return np.asarray(encode_image(params, images))
 
 
+_OPEN_INDEXES: dict = {}
+
+
+def store_index(store: Store):
+    """The store's FAISS index (prodclip/index.py), opened once per index file; None when it has none."""
+    from prodclip import index as index_lib
+
+    path = pathlib.Path(store.path) / index_lib.INDEX_FILE
+    if not path.exists():
+        return None
+    key = (str(path.resolve()), path.stat().st_mtime_ns, id(store))
+    if key not in _OPEN_INDEXES:
+        _OPEN_INDEXES.clear()
+        _OPEN_INDEXES[key] = index_lib.open_index(store.path, store=store)
+    return _OPEN_INDEXES[key]
+
+
 def search(store: Store, query_emb: np.ndarray, k: int, *, chunk_size: int = retrieval.DEFAULT_CHUNK_SIZE,
-           rerank: Reranker | None = None, query: dict | None = None) -> list[list[dict]]:
+           rerank: Reranker | None = None, query: dict | None = None, index="auto",
+           rescore: int | None = None) -> list[list[dict]]:
     """Per query, the top-k hits [{"rank", "index", "id", "title", "score"}], best first.
 
-    query_emb: [Q, D] float32. `rerank`, when given, re-orders each query's hits
-    (the hook for a fusion head); `query` is passed to it as is.
+    query_emb: [Q, D] float32. `index`: "auto" uses the store's FAISS index when it has one
+    (`prodclip index`) and the exact chunked scan otherwise; None forces the exact scan; or
+    an opened `index.Index`. `rescore`: re-score rescore * k index candidates with the exact
+    store vectors (None: the index's default). `rerank`, when given, re-orders each query's
+    hits (the hook for a fusion head); `query` is passed to it as is.
     """
     dim = store.shards[0].shape[1]
     if query_emb.shape[1] != dim:
         raise StoreError(f"store rows have dim {dim}, the query embedding has dim {query_emb.shape[1]}")
-    scores, index = top_k(store.shards, query_emb, k, chunk_size=chunk_size)
+    index = store_index(store) if isinstance(index, str) and index == "auto" else index
+    if index is not None:
+        scores, index = index.search(np.asarray(query_emb, np.float32), k, rescore=rescore)
+    else:
+        scores, index = top_k(store.shards, query_emb, k, chunk_size=chunk_size)
     out = []
     for q in range(len(query_emb)):
         hits = [{"rank": r + 1, "index": int(i), "id": store.ids[i], "title": store.titles[i], "score": float(s)}

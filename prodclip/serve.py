@@ -77,11 +77,15 @@ class RequestError(errors.QueryError):
 
 
 def make_searcher(store: store_lib.Store, config) -> tuple[Searcher, str]:
-    """How the server searches `store`, and a name for it: the one place to choose an index."""
-    def exact(query_emb: np.ndarray, k: int) -> list[list[dict]]:
-        return search.search(store, query_emb, k, chunk_size=config.embed.chunk_size)
+    """How the server searches `store`, and a name for it: the store's FAISS index when it has
+    one (`prodclip index`; opened and checked against the store here, at startup), else the exact
+    scan. Raises StoreError for an index that does not fit the store."""
+    index = search.store_index(store)
 
-    return exact, "exact"
+    def searcher(query_emb: np.ndarray, k: int) -> list[list[dict]]:
+        return search.search(store, query_emb, k, chunk_size=config.embed.chunk_size, index=index)
+
+    return searcher, ("exact scan" if index is None else f"faiss {index.kind}")
 
 
 def find_audit_report(store_dir: pathlib.Path, audit_dir: str | pathlib.Path | None) -> pathlib.Path | None:
@@ -108,7 +112,7 @@ class SearchService:
     config: object
     store: store_lib.Store
     searcher: Searcher
-    search_kind: str = "exact"
+    search_kind: str = "exact scan"
     audit_report: pathlib.Path | None = None
     max_upload_bytes: int = MAX_UPLOAD_BYTES
 
@@ -159,7 +163,9 @@ class SearchService:
         try:
             return search.decode_query_image(data, self.config, label="upload")
         except search.SearchError as e:
-            raise RequestError(f"{e}; send a JPEG, PNG or WebP photo", status=415) from None
+            reason = getattr(e.__cause__, "reason", "corrupt_image")
+            raise RequestError(f"the upload is not an image this server can read ({reason}); "
+                               "send a JPEG, PNG or WebP photo", status=415) from None
 
     # --------------------------------------------------------------- queries
 
@@ -239,9 +245,9 @@ def load_service(config, workdir: str | pathlib.Path, store_dir: str | pathlib.P
         audit_report = find_audit_report(store.path, audit_dir)
         graphdef, params, tokenizer, _, _, _ = train.load_trained(config, workdir, {})
         store_lib.check_fingerprint(store, store_lib.model_fingerprint(params, tokenizer, config))
-    except store_lib.StoreError as e:
+        searcher, kind = make_searcher(store, config)
+    except store_lib.StoreError as e:  # the store module's own class; the CLI catches errors.StoreError
         raise errors.StoreError(str(e)) from None
-    searcher, kind = make_searcher(store, config)
     service = SearchService(graphdef, params, tokenizer, config, store, searcher, kind, audit_report)
     if warm_up:
         start = time.perf_counter()

@@ -140,9 +140,9 @@ BAD_REQUESTS = [
     ("body not JSON", "post", "/api/search", {"content": b"{nope", "headers": {"Content-Type": "application/json"}},
      422, ""),
     ("not an image", "post", "/api/search/image", {"files": {"file": ("a.txt", b"hello, not a photo", "text/plain")}},
-     415, "cannot be used"),
+     415, "not an image this server can read"),
     ("empty upload", "post", "/api/search/image", {"files": {"file": ("a.png", b"", "image/png")}}, 415,
-     "cannot be used"),
+     "not an image this server can read"),
     ("oversized upload", "post", "/api/search/image",
      {"files": {"file": ("big.png", b"\0" * (serve.MAX_UPLOAD_BYTES + 2 ** 17), "image/png")}}, 413, "larger than"),
     ("no file", "post", "/api/search/image", {"data": {"k": 3}}, 422, "file"),
@@ -317,3 +317,20 @@ def test_page_in_headless_chromium(service, tmp_path):
     finally:
         driver.quit()
     assert (tmp_path / "serve_page.png").stat().st_size > 5000
+
+
+def test_serves_through_the_store_index(run_and_store, service, tmp_path):
+    from prodclip import index as index_lib
+
+    workdir, store_dir, config = run_and_store
+    indexed = tmp_path / "indexed_store"
+    shutil.copytree(store_dir, indexed)
+    index_lib.build_index(indexed, "flat")
+    with_index = serve.load_service(config, workdir, indexed, warm_up=False)
+    assert with_index.search_kind == "faiss flat"
+    client = fastapi_testclient.TestClient(serve.create_app(with_index))
+    for i in (3, 40, 200):
+        title = service.store.titles[i]
+        got = client.get("/api/search", params={"q": title, "k": K}).json()
+        assert got["search"] == "faiss flat"
+        _same_hits(got["hits"], _reference_hits(service, title, K))

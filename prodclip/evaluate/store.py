@@ -6,7 +6,9 @@ Layout of a store directory:
                         mode (image | text | mix), image_weight, the catalog pointer
                         (the run's `data` config + split, to re-open images) and the workdir
     items.jsonl         one {"id", "title"} per item, in store order
-    shards/emb_00000.npy  [<= shard_size, D] float32 rows, L2-normalised, in store order
+    shards/emb_00000.npy  [<= shard_size, D] rows, L2-normalised, in store order, kept as the
+                        header's dtype: float32, float16 or int8 (see store_codec.py)
+    shards/scale_00000.npy  int8 stores only: [<= shard_size] float32 per-row scales
 
 Shards are written to a temporary name and renamed, so a shard that exists is
 complete: re-running `prodclip embed` with the same model and settings skips them
@@ -26,6 +28,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+
+from prodclip.evaluate import store_codec
 
 STORE_VERSION = 1
 HEADER = "store.json"
@@ -87,6 +91,27 @@ def _shard_path(store: pathlib.Path, index: int) -> pathlib.Path:
     return store / "shards" / f"emb_{index:05d}.npy"
 
 
+def _scale_path(store: pathlib.Path, index: int) -> pathlib.Path:
+    return store / "shards" / f"scale_{index:05d}.npy"
+
+
+def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def write_shard(store: pathlib.Path, index: int, rows: np.ndarray, dtype: str) -> None:
+    """Writes shard `index` of `store` from [n, D] float32 rows, encoded as `dtype`.
+
+    The scales (int8) are written before the rows, so a shard whose rows exist is complete.
+    """
+    stored, scales = store_codec.encode_rows(rows, dtype)
+    if scales is not None:
+        _save_atomic(_scale_path(store, index), scales)
+    _save_atomic(_shard_path(store, index), stored)
+
+
 def _source_ids(source) -> list:
     raw = getattr(source, "raw_ids", None)
     ids = raw if raw is not None else getattr(source, "ids", None)
@@ -96,7 +121,8 @@ def _source_ids(source) -> list:
 
 
 def _check_same_settings(path: pathlib.Path, old: dict, new: dict) -> None:
-    for key in ("version", "fingerprint", "mode", "image_weight", "shard_size", "num_items", "catalog"):
+    old = {"dtype": "float32", **old}  # stores written before the dtype option are float32
+    for key in ("version", "fingerprint", "mode", "image_weight", "shard_size", "num_items", "catalog", "dtype"):
         if old.get(key) != new.get(key):
             raise StoreError(
                 f"{path} was made with {key}={old.get(key)!r}, but this run has {key}={new.get(key)!r}; "
@@ -140,6 +166,8 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
     if num_items == 0:
         raise StoreError(f"split {split!r} of data.name={config.data.name!r} has no items: nothing to embed")
     e = config.embed
+    if e.get("dtype", "float32") not in store_codec.DTYPES:
+        raise StoreError(f"embed.dtype={e.dtype!r} is not one of {', '.join(store_codec.DTYPES)}")
     stores = {mode: pathlib.Path(path) for mode, path in store_dirs.items()}
     fingerprint, headers = model_fingerprint(params, tokenizer, config), {}
     for mode, store in stores.items():
@@ -149,6 +177,7 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
             "mode": mode,
             "image_weight": float(e.image_weight) if mode == "mix" else None,
             "shard_size": int(e.shard_size),
+            "dtype": str(e.get("dtype", "float32")),
             "num_items": num_items,
             "catalog": {"split": split, "data": json.loads(config.data.to_json_best_effort())},
             "workdir": str(pathlib.Path(workdir).absolute()),
@@ -173,9 +202,7 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
         for mode, path in todo.items():
             rows = product_vectors(image_emb, text_emb, mode, e.image_weight)
             dim = rows.shape[1]
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, rows)
-            os.replace(tmp, path)
+            write_shard(stores[mode], index, rows, headers[mode]["dtype"])
         bar.update(stop - start)
     bar.close()
     for mode, store in stores.items():
@@ -184,9 +211,47 @@ def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collecti
     return headers
 
 
+def write_vector_store(store_dir: str | pathlib.Path, chunks, *, fingerprint: str, num_items: int,
+                       titles=None, shard_size: int = 65536, dtype: str = "float32") -> dict:
+    """A store from vectors made elsewhere (benchmarks, tests): no model, no catalog pointer.
+
+    chunks: an iterable of [n, D] float32 L2-normalised row blocks of any sizes, num_items rows in all.
+    titles: num_items strings (default "item <row>"). Returns the header.
+    """
+    store = pathlib.Path(store_dir)
+    (store / "shards").mkdir(parents=True, exist_ok=True)
+    with open(store / ITEMS, "w") as f:
+        for row in range(num_items):
+            f.write(json.dumps({"id": row, "title": titles[row] if titles is not None else f"item {row}"}) + "\n")
+    header = {"version": STORE_VERSION, "fingerprint": fingerprint, "mode": "image", "image_weight": None,
+              "shard_size": int(shard_size), "dtype": dtype, "num_items": int(num_items), "catalog": None,
+              "workdir": None}
+    buffer, index, written = [], 0, 0
+    for rows in chunks:
+        buffer.append(np.asarray(rows, np.float32))
+        while sum(len(b) for b in buffer) >= shard_size:
+            block = np.concatenate(buffer)
+            write_shard(store, index, block[:shard_size], dtype)
+            buffer, index, written = [block[shard_size:]], index + 1, written + shard_size
+            header["dim"] = int(block.shape[1])
+    rest = np.concatenate(buffer) if buffer else np.zeros((0, 0), np.float32)
+    if len(rest):
+        write_shard(store, index, rest, dtype)
+        written += len(rest)
+        header["dim"] = int(rest.shape[1])
+    if written != num_items:
+        raise StoreError(f"write_vector_store: got {written} rows, num_items says {num_items}")
+    (store / HEADER).write_text(json.dumps(header, indent=2))
+    return header
+
+
 @dataclasses.dataclass
 class Store:
-    """An opened store. `shards`: memory-mapped [rows, D] float32 arrays in store order."""
+    """An opened store. `shards`: [rows, D] arrays in store order that read as float32 when sliced.
+
+    float32 / float16 stores: memory-mapped arrays; int8 stores: `store_codec.QuantizedShard`s
+    over memory-mapped codes. `dtype`: how the rows are kept on disk.
+    """
 
     path: pathlib.Path
     header: dict
@@ -196,6 +261,32 @@ class Store:
 
     def __len__(self) -> int:
         return len(self.titles)
+
+    @property
+    def dtype(self) -> str:
+        return self.header.get("dtype", "float32")
+
+    @property
+    def dim(self) -> int:
+        return int(self.shards[0].shape[1])
+
+    def rows(self, indices) -> np.ndarray:
+        """[len(indices), D] float32 store vectors of the given store rows (any order)."""
+        indices = np.asarray(indices, np.int64)
+        shard_size = self.header["shard_size"]
+        out = np.empty((len(indices), self.dim), np.float32)
+        for shard in np.unique(indices // shard_size):
+            where = np.flatnonzero(indices // shard_size == shard)
+            out[where] = np.asarray(self.shards[shard][indices[where] - shard * shard_size], np.float32)
+        return out
+
+    def iter_rows(self, chunk: int = 65536):
+        """Yields (start, [n, D] float32) over the store in order, `chunk` rows at a time at most."""
+        start = 0
+        for shard in self.shards:
+            for a in range(0, len(shard), chunk):
+                yield start + a, np.asarray(shard[a:a + chunk], np.float32)
+            start += len(shard)
 
 
 def open_store(store_dir: str | pathlib.Path) -> Store:
@@ -216,7 +307,13 @@ def open_store(store_dir: str | pathlib.Path) -> Store:
         if not path.exists():
             raise StoreError(f"store {store} is incomplete: {path.name} is missing; re-run `prodclip embed` "
                              "with the same --out to resume")
-        shards.append(np.load(path, mmap_mode="r"))
+        codes = np.load(path, mmap_mode="r")
+        if header.get("dtype", "float32") == "int8":
+            if not _scale_path(store, index).exists():
+                raise StoreError(f"store {store} is incomplete: {_scale_path(store, index).name} is missing; "
+                                 "re-run `prodclip embed` with the same --out to resume")
+            codes = store_codec.QuantizedShard(codes, np.load(_scale_path(store, index)))
+        shards.append(codes)
     if sum(len(s) for s in shards) != num_items or len(items) != num_items:
         raise StoreError(f"store {store}: {sum(len(s) for s in shards)} rows in shards and {len(items)} items, "
                          f"header says {num_items}")
