@@ -49,12 +49,10 @@ MAX_UPLOAD_BYTES = 8 * 2 ** 20
 
 def build_store(workdir: pathlib.Path, out: pathlib.Path, items: int, noise: float, seed: int) -> dict:
     """Writes the --items store described in the module docstring into `out`; returns its header."""
-    import argparse as ap
-
     from prodclip import cli, search, train
     from prodclip.evaluate import store as store_lib
 
-    config = cli._load_config(ap.Namespace(config=None, config_arg=None, workdir=workdir), [])
+    config = cli._load_config(argparse.Namespace(config=None, config_arg=None, workdir=workdir), [])
     graphdef, params, tokenizer, sources, _, _ = train.load_trained(config, workdir, {"train": None})
     base_dir = out.parent / "base_store"
     store_lib.embed_catalog(graphdef, params, sources["train"], tokenizer, config, base_dir, split="train",

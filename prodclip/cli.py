@@ -222,6 +222,7 @@ def cmd_search(args, overrides) -> int:
 def cmd_serve(args, overrides) -> int:
     from prodclip import serve
 
+    serve.check_address(args.host, args.port)
     config = _load_config(args, overrides)
     service = serve.load_service(config, args.workdir, args.store, audit_dir=args.audit)
     serve.serve(service, host=args.host, port=args.port)

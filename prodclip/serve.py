@@ -61,7 +61,7 @@ MAX_K = 1000
 # hits cut back: a handful of compilations at warm-up instead of one per new k under load.
 K_BUCKETS = (16, 64, 256, 1024)
 MAX_UPLOAD_BYTES = 8 * 2 ** 20
-THUMBNAIL_CACHE = 1024
+THUMBNAIL_CACHE = 256  # PNGs kept in memory (a few MB at catalog image sizes)
 
 # (query embeddings [Q, D] float32, k) -> per query, the top-k hits
 # [{"rank", "index", "id", "title", "score"}], best first.
@@ -334,6 +334,19 @@ def create_app(service: SearchService) -> FastAPI:
         return FileResponse(service.audit_report, media_type="text/html")
 
     return app
+
+
+def check_address(host: str, port: int) -> None:
+    """Raises ConfigError when (host, port) cannot be listened on (in use, no permission, bad host),
+    before minutes are spent loading a model."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise errors.ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
+                                 "choose another --port or --host") from None
 
 
 def serve(service: SearchService, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -14,14 +14,12 @@ import time
 
 import numpy as np
 import pytest
+from fastapi import testclient as fastapi_testclient
 from PIL import Image
 
 from prodclip import cli, errors, search, serve
 from prodclip.data import synthetic
-from prodclip.evaluate import store as store_lib
 from test_search import TINY
-
-fastapi_testclient = pytest.importorskip("fastapi.testclient")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 K = 5
@@ -199,12 +197,19 @@ def test_store_from_another_model_is_refused_at_startup(run_and_store, tmp_path,
     with pytest.raises(errors.StoreError, match="embedded by model 0123456789abcdef"):
         serve.load_service(config, workdir, other, warm_up=False)
     capsys.readouterr()
-    assert cli.main(["serve", "--workdir", str(workdir), "--store", str(other), "--port", "1"]) == 2
+    assert cli.main(["serve", "--workdir", str(workdir), "--store", str(other), "--port", str(_free_port())]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("prodclip: store error: ") and "embedded by model" in err
     assert "\n" not in err and "Traceback" not in err
-    assert cli.main(["serve", "--workdir", str(workdir), "--store", str(tmp_path / "nowhere"), "--port", "1"]) == 2
+    assert cli.main(["serve", "--workdir", str(workdir), "--store", str(tmp_path / "nowhere"),
+                     "--port", str(_free_port())]) == 2
     assert "no embedding store" in capsys.readouterr().err
+    with socket.socket() as busy:  # a port in use: refused before the model loads
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert cli.main(["serve", "--workdir", str(workdir), "--store", str(store_dir),
+                         "--port", str(busy.getsockname()[1])]) == 2
+    assert "prodclip: config error: cannot listen on 127.0.0.1:" in capsys.readouterr().err
 
 
 def test_audit_report_is_linked_when_present(run_and_store, tmp_path):
