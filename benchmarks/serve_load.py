@@ -8,8 +8,8 @@
    store keeps real embeddings' neighbourhood structure (tight clusters of --items/B rows
    around each product) at catalog size. Titles repeat the base titles; the store carries the
    run's fingerprint, so the server accepts it. Only the first B rows have catalog images.
-2. Server: `prodclip serve` as a subprocess on 127.0.0.1 at a free port; the benchmark waits
-   for /api/health.
+2. Server: `prodclip serve` as a subprocess on 127.0.0.1 at a free port (after `--index KIND`
+   built a FAISS index in the store, when given); the benchmark waits for /api/health.
 3. Load: --clients threads, each with its own HTTP connection, send queries back to back for
    --seconds (and at most --max-requests in all): text queries drawn from the titles (a
    base title, or its first three words), one in --photo-every a photo upload of a catalog
@@ -228,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--store", type=pathlib.Path, default=None, help="where to write the store (default: a temp dir)")
     p.add_argument("--out", type=pathlib.Path, default=None, help="write the results as JSON here")
+    p.add_argument("--index", default=None, help="build this FAISS index kind in the store first (prodclip index)")
     args = p.parse_args(argv)
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="serve_load_"))
@@ -236,6 +237,12 @@ def main(argv=None) -> int:
     made = build_store(args.workdir, store, args.items, args.noise, args.seed)
     print(f"store: {args.items} items, dim {made['header']['dim']} in {time.perf_counter() - t0:.1f} s ({store})")
     photos = [png_bytes(image) for image in made["images"]]
+    if args.index:
+        from prodclip import index as index_lib
+
+        t0 = time.perf_counter()
+        index_lib.build_index(store, args.index)
+        print(f"index {args.index} built in {time.perf_counter() - t0:.1f} s")
 
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     bad.append(other_model_store_refused(args.workdir, store, tmp))
-    report = {"items": args.items, "dim": made["header"]["dim"], "store": made["header"]["synthetic"],
+    report = {"index": args.index, "items": args.items, "dim": made["header"]["dim"], "store": made["header"]["synthetic"],
               "search": health["search"], "startup_s": round(startup_s, 1), "load": result,
               "bad_requests": bad, "server_alive_after_bad_requests": alive}
     print(json.dumps(report["load"], indent=2))

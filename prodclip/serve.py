@@ -52,6 +52,7 @@ from starlette.exceptions import HTTPException
 
 from prodclip import errors, search
 from prodclip.evaluate import store as store_lib
+from prodclip.evaluate import suite
 from prodclip.serve_page import PAGE
 
 log = logging.getLogger("prodclip")
@@ -61,11 +62,26 @@ MAX_K = 1000
 # hits cut back: a handful of compilations at warm-up instead of one per new k under load.
 K_BUCKETS = (16, 64, 256, 1024)
 MAX_UPLOAD_BYTES = 8 * 2 ** 20
+# Text queries waiting while the model is busy are answered together, up to this many per batch:
+# one padded encoder call and one scan of the store for all of them.
+MAX_TEXT_BATCH = 16
 THUMBNAIL_CACHE = 256  # PNGs kept in memory (a few MB at catalog image sizes)
 
 # (query embeddings [Q, D] float32, k) -> per query, the top-k hits
 # [{"rank", "index", "id", "title", "score"}], best first.
 Searcher = Callable[[np.ndarray, int], list[list[dict]]]
+
+
+@dataclasses.dataclass
+class _TextRequest:
+    """A text query waiting for a batch: filled with `hits` or `error`, then `done` is set."""
+
+    text: str
+    fetch: int
+    rerank: bool
+    hits: list[dict] | None = None
+    error: Exception | None = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 class RequestError(errors.QueryError):
@@ -117,7 +133,9 @@ class SearchService:
     max_upload_bytes: int = MAX_UPLOAD_BYTES
 
     def __post_init__(self):
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held while the model, the search or the catalog runs
+        self._pending: list[_TextRequest] = []
+        self._pending_lock = threading.Lock()
         self.fingerprint = self.store.header["fingerprint"]
         fusion = self.config.model.fusion.enabled
         self.reranker = (search.fusion_reranker(self.graphdef, self.params, self.tokenizer, self.store, self.config)
@@ -149,13 +167,16 @@ class SearchService:
     def check_text(self, text) -> str:
         if not isinstance(text, str) or not text.strip():
             raise RequestError("empty query: type some words, e.g. 'navy striped shirt'")
-        text = text.strip()
+        return text.strip()
+
+    def check_vocabulary(self, text: str) -> None:
+        """Refuses a query of unknown tokens only. Call with the lock held: a fast tokenizer's
+        truncation settings are shared state that a concurrent call would change."""
         ids = self.tokenizer.hf(text.lower() if self.tokenizer.lowercase else text)["input_ids"]
         content = [i for i in ids if i not in self._special_ids]
         if not content or all(i == self._unknown_id for i in content):
             raise RequestError(f"query {text[:80]!r} has no word the model's vocabulary knows; "
                                "try other words")
-        return text
 
     def check_image(self, data: bytes) -> np.ndarray:
         if len(data) > self.max_upload_bytes:
@@ -170,9 +191,51 @@ class SearchService:
     # --------------------------------------------------------------- queries
 
     def text_search(self, text, k, rerank: bool = False) -> dict:
+        """A text query. Queries that arrive while the model is busy wait in a queue; whichever
+        request gets the lock next answers up to MAX_TEXT_BATCH of them in one batch."""
         text, k, rerank = self.check_text(text), self.check_k(k), self.check_rerank(rerank)
-        return self._run({"text": text}, k, rerank, lambda: search.encode_text_queries(
-            self.graphdef, self.params, self.tokenizer, [text]), label=text)
+        start = time.perf_counter()
+        request = _TextRequest(text, max(k, self.config.eval.rerank_k) if rerank else k, rerank)
+        with self._pending_lock:
+            self._pending.append(request)
+        while not request.done.is_set():
+            with self.lock:
+                if request.done.is_set():
+                    break
+                with self._pending_lock:
+                    batch = self._pending[:MAX_TEXT_BATCH]
+                    del self._pending[:MAX_TEXT_BATCH]
+                self._answer_texts(batch)
+        if request.error is not None:
+            raise request.error
+        return self._response(text, k, rerank, request.hits, start)
+
+    def _answer_texts(self, batch: list[_TextRequest]) -> None:
+        """Answers a batch of text requests (lock held): one encoder call, one search."""
+        try:
+            valid = []
+            for request in batch:
+                try:
+                    self.check_vocabulary(request.text)
+                    valid.append(request)
+                except RequestError as e:
+                    request.error = e
+            if valid:
+                encode = suite.title_encoder(self.graphdef, self.params, self.tokenizer, batch_size=MAX_TEXT_BATCH)
+                query_emb = encode([r.text for r in valid])
+                # A fixed query count: the exact scan compiles once per (queries, k), not per batch size.
+                query_emb = np.concatenate([query_emb, np.repeat(query_emb[-1:], MAX_TEXT_BATCH - len(valid), 0)])
+                hits = self.searcher(query_emb, self.k_bucket(max(r.fetch for r in valid)))
+                for request, found in zip(valid, hits):
+                    found = found[:request.fetch]
+                    request.hits = self.reranker({"text": request.text}, found) if request.rerank else found
+        except Exception as e:  # the waiting requests must not hang: each gets the error
+            for request in batch:
+                if request.hits is None and request.error is None:
+                    request.error = e
+        finally:
+            for request in batch:
+                request.done.set()
 
     def image_search(self, data: bytes, k, rerank: bool = False) -> dict:
         k, rerank = self.check_k(k), self.check_rerank(rerank)
@@ -188,6 +251,9 @@ class SearchService:
             hits = self.searcher(query_emb, self.k_bucket(fetch))[0][:fetch]
             if rerank:
                 hits = self.reranker(query, hits)
+        return self._response(label, k, rerank, hits, start)
+
+    def _response(self, label: str, k: int, rerank: bool, hits: list[dict], start: float) -> dict:
         hits = hits[:k]
         for hit in hits:
             hit["thumbnail"] = f"/api/items/{hit['index']}/image.png"
@@ -209,13 +275,13 @@ class SearchService:
         for rerank in ([False, True] if self.reranker is not None else [False]):
             try:
                 self.text_search(probe, 1, rerank)
-            except RequestError:  # a title of unknown words only: still compile the text tower
-                self._run({"text": "a"}, 1, False, lambda: search.encode_text_queries(
-                    self.graphdef, self.params, self.tokenizer, ["a"]), label="warm-up")
+            except RequestError:  # a title of unknown words only: the text tower compiles anyway
+                pass
             self.image_search(blank.getvalue(), 1, rerank)
         query_emb = search.encode_text_queries(self.graphdef, self.params, self.tokenizer, [probe])
         for k in sorted({self.k_bucket(k) for k in (*K_BUCKETS, MAX_K)}):
-            self.searcher(query_emb, k)
+            self.searcher(query_emb, k)  # image queries
+            self.searcher(np.repeat(query_emb, MAX_TEXT_BATCH, axis=0), k)  # text batches
 
     def _thumbnail_png(self, index: int) -> bytes | None:
         if self.catalog is None:
