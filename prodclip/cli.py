@@ -1,4 +1,4 @@
-"""`prodclip train | eval | export | convert | data | embed | search | match | audit | sweep`: the command line.
+"""`prodclip train | eval | export | convert | data | embed | search | serve | match | audit | sweep`: the command line.
 
     prodclip train --config configs/quickstart.py --workdir runs/qs [--config.train.num_steps=100 ...]
     prodclip eval  --workdir runs/qs [--config.eval.batch_size=512 ...]
@@ -6,6 +6,7 @@
     prodclip data inspect product_catalog --data-dir /data/tfds --grid pairs.png
     prodclip embed --workdir runs/qs --out stores/qs_test [--split test] [--config.embed.mode=image ...]
     prodclip search "navy striped shirt" --store stores/qs_test --workdir runs/qs [-k 10] [--html out.html]
+    prodclip serve --workdir runs/qs --store stores/qs_test [--host 127.0.0.1 --port 8000] [--audit REPORT]
     prodclip convert import HF_CLIP_DIR --out runs/clip   |   prodclip convert export runs/qs --out HF_DIR
     prodclip export --workdir runs/qs --out exports/qs [--best]
     prodclip match --workdir runs/qs [--split test] [--out DIR]
@@ -173,6 +174,16 @@ def cmd_search(args, overrides) -> int:
     else:
         for h in hits:
             print(f"{h['rank']:>3}  {h['score']:.4f}  {h['id']}  {h['title']}")
+    return 0
+
+
+def cmd_serve(args, overrides) -> int:
+    from prodclip import serve
+
+    serve.check_address(args.host, args.port)
+    config = _config(args, overrides)
+    service = serve.load_service(config, args.workdir, args.store, audit_dir=args.audit)
+    serve.serve(service, host=args.host, port=args.port)
     return 0
 
 
@@ -350,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p, help="default: the config saved in the workdir")
     p.set_defaults(fn=cmd_search)
 
+    p = sub.add_parser("serve", help="a search server (JSON API and a web page) over an embedding store")
+    p.add_argument("--workdir", required=True, help="the run whose model made the store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--audit", default=None, metavar="DIR", help="a `prodclip audit --out` directory to link")
+    _add_config_args(p, help="default: the config saved in the workdir")
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("index", help="build a FAISS index inside an embedding store; `search` then uses it")
     p.add_argument("--store", required=True)
     p.add_argument("--kind", default="auto", choices=("auto", "flat", "hnsw", "ivf-flat", "ivf-sq8", "ivf-pq"),

@@ -104,15 +104,20 @@ def encode_text_queries(graphdef, params, tokenizer, texts: Sequence[str]) -> np
 
 def load_query_image(path: str | pathlib.Path, config) -> np.ndarray:
     """An image file -> [S, S, 3] uint8 model input (fitted as eval images are). Raises SearchError."""
-    from prodclip.data import catalog, pipeline
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise SearchError(f"query image not found: {path}")
+    return decode_query_image(path.read_bytes(), config, label=str(path))
+
+
+def decode_query_image(data: bytes, config, *, label: str = "query image") -> np.ndarray:
+    """Image file bytes -> [S, S, 3] uint8 model input (fitted as eval images are). Raises SearchError."""
+    from prodclip.data import catalog, pipeline
+
     try:
-        image = catalog.decode_image(path.read_bytes())
+        image = catalog.decode_image(data)
     except catalog.ImageError as e:
-        raise SearchError(f"query image {path} cannot be used ({e})") from e
+        raise SearchError(f"query image {label} cannot be used ({e})") from e
     return pipeline.fit_to_square(image, config.data.image_size, config.data.resize)
 
 
@@ -181,13 +186,16 @@ def fusion_reranker(graphdef, params, tokenizer, store: Store, config) -> Rerank
 
     itm_fn = inference.fusion_itm_fn(graphdef, params, batch_size=max(1, config.eval.rerank_k), log_odds=True)
     itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
+    catalog_source = []  # the store's catalog, opened on the first text query and kept
 
     def rerank(query: dict, hits: list[dict]) -> list[dict]:
         if not hits:
             return hits
         n = len(hits)
         if "text" in query:
-            images = store_images(store, [h["index"] for h in hits])
+            if not catalog_source:
+                catalog_source.append(open_store_catalog(store))
+            images = store_images(store, [h["index"] for h in hits], catalog_source[0])
             if any(image is None for image in images):
                 log.warning("fusion re-ranking skipped: the store's catalog images are unavailable")
                 return hits
@@ -210,8 +218,9 @@ def fusion_reranker(graphdef, params, tokenizer, store: Store, config) -> Rerank
 # ----------------------------------------------------------------------------- showing results
 
 
-def store_images(store: Store, indices: Sequence[int]) -> list[np.ndarray | None]:
-    """The catalog images of store rows (re-opened from the store's catalog pointer); None where unavailable."""
+def open_store_catalog(store: Store):
+    """The catalog split the store was embedded from (re-opened from its catalog pointer), or None
+    with a warning when it cannot be re-opened (moved, deleted)."""
     from prodclip import config as config_lib
     from prodclip.data import sources
 
@@ -220,9 +229,19 @@ def store_images(store: Store, indices: Sequence[int]) -> list[np.ndarray | None
     try:
         for key, value in pointer["data"].items():
             config_lib.set_field(config, f"data.{key}", value)
-        source = sources.make_source(config, pointer["split"])
+        return sources.make_source(config, pointer["split"])
     except Exception as e:  # a moved or deleted catalog must not stop the ranked list from printing
         log.warning("cannot re-open the store's catalog (%s); showing results without images", e)
+        return None
+
+
+def store_images(store: Store, indices: Sequence[int], source=None) -> list[np.ndarray | None]:
+    """The catalog images of store rows; None where unavailable.
+
+    source: the store's catalog if already open (`open_store_catalog`); re-opened when None.
+    """
+    source = source if source is not None else open_store_catalog(store)
+    if source is None:
         return [None] * len(indices)
     images = []
     for i in indices:
