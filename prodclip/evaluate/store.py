@@ -95,14 +95,6 @@ def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def file_sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_shard(store: pathlib.Path, index: int, rows: np.ndarray, dtype: str) -> None:
     """Writes shard `index` of `store` from [n, D] float32 rows, encoded as `dtype`, then its record.
 
@@ -113,10 +105,10 @@ def write_shard(store: pathlib.Path, index: int, rows: np.ndarray, dtype: str) -
     record = {"rows": int(rows.shape[0]), "dim": int(rows.shape[1])}
     if scales is not None:
         _save_atomic(_scale_path(store, index), scales)
-        record["scale_sha256"] = file_sha256(_scale_path(store, index))
+        record["scale_sha256"] = trees.file_sha256(_scale_path(store, index))
     path = _shard_path(store, index)
     _save_atomic(path, stored)
-    record.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    record.update(bytes=path.stat().st_size, sha256=trees.file_sha256(path))
     tmp = _record_path(store, index).with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, _record_path(store, index))
@@ -135,11 +127,11 @@ def shard_problem(store: pathlib.Path, index: int, rows: int | None = None) -> s
         return f"{path.name} is {size} bytes, {record['bytes']} were written (truncated or replaced)"
     if rows is not None and record["rows"] != rows:
         return f"{path.name} holds {record['rows']} rows, {rows} expected"
-    if file_sha256(path) != record["sha256"]:
+    if trees.file_sha256(path) != record["sha256"]:
         return f"{path.name} does not match its SHA-256 checksum (altered or damaged)"
     if "scale_sha256" in record:
         scale = _scale_path(store, index)
-        if not scale.exists() or file_sha256(scale) != record["scale_sha256"]:
+        if not scale.exists() or trees.file_sha256(scale) != record["scale_sha256"]:
             return f"{scale.name} is missing or does not match its SHA-256 checksum"
     return None
 
