@@ -131,7 +131,7 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
         return None
     from prodclip.train import merge_model
 
-    encode = jax.jit(lambda p, t: merge_model(graphdef, p).encode_text(t))
+    encode = jax.jit(lambda p, t: merge_model(graphdef, p).text_features(t))  # the text head runs in the step
     key = cache_key(params["text_tower"], tokenizer, config)
     root = pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else workdir / "text_cache"
     token_ids = tokenizer(pipeline.source_titles(train_source))

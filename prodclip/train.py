@@ -160,9 +160,12 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss: 
 
     def embed(params, batch):
         model = merge_model(graphdef, params)
-        # A locked text tower's embeddings may come with the batch (LiT text cache, text_cache.py).
-        text_emb = batch["text_emb"] if "text_emb" in batch else model.encode_text(batch["token_ids"])
-        return model.encode_image(batch["images"]), text_emb
+        # A locked tower's features may come with the batch (text_cache.py, image_cache.py): only the heads run.
+        text_emb = (model.embed_text_features(batch["text_emb"]) if "text_emb" in batch
+                    else model.encode_text(batch["token_ids"]))
+        image_emb = (model.embed_image_features(batch["image_features"]) if "image_features" in batch
+                     else model.encode_image(batch["images"]))
+        return image_emb, text_emb
 
     def loss_on_embeddings(params, image_emb, text_emb, batch):
         model = merge_model(graphdef, params)
@@ -286,6 +289,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         log.info("model: text tower initialised from %s", config.model.text.pretrained)
     tx = make_optimizer(config, params)
     state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    # Image feature cache: a locked image tower sees each train image once; batches carry its features.
+    from prodclip import image_cache as image_cache_lib
+    train_features = image_cache_lib.for_run(config, workdir, graphdef, params, tokenizer, split_sources["train"])
+    if train_features is not None:
+        train_iter.close()
+        rows = image_cache_lib.FeatureRows(train_features, pipeline.source_titles(split_sources["train"]),
+                                           np.asarray(split_sources["train"].ids))
+        train_iter = image_cache_lib.train_iterator(rows, tokenizer, config, process_index=jax.process_index(),
+                                                    process_count=jax.process_count())
     num_params = sum(x.size for x in jax.tree.leaves(params))
     log.info("model: %.2fM parameters", num_params / 1e6)
 
