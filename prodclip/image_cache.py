@@ -165,6 +165,21 @@ def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDi
                              uses_workers=False)
 
 
+def embed_features(graphdef, params: Any, features: np.ndarray, batch_size: int) -> np.ndarray:
+    """[N, F] cached features -> [N, D] float32 image embeddings through the model's image head."""
+    from prodclip.train import merge_model
+
+    embed = jax.jit(lambda p, f: merge_model(graphdef, p).embed_image_features(f))
+    out = []
+    for start in range(0, len(features), batch_size):
+        chunk = np.asarray(features[start:start + batch_size], np.float32)
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+        out.append(np.asarray(embed(params, chunk))[:n])
+    return np.concatenate(out)
+
+
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
             train_source) -> np.ndarray | None:
     """The run's [N, F] train features when `applies(config)` (built or read); else None."""

@@ -158,15 +158,20 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
 
 
 def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label_stats: dict | None = None, *,
-                 plot_dir: str | pathlib.Path | None = None) -> dict[str, Any]:
-    """Metrics per eval split; with eval.linear_probe_labels and a train split, the baselines too."""
+                 plot_dir: str | pathlib.Path | None = None, train_image_emb: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics per eval split; with eval.linear_probe_labels and a train split, the baselines too.
+
+    train_image_emb: [N_train, D] image embeddings of the train split when already known (e.g. from
+    the image feature cache), so the probe does not embed the train images again.
+    """
     results = {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config,
                                      label_stats=label_stats, plot_dir=plot_dir, split=split)
                for split in config.data.eval_splits}
     probe_labels = [l for l in config.eval.linear_probe_labels if l in getattr(split_sources.get("train"), "labels", {})]
     if probe_labels:
         train_source = split_sources["train"]
-        train_emb = embed_images(graphdef, params, train_source, tokenizer, config)
+        train_emb = (train_image_emb if train_image_emb is not None
+                     else embed_images(graphdef, params, train_source, tokenizer, config))
         for split in config.data.eval_splits:
             eval_emb = embed_images(graphdef, params, split_sources[split], tokenizer, config)
             for label in probe_labels:
