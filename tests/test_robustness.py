@@ -55,3 +55,14 @@ def test_perturb_catalog_rewrites_only_the_images(tmp_path):
     out = pq.read_table(tmp_path / "p.parquet").to_pydict()
     assert out["id"] == [1, 2, 3] and out["title"] == ["a", "b", "c"]
     assert np.asarray(Image.open(io.BytesIO(out["image"][0]))).shape == (80, 60, 3)
+
+
+def test_zeroshot_weighted_f1_equals_sklearn():
+    from sklearn.metrics import f1_score
+
+    from prodclip.evaluate import zeroshot
+
+    rng = np.random.default_rng(0)
+    labels, predicted = rng.integers(0, 6, 300), rng.integers(0, 7, 300)
+    assert zeroshot.weighted_f1(labels, predicted) == pytest.approx(
+        f1_score(labels, predicted, average="weighted", labels=np.unique(labels)), abs=1e-12)
