@@ -4,7 +4,7 @@ Catalog photos are studio shots on white; shoppers' photos are not. A model can 
 background = catalog photo" and lean on framing and clean pixels. These transforms turn a catalog
 split into a harder copy, with nothing downloaded:
 
-* `replace_background`: the near-white region connected to the border (the studio background) is
+* `replace_background`: the region of the border's colour connected to the border (the studio background) is
   replaced by a random scene: a colour gradient with noise, stripes or checks in random colours, or
   a tiled crop of another product's photo (clutter that looks like products).
 * `random_crop`: a random crop covering 40-80% of the area, resized back (partial, off-centre framing).
@@ -24,14 +24,19 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-WHITE_THRESHOLD = 225  # every channel at least this: studio background (JPEG noise keeps it below 255)
+WHITE_THRESHOLD = 225  # a pixel with every channel at least this counts as white (tests, summaries)
+BACKGROUND_TOLERANCE = 30.0  # RGB distance from the border's median colour that still counts as background
 KINDS = ("background", "crop", "jpeg", "all")
 
 
-def background_mask(image: np.ndarray, threshold: int = WHITE_THRESHOLD) -> np.ndarray:
-    """[H, W] bool: near-white pixels connected to the image border (the studio background)."""
-    white = np.all(image >= threshold, axis=-1)
-    labels, _ = ndimage.label(white)
+def background_mask(image: np.ndarray, tolerance: float = BACKGROUND_TOLERANCE) -> np.ndarray:
+    """[H, W] bool: the studio background, i.e. pixels within `tolerance` (RGB distance) of the border's
+    median colour and connected to the border. Studio backgrounds are white to light grey, often with a
+    vignette; a product of another colour, or a white logo inside it, is not connected to them."""
+    border_pixels = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
+    colour = np.median(border_pixels, axis=0)
+    close = np.linalg.norm(image.astype(np.float32) - colour, axis=-1) <= tolerance
+    labels, _ = ndimage.label(close)
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     return np.isin(labels, border[border > 0])
 
