@@ -49,6 +49,7 @@ TINY = ["--config.data.image_size=32", "--config.train.batch_size=16", "--config
         "--config.eval.zeroshot_labels=articleType,gender", "--config.eval.class_names=gender:Men=men"]
 
 
+@pytest.mark.slow  # ~110 s on 2 cores, most of it compiling EfficientNet-Lite0 and MiniLM; still run by default
 def test_pretrained_config_trains_and_evaluates_through_the_cli(tmp_path, capsys):
     data = tmp_path / "catalog"
     write_catalog(data / "train.parquet", 40, seed=0)
