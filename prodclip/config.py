@@ -618,10 +618,11 @@ def _validate_fusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"'eval.rerank_itc_weight' must be a finite number >= 0, got {config.eval.rerank_itc_weight}")
     if not f.enabled:
         return
-    if config.model.image.kind != "vit" or config.model.text.kind != "transformer":
-        raise ConfigError("model.fusion.enabled=True reads the ViT's patch tokens and the text Transformer's token "
-                          f"states; got model.image.kind={config.model.image.kind!r}, "
-                          f"model.text.kind={config.model.text.kind!r} (valid: 'vit' and 'transformer')")
+    if not config.model.image.kind.startswith(("vit", "efficientnet")) or config.model.text.kind != "transformer":
+        raise ConfigError("model.fusion.enabled=True reads the ViT's patch tokens (or the EfficientNet's feature map) "
+                          f"and the text Transformer's token states; got model.image.kind={config.model.image.kind!r}, "
+                          f"model.text.kind={config.model.text.kind!r} (valid: 'vit' or 'efficientnet_lite*', and "
+                          "'transformer')")
     if config.model.matcher.kind != "none":
         raise ConfigError("model.fusion.enabled=True and model.matcher.kind="
                           f"{config.model.matcher.kind!r} are two match heads; use one (matcher.kind='none')")

@@ -119,6 +119,16 @@ def test_pth_path_detects_its_variant_and_loads_into_the_model(tmp_path):
     np.testing.assert_array_equal(loaded["image_tower"]["backbone"]["blocks"][5]["depthwise"]["kernel"],
                                   want["blocks/5/depthwise/kernel"])
     assert loaded["text_tower"] is params["text_tower"]
+    # Converted once: reused while the source is unchanged, re-converted when its bytes change.
+    weights = tmp_path / "cache" / "w" / convert_efficientnet.WEIGHTS_FILE
+    first = weights.stat().st_mtime_ns
+    assert convert_efficientnet.ensure_imported(str(tmp_path / "w.pth"), tmp_path / "cache").name == "w"
+    assert weights.stat().st_mtime_ns == first
+    state["_conv_stem.weight"] += 1.0
+    torch.save(state, tmp_path / "w.pth")
+    convert_efficientnet.ensure_imported(str(tmp_path / "w.pth"), tmp_path / "cache")
+    reloaded, _ = convert_efficientnet.load_efficientnet_params(tmp_path / "cache" / "w")
+    np.testing.assert_allclose(reloaded["stem"]["kernel"], want["stem/kernel"] + 1.0, rtol=1e-6)
     with pytest.raises(ConfigError, match="holds efficientnet_lite0 weights"):
         convert_efficientnet.load_image_tower(str(tmp_path / "w.pth"), tiny_config(**{"model.image.kind": "efficientnet_lite1"}),
                                               params, tmp_path / "cache")
