@@ -193,6 +193,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text.bert.max_positions = 512  # rows of the position table (>= tokenizer.context_length)
     c.model.text.bert.layer_norm_eps = 1e-12
     c.model.text.bert.projection = True  # False: the pooled state is the embedding (needs embed_dim == width)
+    # Trainable heads after the towers (prodclip/models/heads.py): none | linear | mlp. Outside the tower,
+    # so a locked pretrained tower stays frozen (and cached) while its head trains.
+    c.model.head = ml_collections.ConfigDict()
+    one_of(c, "model.head.image", "none", ("none", "linear", "mlp"))
+    one_of(c, "model.head.text", "none", ("none", "linear", "mlp"))
+    c.model.head.hidden = 1024  # hidden width of an 'mlp' head
     # --- baselines (issue 14): a concat-fusion matcher on the two embeddings (prodclip/models/matcher.py).
     c.model.matcher = ml_collections.ConfigDict()
     one_of(c, "model.matcher.kind", "none", ("none", "concat"))  # none | concat ([u, v, |u-v|, u*v] -> MLP -> match logit)
@@ -241,6 +247,10 @@ def base_config() -> ml_collections.ConfigDict:
     # distinct title is embedded once (prodclip/text_cache.py) and steps run only the image tower.
     one_of(c, "train.text_cache", "auto", ("auto", "off"))
     c.train.text_cache_dir = ""  # where caches live (keyed by tokenizer + weights); empty = <workdir>/text_cache
+    # Image feature cache (prodclip/image_cache.py): with optim.lock_image and no image augmentation, each
+    # train image goes through the locked image tower once; steps then read its features and run only the heads.
+    one_of(c, "train.image_cache", "auto", ("auto", "off"))
+    c.train.image_cache_dir = ""  # where caches live (keyed by weights, preprocessing, catalog); empty = <workdir>/image_cache
     # Stop training after this much wall-clock from the end of the first (compiling) step, then checkpoint
     # and evaluate as at the last step; 0 = no limit. Resuming such a run continues towards num_steps.
     c.train.max_train_seconds = 0.0
@@ -603,9 +613,9 @@ def _validate_baselines(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"model.text.bert.max_positions={m.text.bert.max_positions} is below "
                               f"tokenizer.context_length={config.tokenizer.context_length}")
         width = tower_dims(m.text, TEXT_PRESETS)["width"]
-        if not m.text.bert.projection and m.embed_dim != width:
-            raise ConfigError(f"model.text.bert.projection=False needs model.embed_dim == the text width {width}, "
-                              f"got {m.embed_dim}")
+        if not m.text.bert.projection and m.head.text == "none" and m.embed_dim != width:
+            raise ConfigError(f"model.text.bert.projection=False needs model.embed_dim == the text width {width} "
+                              f"(or a model.head.text), got {m.embed_dim}")
     elif m.text.pretrained:
         raise ConfigError("model.text.pretrained (a HF BERT dir) needs model.text.kind='bert'")
     if m.matcher.kind != "none" and (m.matcher.hidden < 1 or m.matcher.depth < 1):

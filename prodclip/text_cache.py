@@ -122,7 +122,7 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
     """The run's text cache when `applies(config)`, built from the train split's titles; else None."""
     if not applies(config):
         return None
-    _, encode = inference.encoders(graphdef)
+    encode = inference.feature_encoders(graphdef)[1]  # the text head runs in the step
     key = cache_key(params["text_tower"], tokenizer, config)
     root = pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else workdir / "text_cache"
     token_ids = tokenizer(pipeline.source_titles(train_source))

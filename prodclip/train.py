@@ -62,9 +62,12 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss: 
 
     def embed(params, batch):
         model = merge_model(graphdef, params)
-        # A locked text tower's embeddings may come with the batch (LiT text cache, text_cache.py).
-        text_emb = batch["text_emb"] if "text_emb" in batch else model.encode_text(batch["token_ids"])
-        return model.encode_image(batch["images"]), text_emb
+        # A locked tower's features may come with the batch (text_cache.py, image_cache.py): only the heads run.
+        text_emb = (model.embed_text_features(batch["text_emb"]) if "text_emb" in batch
+                    else model.encode_text(batch["token_ids"]))
+        image_emb = (model.embed_image_features(batch["image_features"]) if "image_features" in batch
+                     else model.encode_image(batch["images"]))
+        return image_emb, text_emb
 
     def loss_on_embeddings(params, image_emb, text_emb, batch):
         model = merge_model(graphdef, params)
@@ -177,6 +180,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         log.info("model: image tower initialised from %s", config.model.image.init_checkpoint)
     tx = optim.make_optimizer(config, params)
     state = optim.init_train_state(config, params)
+    # Image feature cache: a locked image tower sees each train image once; batches carry its features.
+    from prodclip import image_cache as image_cache_lib
+    train_features = image_cache_lib.for_run(config, workdir, graphdef, params, tokenizer, split_sources["train"])
+    if train_features is not None:
+        train_iter.close()
+        rows = image_cache_lib.FeatureRows(train_features, pipeline.source_titles(split_sources["train"]),
+                                           np.asarray(split_sources["train"].ids))
+        train_iter = image_cache_lib.train_iterator(rows, tokenizer, config, process_index=jax.process_index(),
+                                                    process_count=jax.process_count())
     num_params = sum(x.size for x in jax.tree.leaves(params))
     log.info("model: %.2fM parameters", num_params / 1e6)
 
@@ -254,8 +266,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state = compiled.global_state(state)
 
     # --- Final evaluation.
+    train_image_emb = (image_cache_lib.embed_features(graphdef, state["params"], train_features, config.eval.batch_size)
+                       if train_features is not None and config.eval.linear_probe_labels else None)
     results = suite.evaluate_all(graphdef, state["params"], split_sources, tokenizer, config, label_stats,
-                                 plot_dir=workdir / "confusion")
+                                 plot_dir=workdir / "confusion", train_image_emb=train_image_emb)
     results["train_seconds"] = train_seconds
     results["num_params"] = int(num_params)
     results["train_steps"] = int(jax.device_get(state["step"]))

@@ -130,11 +130,13 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
 
 
 def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label_stats: dict | None = None, *,
-                 plot_dir: str | pathlib.Path | None = None) -> dict[str, Any]:
+                 plot_dir: str | pathlib.Path | None = None, train_image_emb: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics per eval split; with eval.linear_probe_labels and a train split, the baselines too.
 
     Each split goes through the model once: retrieval, re-ranking, zero-shot and the probes
-    all read the same embeddings.
+    all read the same embeddings. train_image_emb: [N_train, D] image embeddings of the train
+    split when already known (e.g. from the image feature cache), so the probe does not embed
+    the train images again.
     """
     embedded = {split: embed_split(graphdef, params, split_sources[split], tokenizer, config)
                 for split in config.data.eval_splits if len(split_sources[split])}
@@ -147,7 +149,8 @@ def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label
                     and all(l in getattr(split_sources[s], "labels", {}) for s in config.data.eval_splits)]
     if probe_labels:
         train_source = split_sources["train"]
-        train_emb = inference.embed_images(graphdef, params, train_source, tokenizer, config)
+        train_emb = (train_image_emb if train_image_emb is not None
+                     else inference.embed_images(graphdef, params, train_source, tokenizer, config))
         for split in config.data.eval_splits:
             eval_emb = embedded[split]["image_emb"]
             for label in probe_labels:

@@ -82,8 +82,21 @@ def classify(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
     predicted = order[:, 0]
     per_class = {int(c): float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)}
     out["mean_per_class"] = float(np.mean(list(per_class.values())))
+    out["weighted_f1"] = weighted_f1(labels, predicted)
     out.update({f"class/{c}": acc for c, acc in per_class.items()})
     return out
+
+
+def weighted_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """F1 per true class, averaged with weights = the class's share of `labels` (sklearn's 'weighted')."""
+    f1s, weights = [], []
+    for c in np.unique(labels):
+        tp = float(np.sum((predicted == c) & (labels == c)))
+        precision = tp / max(float(np.sum(predicted == c)), 1.0)
+        recall = tp / float(np.sum(labels == c))
+        f1s.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
+        weights.append(float(np.sum(labels == c)))
+    return float(np.average(f1s, weights=weights))
 
 
 def confusion_matrix(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -170,21 +170,24 @@ class EfficientNetTower(nnx.Module):
         self.backbone = EfficientNetLite(variant, rngs, dtype=dtype, formulation=formulation, remat=remat)
         self.map_head = (layers.AttentionPool(FEATURE_CHANNELS, pool_heads, mlp_ratio, rngs, activation=activation,
                                               dtype=dtype) if pooling == "map" else None)
-        self.projection = layers.dense(FEATURE_CHANNELS, embed_dim, rngs, dtype=dtype, use_bias=proj_bias)
+        # embed_dim None: no projection, the pooled feature is the output (a head after the tower maps it).
+        self.projection = (layers.dense(FEATURE_CHANNELS, embed_dim, rngs, dtype=dtype, use_bias=proj_bias)
+                           if embed_dim is not None else None)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images: [B, S, S, 3], uint8 or float on a 0..255 scale. Returns (embedding, tokens); not normalised."""
         x = (images.astype(jnp.float32) - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
         pooled, tokens = self.backbone(x)
         pooled = self.map_head(tokens) if self.pooling == "map" else pooled
-        return self.projection(pooled), tokens
+        return (pooled if self.projection is None else self.projection(pooled)), tokens
 
 
 def build_efficientnet(config, dtype, rngs: nnx.Rngs) -> EfficientNetTower:
     """The EfficientNet-Lite image tower of `config.model` (model.image.kind='efficientnet_lite0/1/2')."""
     m = config.model
     pixel_mean, pixel_std = PIXEL_STATS[m.image.pixel_norm]
-    return EfficientNetTower(m.image.kind, embed_dim=m.embed_dim, pooling=m.image.pooling,
+    embed_dim = None if m.head.image != "none" else m.embed_dim  # a model.head.image projects instead
+    return EfficientNetTower(m.image.kind, embed_dim=embed_dim, pooling=m.image.pooling,
                              pool_heads=m.image.resnet.pool_heads, mlp_ratio=m.image.mlp_ratio,
                              activation=m.image.activation, proj_bias=m.image.proj_bias, pixel_mean=pixel_mean,
                              pixel_std=pixel_std, dtype=dtype, formulation=m.image.conv_formulation,

@@ -9,7 +9,7 @@ from flax import nnx
 
 from prodclip import config as config_lib
 from prodclip import losses
-from prodclip.models import bert, efficientnet, resnet
+from prodclip.models import bert, efficientnet, heads, resnet
 from prodclip.models import matcher as matcher_lib
 from prodclip.models.fusion import FusionEncoder, build_fusion
 from prodclip.models.text import TextTransformer
@@ -32,14 +32,19 @@ class TwoTower(nnx.Module):
       logit_bias: scalar, used by the sigmoid loss.
       fusion: the fusion encoder with its ITM head (models/fusion.py), or None (no params).
       matcher: None, or a match classifier on the two embeddings (matcher.py).
+      image_head, text_head: None, or a trainable head after the tower (heads.py); a locked
+        tower's output ("features") can then be cached and only the head trains.
     """
 
     def __init__(self, image_tower: VisionTransformer | resnet.ResNet | efficientnet.EfficientNetTower,
                  text_tower: TextTransformer | bert.BertTextTower,
                  *, logit_scale_init: float, logit_bias_init: float, logit_scale_max: float = 100.0,
-                 fusion: FusionEncoder | None = None, matcher: matcher_lib.ConcatMatcher | None = None):
+                 fusion: FusionEncoder | None = None, matcher: matcher_lib.ConcatMatcher | None = None,
+                 image_head: heads.ProjectionHead | None = None, text_head: heads.ProjectionHead | None = None):
         self.image_tower = image_tower
         self.text_tower = text_tower
+        self.image_head = image_head
+        self.text_head = text_head
         self.fusion = fusion
         self.matcher = matcher
         self.log_logit_scale = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32))
@@ -50,20 +55,36 @@ class TwoTower(nnx.Module):
         """exp(log_logit_scale) clamped at logit_scale_max; zero gradient at the clamp."""
         return losses.clip_logit_scale(self.log_logit_scale[...], self.logit_scale_max)
 
+    def image_features(self, images: jax.Array) -> jax.Array:
+        """images [B, S, S, 3] (0..255) -> the image tower's output [B, F] float32 (what the image cache holds)."""
+        return self.image_tower(images)[0].astype(jnp.float32)
+
+    def text_features(self, token_ids: jax.Array) -> jax.Array:
+        """token_ids [B, L] int32 -> the text tower's output [B, F] float32, L2-normalised (the text cache's rows)."""
+        return l2_normalize(self.text_tower(token_ids)[0])
+
+    def embed_image_features(self, features: jax.Array) -> jax.Array:
+        """[B, F] image-tower features -> [B, embed_dim] float32, L2-normalised (through the image head, if any)."""
+        return l2_normalize(features if self.image_head is None else self.image_head(features))
+
+    def embed_text_features(self, features: jax.Array) -> jax.Array:
+        """[B, F] text_features -> [B, embed_dim] float32, L2-normalised (through the text head, if any)."""
+        return features if self.text_head is None else l2_normalize(self.text_head(features))
+
     def encode_image(self, images: jax.Array) -> jax.Array:
         """images [B, S, S, 3] (0..255) -> [B, embed_dim] float32, L2-normalised."""
-        return l2_normalize(self.image_tower(images)[0])
+        return self.embed_image_features(self.image_tower(images)[0])
 
     def encode_text(self, token_ids: jax.Array) -> jax.Array:
         """token_ids [B, L] int32 -> [B, embed_dim] float32, L2-normalised."""
-        return l2_normalize(self.text_tower(token_ids)[0])
+        return self.embed_text_features(self.text_features(token_ids))
 
     def __call__(self, images: jax.Array, token_ids: jax.Array) -> dict[str, jax.Array]:
         image_emb, image_tokens = self.image_tower(images)
         text_emb, text_tokens = self.text_tower(token_ids)
         return {
-            "image_emb": l2_normalize(image_emb),
-            "text_emb": l2_normalize(text_emb),
+            "image_emb": self.embed_image_features(image_emb),
+            "text_emb": self.embed_text_features(l2_normalize(text_emb)),
             "image_tokens": image_tokens,
             "text_tokens": text_tokens,
             "logit_scale": self.logit_scale(),
@@ -102,7 +123,22 @@ def build_model(config: ml_collections.ConfigDict, *, vocab_size: int, pad_id: i
     # Built after the towers, so the towers' initial weights do not depend on model.fusion.
     fusion = build_fusion(config, image_width=image_dims["width"], text_width=text_dims["width"], rngs=rngs,
                           dtype=dtype)
+    image_head = heads.build_head(m.head.image, tower_output_dim(config, "image"), m.embed_dim, m.head.hidden,
+                                  rngs, dtype)
+    text_head = heads.build_head(m.head.text, tower_output_dim(config, "text"), m.embed_dim, m.head.hidden,
+                                 rngs, dtype)
     return TwoTower(
         image_tower, text_tower, logit_scale_init=m.logit_scale_init, logit_bias_init=m.logit_bias_init,
         logit_scale_max=m.logit_scale_max, fusion=fusion, matcher=matcher_lib.build_matcher(config, dtype, rngs),
+        image_head=image_head, text_head=text_head,
     )
+
+
+def tower_output_dim(config: ml_collections.ConfigDict, tower: str) -> int:
+    """Width of a tower's output (its features): embed_dim when the tower projects, else its own width."""
+    m = config.model
+    if tower == "image" and m.image.kind in efficientnet.VARIANTS and m.head.image != "none":
+        return efficientnet.FEATURE_CHANNELS
+    if tower == "text" and m.text.kind == "bert" and not m.text.bert.projection:
+        return config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS)["width"]
+    return m.embed_dim

@@ -1,0 +1,188 @@
+"""Image feature cache: a locked image tower's output for every train image, computed once.
+
+With `optim.lock_image` the image tower never changes, and without image augmentation
+(`data.augment=False`) each train image is always the same input. So each image goes through
+the tower once, before training; a training step then reads its rows of the cache as
+`image_features` [B, F] and runs only the trainable image head (model.head.image) on them,
+not the tower (train.py's `embed`). On a 2-core CPU this turns a pretrained EfficientNet
+from most of a step's cost into a one-off cost per catalog.
+
+The trade-off: cached features cannot be augmented (no random crops or flips of the
+photos), which is why the cache applies only with `data.augment=False`.
+
+A cache lives in `<train.image_cache_dir or workdir/image_cache>/<key>/`:
+
+    features.npy   [N, F] float32   the tower's output per train row, in source order (memory-mapped)
+    meta.json      rows, feature width, seconds it took to compute
+
+`key` is a SHA-256 over the image tower's weights, the image preprocessing (size, resize
+mode, model.image config, dtype) and the catalog's rows (ids and image bytes), so runs (e.g.
+seeds) sharing a locked tower and catalog share its cache, and any change computes a new
+one. Files are written to a temporary name and renamed, so a cache that exists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from prodclip.data import pipeline
+from prodclip.data.workers import ResumableIterator
+from prodclip.models import inference
+
+log = logging.getLogger("prodclip")
+
+
+def applies(config: ml_collections.ConfigDict) -> bool:
+    """True when the cache is on: train.image_cache='auto', a locked image tower and no image augmentation."""
+    return config.train.image_cache == "auto" and config.optim.lock_image and not config.data.augment
+
+
+def hash_params(h, params: Any) -> None:
+    """Feeds every leaf of a param tree (path, dtype, shape, bytes) to the hash `h`, in path order."""
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                             key=lambda pl: jax.tree_util.keystr(pl[0])):
+        array = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+
+
+def catalog_digest(source) -> str:
+    """SHA-256 hex of a source's rows: ids and image bytes (decoded pixels for sources without bytes)."""
+    h = hashlib.sha256()
+    ids = np.asarray(source.ids if hasattr(source, "ids") else [source[i]["id"] for i in range(len(source))])
+    h.update(np.ascontiguousarray(ids.astype(np.int64)).tobytes())
+    for i in range(len(source)):
+        data = source.image_bytes(i) if hasattr(source, "image_bytes") else np.asarray(source[i]["image"]).tobytes()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def preprocessing_description(config: ml_collections.ConfigDict) -> dict:
+    """Everything besides the weights that decides what the tower sees and computes."""
+    return {"image_size": config.data.image_size, "resize": config.data.resize,
+            "image": config.model.image.to_dict(), "embed_dim": config.model.embed_dim, "dtype": config.model.dtype}
+
+
+def cache_key(image_params: Any, config: ml_collections.ConfigDict, catalog: str) -> str:
+    """16 hex chars identifying the cached features: tower weights, preprocessing, catalog digest."""
+    h = hashlib.sha256()
+    hash_params(h, image_params)
+    h.update(json.dumps(preprocessing_description(config), sort_keys=True, default=str).encode())
+    h.update(catalog.encode())
+    return h.hexdigest()[:16]
+
+
+def compute_features(source, tokenizer, config: ml_collections.ConfigDict,
+                     image_features: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """[N, F] float32: `image_features` ([b, S, S, 3] uint8 -> [b, F], b = eval.batch_size) on every
+    image of `source` in order, preprocessed as at evaluation (no augmentation)."""
+    batch_size = config.eval.batch_size
+    out = []
+    for batch in pipeline.eval_batches(source, tokenizer, config, batch_size):
+        images = batch["images"]
+        n = len(images)
+        if n < batch_size:  # pad the last chunk, so one compilation serves all
+            images = np.concatenate([images, np.repeat(images[-1:], batch_size - n, axis=0)])
+        out.append(np.asarray(image_features(images), np.float32)[:n])
+    return np.concatenate(out)
+
+
+def build_or_load(directory: str | pathlib.Path, compute: Callable[[], np.ndarray], num_rows: int) -> np.ndarray:
+    """The [num_rows, F] features in `directory` if complete, else `compute()` written there."""
+    directory = pathlib.Path(directory)
+    path = directory / "features.npy"
+    if path.is_file():
+        features = np.load(path, mmap_mode="r")
+        if features.shape[0] == num_rows:
+            log.info("image cache: %d x %d features read from %s", *features.shape, directory)
+            return features
+        log.warning("image cache %s has %d rows, expected %d; recomputing", directory, features.shape[0], num_rows)
+    t0 = time.time()
+    features = compute()
+    seconds = time.time() - t0
+    if features.shape[0] != num_rows:
+        raise ValueError(f"image cache: computed {features.shape[0]} rows, expected {num_rows}")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, features)
+    os.replace(tmp, path)
+    (directory / "meta.json").write_text(json.dumps(
+        {"rows": int(features.shape[0]), "width": int(features.shape[1]), "seconds": round(seconds, 2)}))
+    log.info("image cache: %d images through the locked tower in %.1f s (%.0f images/s) into %s",
+             num_rows, seconds, num_rows / max(seconds, 1e-9), directory)
+    return np.load(path, mmap_mode="r")
+
+
+class FeatureRows:
+    """A grain source over cached features: item i = {features [F] float32, title, id} of train row i."""
+
+    def __init__(self, features: np.ndarray, titles: Sequence[str], ids: np.ndarray):
+        if not len(features) == len(titles) == len(ids):
+            raise ValueError(f"features ({len(features)}), titles ({len(titles)}) and ids ({len(ids)}) differ in length")
+        self.features, self.titles, self.ids = features, list(titles), np.asarray(ids, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        return {"features": np.asarray(self.features[i], np.float32), "title": self.titles[i], "id": self.ids[i]}
+
+
+def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDict, *, process_index: int = 0,
+                   process_count: int = 1) -> ResumableIterator:
+    """Endless batches {image_features [b, F] float32, token_ids [b, L] int32, ids [b] int64, title_complete [b]}.
+
+    The same order as pipeline.train_dataset (a fresh seeded permutation each epoch, process p
+    reading rows p, p + P, ...), and resumable through get_state / set_state like it.
+    """
+    global_batch = config.train.batch_size
+    if global_batch % process_count:
+        raise ValueError(f"train.batch_size={global_batch} is not divisible by {process_count} processes")
+
+    def collate(items):
+        return {"image_features": np.stack([it["features"] for it in items]),
+                "token_ids": tokenizer([it["title"] for it in items]),
+                "ids": np.asarray([it["id"] for it in items], np.int64),
+                "title_complete": np.ones(len(items), bool)}
+
+    ds = grain.MapDataset.source(rows).seed(config.seed).shuffle().repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=collate)
+    return ResumableIterator(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)),
+                             uses_workers=False)
+
+
+def embed_features(graphdef, params: Any, features: np.ndarray, batch_size: int) -> np.ndarray:
+    """[N, F] cached features -> [N, D] float32 image embeddings through the model's image head."""
+    embed = inference.feature_encoders(graphdef)[2]
+    blocks = inference.batched(lambda f: embed(params, f), (np.asarray(features, np.float32),), batch_size)
+    return np.concatenate([b[0] for b in blocks])
+
+
+def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
+            train_source) -> np.ndarray | None:
+    """The run's [N, F] train features when `applies(config)` (built or read); else None."""
+    if not applies(config):
+        return None
+    t0 = time.time()
+    catalog = catalog_digest(train_source)
+    key = cache_key(params["image_tower"], config, catalog)
+    log.info("image cache: key %s (catalog hashed in %.1f s)", key, time.time() - t0)
+    root = pathlib.Path(config.train.image_cache_dir) if config.train.image_cache_dir else workdir / "image_cache"
+    encode = inference.feature_encoders(graphdef)[0]
+    compute = lambda: compute_features(train_source, tokenizer, config, lambda x: encode(params, x))  # noqa: E731
+    return build_or_load(root / key, compute, len(train_source))

@@ -1,0 +1,143 @@
+"""Image feature cache: keyed by weights, preprocessing and catalog; cached steps equal image steps; the
+locked tower is bitwise unchanged; a whole run trains on cached features and evaluates on images.
+
+Tolerance: losses rtol 1e-5 and params after 3 steps atol 1e-5 (the cached features come from another
+jit with another batch size, so they differ from the in-step ones by float noise only).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from prodclip import config as config_lib
+from prodclip import image_cache, train
+from prodclip.data import synthetic
+from prodclip.models import two_tower
+
+VOCAB, CONTEXT, BATCH, SIZE = 40, 8, 8, 16
+
+
+def tiny_config(**overrides):
+    """A tiny ViT + text Transformer, the image tower locked, an MLP image head and a linear text head."""
+    c = config_lib.base_config()
+    c.data.image_size = SIZE
+    c.data.augment = False
+    c.tokenizer.context_length = CONTEXT
+    c.model.embed_dim = 8
+    for tower in (c.model.image, c.model.text):
+        tower.update(dict(preset="mu", width=16, depth=1, num_heads=2, mlp_ratio=2.0))
+    c.model.image.patch_size = 8
+    c.model.head.update(dict(image="mlp", text="linear", hidden=16))
+    c.optim.update(dict(lock_image=True, warmup_steps=0, learning_rate=1e-2, eps=1e-3))
+    c.train.num_steps = 10
+    c.eval.batch_size = 5
+    for key, value in overrides.items():
+        config_lib.set_field(c, key, value)
+    config_lib.validate(c)
+    return c
+
+
+def init(config):
+    model = two_tower.build_model(config, vocab_size=VOCAB, pad_id=0, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, jax.tree.map(np.asarray, params.to_pure_dict())
+
+
+def batches(num, images):
+    rng = np.random.default_rng(1)
+    for _ in range(num):
+        rows = rng.integers(0, len(images), BATCH)
+        ids = rng.integers(4, VOCAB, (BATCH, CONTEXT)).astype(np.int32)
+        ids[:, -2:] = 0
+        yield rows, {"images": images[rows], "token_ids": ids, "ids": rows.astype(np.int64)}
+
+
+def train_steps(config, graphdef, params, features=None, num=3):
+    images = np.random.default_rng(0).integers(0, 256, (12, SIZE, SIZE, 3)).astype(np.uint8)
+    tx = train.make_optimizer(config, params)
+    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    step = jax.jit(train.make_train_step(config, graphdef, tx))
+    if features is True:  # the cache's rows for these images, from a separate jit with batch eval.batch_size
+        encode = jax.jit(lambda p, x: train.merge_model(graphdef, p).image_features(x))
+        features = np.concatenate([np.asarray(encode(params, images[i:i + 6])) for i in (0, 6)])
+    losses = []
+    for rows, batch in batches(num, images):
+        if features is not None:
+            batch = {k: v for k, v in batch.items() if k != "images"} | {"image_features": features[rows]}
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.tree.map(np.asarray, state["params"])
+
+
+def test_cached_steps_equal_image_steps_and_the_locked_tower_is_bitwise_unchanged():
+    config = tiny_config()
+    graphdef, params = init(config)
+    cached_losses, cached = train_steps(config, graphdef, params, features=True)
+    plain_losses, plain = train_steps(config, graphdef, params)
+    np.testing.assert_allclose(cached_losses, plain_losses, rtol=1e-5)
+    assert cached_losses[0] != pytest.approx(cached_losses[2], rel=1e-3)  # the heads train
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), cached, plain)
+    for after in (cached, plain):
+        jax.tree.map(np.testing.assert_array_equal, after["image_tower"], params["image_tower"])
+        assert not np.array_equal(after["image_head"]["fc1"]["kernel"], params["image_head"]["fc1"]["kernel"])
+        assert not np.array_equal(after["text_head"]["linear"]["kernel"], params["text_head"]["linear"]["kernel"])
+
+
+def test_key_changes_with_weights_preprocessing_and_catalog():
+    config = tiny_config()
+    _, params = init(config)
+    catalog = synthetic.make_catalog("train", 6, seed=0, image_size=32)
+    digest = image_cache.catalog_digest(catalog)
+    key = image_cache.cache_key(params["image_tower"], config, digest)
+    assert key == image_cache.cache_key(jax.tree.map(np.copy, params["image_tower"]), tiny_config(), digest)
+    nudged = jax.tree.map(np.copy, params["image_tower"])
+    nudged["patch_embed"]["kernel"][0, 0] += 1e-3
+    other_catalog = synthetic.make_catalog("train", 6, seed=1, image_size=32)
+    changed = {
+        "weights": image_cache.cache_key(nudged, config, digest),
+        "resize": image_cache.cache_key(params["image_tower"], tiny_config(**{"data.resize": "crop"}), digest),
+        "pixel_norm": image_cache.cache_key(params["image_tower"], tiny_config(**{"model.image.pixel_norm": "clip"}),
+                                            digest),
+        "catalog": image_cache.cache_key(params["image_tower"], config, image_cache.catalog_digest(other_catalog)),
+    }
+    assert key not in changed.values() and len(set(changed.values())) == len(changed)
+    assert image_cache.cache_key(params["image_tower"], tiny_config(**{"data.image_size": 32}), digest) != key
+
+
+def test_applies_only_with_a_locked_unaugmented_image_tower():
+    assert image_cache.applies(tiny_config())
+    assert not image_cache.applies(tiny_config(**{"optim.lock_image": False}))
+    assert not image_cache.applies(tiny_config(**{"data.augment": True}))
+    assert not image_cache.applies(tiny_config(**{"train.image_cache": "off"}))
+
+
+def test_build_or_load_reuses_a_complete_cache_and_recomputes_a_short_one(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.arange(12, dtype=np.float32).reshape(4, 3)
+
+    first = image_cache.build_or_load(tmp_path, compute, 4)
+    again = image_cache.build_or_load(tmp_path, compute, 4)
+    np.testing.assert_array_equal(first, again)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="expected 5"):
+        image_cache.build_or_load(tmp_path, compute, 5)  # the stored 4 rows do not cover 5: recomputed, still 4
+    assert len(calls) == 2
+
+
+def test_run_trains_on_cached_features_and_evaluates_on_images(tmp_path):
+    c = tiny_config(**{"data.num_train": 48, "data.num_val": 16, "data.num_test": 16, "data.eval_splits": ("test",),
+                       "data.image_size": 32, "model.image.patch_size": 16, "train.batch_size": 16,
+                       "train.num_steps": 6, "train.log_every": 3, "train.eval_every": 0,
+                       "train.progress_bar": False, "eval.batch_size": 16, "eval.zeroshot_labels": (),
+                       "eval.confusion_png": False, "tokenizer.vocab_size": 200, "checkpoint.async_save": False})
+    c.lock()
+    results = train.train_and_evaluate(c, tmp_path / "run")
+    assert results["train_steps"] == 6
+    assert 0.0 <= results["test"]["t2i/R@1"] <= results["test"]["t2i/R@10"] <= 1.0
+    (cache_dir,) = list((tmp_path / "run" / "image_cache").iterdir())
+    assert np.load(cache_dir / "features.npy").shape == (48, 8)
