@@ -437,6 +437,7 @@ def test_eval_on_another_catalog_matches_numpy(run, shop, tmp_path, capsys, capl
     """20 rows (more than the run's num_val=8, fewer than a num_val of 50), one colour value the run never
     saw, no pattern column: every metric, baselines included, recomputed here from the model's embeddings."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
 
     import jax.numpy as jnp
 
@@ -487,6 +488,7 @@ def test_eval_on_another_catalog_matches_numpy(run, shop, tmp_path, capsys, capl
         if len(names) > 5:
             expected[f"zeroshot/{label}/top5"] = float(np.mean((order[:, :5] == truth[:, None]).any(axis=1)))
         expected[f"zeroshot/{label}/mean_per_class"] = float(np.mean(list(per_class.values())))
+        expected[f"zeroshot/{label}/weighted_f1"] = f1_score(truth, order[:, 0], average="weighted")
         expected[f"zeroshot/{label}/num_classes"] = len(names)
         expected.update({f"zeroshot/{label}/class/{names[c]}": v for c, v in per_class.items()})
 

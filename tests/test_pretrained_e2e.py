@@ -80,5 +80,5 @@ def test_pretrained_config_trains_and_evaluates_through_the_cli(tmp_path, capsys
     robustness.perturb_catalog(data / "val.parquet", other, "all", seed=0)
     assert cli.main(["eval", "--workdir", str(workdir), f"--config.data.path={other}",
                      "--config.eval.linear_probe_labels="]) == 0
-    reeval = json.loads((workdir / "reeval.json").read_text())
-    assert reeval["val"]["num_items"] == 16
+    other_eval = json.loads((workdir / "catalog_eval.json").read_text())
+    assert other_eval["other"]["num_items"] == 16

@@ -294,10 +294,18 @@ def test_page_in_headless_chromium(service, tmp_path):
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    item = service.catalog[7]
-    query = item["title"]
-    product_words = synthetic.CATEGORY_SYNONYMS[synthetic.CATEGORIES[item["category"]]]
+    # The page is under test, not the tiny model: the query is the first catalog title whose
+    # reference top hit (search.search, not the server) is of the query's product type, and the
+    # page must show exactly the reference hits, in order.
+    def words(i):
+        return synthetic.CATEGORY_SYNONYMS[synthetic.CATEGORIES[service.catalog[i]["category"]]]
+
+    index = next(i for i in range(len(service.store))
+                 if any(w in service.store.titles[_reference_hits(service, service.store.titles[i], 1)[0]["index"]]
+                        .lower() for w in words(i)))
+    query, product_words = service.catalog[index]["title"], words(index)
     assert any(word in query.lower() for word in product_words)
+    want = [h["title"] for h in _reference_hits(service, query, min(12, len(service.store)))]
     driver = _chromium_driver()
     try:
         with _ServerThread(serve.create_app(service)) as url:
@@ -311,7 +319,7 @@ def test_page_in_headless_chromium(service, tmp_path):
             WebDriverWait(driver, 30).until(lambda d: d.execute_script(
                 "return [...document.images].every(img => img.complete && img.naturalWidth > 0)"))
             titles = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#grid .hit .title")]
-            assert len(titles) == min(12, len(service.store))
+            assert titles == want
             assert any(word in titles[0].lower() for word in product_words), (query, titles[0])
             assert "results for" in driver.find_element(By.ID, "status").text
             driver.save_screenshot(str(tmp_path / "serve_page.png"))
