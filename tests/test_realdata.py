@@ -66,7 +66,7 @@ def test_eval_on_another_catalog_file_uses_workdir_vocabularies(trained, tmp_pat
     tokenizer_before = (trained / "tokenizer" / "tokenizer.json").read_bytes()
     assert cli.main(["eval", "--workdir", str(trained), f"--config.data.path={other}",
                      "--config.eval.linear_probe_labels=()"]) == 0
-    results = json.loads((trained / "reeval.json").read_text())["val"]
+    results = json.loads((trained / "catalog_eval.json").read_text())["other"]
     assert results["num_items"] == 64
     assert (trained / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer_before
     labels = json.loads((trained / "labels.json").read_text())
