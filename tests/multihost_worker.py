@@ -9,6 +9,9 @@ own rows of each global batch, and process 0 writes the gathered params to OUT.n
 """
 
 import os
+import pathlib
+import socket
+import subprocess
 import sys
 import types
 
@@ -16,6 +19,36 @@ import numpy as np
 
 NUM_STEPS = 3
 VOCAB = 64
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(script: str, args_of, count: int, timeout: float) -> None:
+    """Runs `count` processes of tests/`script` (jax.distributed on 127.0.0.1, 2 CPU devices each).
+
+    args_of(i, port) -> the command-line arguments of process i. Fails with the processes' last
+    output when any exits non-zero; kills any still running at the end.
+    """
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / script), *map(str, args_of(i, port))], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(count)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=timeout)[0].decode(errors="replace"))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert all(p.returncode == 0 for p in procs), "\n---\n".join(log[-3000:] for log in logs)
 
 
 def tiny_config(**overrides):

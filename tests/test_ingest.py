@@ -5,16 +5,15 @@ all-in-memory one did, spilling TFDS's write buffer changes nothing, and a 2-pro
 import collections
 import io
 import json
-import os
 import pathlib
-import socket
-import subprocess
 import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from multihost_worker import run_processes
 
 from prodclip import config as config_lib
 from prodclip.data import catalog as catalog_lib
@@ -108,30 +107,10 @@ def test_process_slices_cover_every_row_once():
             assert max(b - a for a, b in slices) - min(b - a for a, b in slices) <= 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_workers(out: pathlib.Path, tokenizer_dir: pathlib.Path, count: int) -> None:
     out.mkdir()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_embed_worker.py"), str(port),
-                               str(count), str(i), str(out), str(tokenizer_dir)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(count)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=180)[0].decode(errors="replace"))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert all(p.returncode == 0 for p in procs), "\n---\n".join(log[-3000:] for log in logs)
+    run_processes("multihost_embed_worker.py", lambda i, port: (port, count, i, out, tokenizer_dir), count,
+                  timeout=180)
 
 
 def test_two_process_embed_gives_the_same_store_and_metrics_as_one(tmp_path):

@@ -9,17 +9,13 @@ Tolerances (float32 everywhere, only reduction orders differ between layouts):
   layout or a missing gradient term shows.
 """
 
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from multihost_worker import NUM_STEPS, tiny_batch, tiny_config, tiny_model
+from multihost_worker import NUM_STEPS, run_processes, tiny_batch, tiny_config, tiny_model
 
 from prodclip import parallel, train
 from prodclip.config import ConfigError
@@ -223,30 +219,9 @@ def test_bfloat16_compute_keeps_float32_state(dtype):
 # ----------------------------------------------------------------------------- two processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path, reference):
     out = tmp_path / "params.npz"
-    port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(port), "2",
-                               str(i), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=120)[0].decode(errors="replace"))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert all(p.returncode == 0 for p in procs), "\n---\n".join(log[-3000:] for log in logs)
+    run_processes("multihost_worker.py", lambda i, port: (port, 2, i, out), 2, timeout=120)
 
     ref_states, _ = reference
     got = np.load(out)
