@@ -15,7 +15,6 @@ median and best run of each are reported, with the largest difference of the out
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -26,16 +25,6 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path[0] != REPO:
     sys.path.insert(0, REPO)
-
-
-def with_convolutions(module, conv_fn):
-    """A copy of `module` whose every nnx.Conv computes with `conv_fn` (same parameters)."""
-    from flax import nnx
-    clone = copy.deepcopy(module)
-    for _, sub in nnx.iter_graph(clone):
-        if isinstance(sub, nnx.Conv):
-            sub.conv_general_dilated = conv_fn
-    return clone
 
 
 def fwd_bwd(module, output=lambda y: y):
@@ -87,8 +76,8 @@ def main() -> None:
     }
     results = {}
     for name, (module, x, output) in towers.items():
-        fns = {"native": fwd_bwd(with_convolutions(module, lax.conv_general_dilated), output),
-               "explicit": fwd_bwd(with_convolutions(module, convolution.lax_conv_general_dilated), output)}
+        fns = {"native": fwd_bwd(convolution.with_convolutions(module, lax.conv_general_dilated), output),
+               "explicit": fwd_bwd(convolution.with_convolutions(module, convolution.lax_conv_general_dilated), output)}
         times, outputs = time_alternating(fns, x, args.reps)
         med = {k: float(np.median(v)) for k, v in times.items()}
         best = {k: float(np.min(v)) for k, v in times.items()}

@@ -6,7 +6,6 @@ explicit copy's jaxpr holds no `conv_general_dilated` (the explicit formulation 
 taken) and the native copy's does, and which one each tower uses by default on CPU.
 """
 
-import copy
 
 import jax
 import jax.numpy as jnp
@@ -16,15 +15,6 @@ from flax import nnx
 from jax import lax
 
 from prodclip.models import convolution, resnet, vit
-
-
-def with_convolutions(module, conv_fn):
-    """A copy of `module` whose every nnx.Conv computes with `conv_fn` (same parameters)."""
-    clone = copy.deepcopy(module)
-    for _, sub in nnx.iter_graph(clone):
-        if isinstance(sub, nnx.Conv):
-            sub.conv_general_dilated = conv_fn
-    return clone
 
 
 def primitives(fn, *args) -> set[str]:
@@ -44,8 +34,8 @@ def primitives(fn, *args) -> set[str]:
 def assert_same_function(module, x, output=lambda y: y):
     """Outputs and gradients (w.r.t. x and every parameter) of `module` on the explicit CPU convolutions and on
     the native ones agree at 1e-5."""
-    graphdef, params = nnx.split(with_convolutions(module, convolution.lax_conv_general_dilated))
-    native_graphdef, _ = nnx.split(with_convolutions(module, lax.conv_general_dilated))
+    graphdef, params = nnx.split(convolution.with_convolutions(module, convolution.lax_conv_general_dilated))
+    native_graphdef, _ = nnx.split(convolution.with_convolutions(module, lax.conv_general_dilated))
     cotangent_key = jax.random.key(7)
 
     def loss(graphdef):

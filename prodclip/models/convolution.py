@@ -144,3 +144,17 @@ def lax_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, pad
         return conv2d(lhs, rhs, stride=int(window_strides[0]), padding=pads, groups=feature_group_count)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, precision=precision, **kwargs)
+
+
+def with_convolutions(module, conv_fn):
+    """A deep copy of the nnx `module` whose every nnx.Conv computes with `conv_fn`, a drop-in for
+    lax.conv_general_dilated (same parameters); for comparing formulations in tests and benchmarks."""
+    import copy
+
+    from flax import nnx
+
+    clone = copy.deepcopy(module)
+    for _, sub in nnx.iter_graph(clone):
+        if isinstance(sub, nnx.Conv):
+            sub.conv_general_dilated = conv_fn
+    return clone
