@@ -46,13 +46,13 @@ def pair_auc(workdir: pathlib.Path) -> dict[str, float]:
     import jax
     from sklearn.metrics import roc_auc_score
 
-    from prodclip import config as config_lib
+    from prodclip import config_loading
     from prodclip import run as run_lib
     from prodclip.data import pipeline
     from prodclip.models import factory, inference
     from prodclip.models import matcher as matcher_lib
 
-    config = config_lib.load_config_json(workdir / "config.json")
+    config = config_loading.load_config_json(workdir / "config.json")
     run = run_lib.load_run(workdir, config, ["val"])
     graphdef, params, tokenizer, sources = run.graphdef, run.params, run.tokenizer, run.sources
     source = sources["val"]

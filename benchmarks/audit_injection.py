@@ -95,9 +95,9 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
 
     from prodclip import cli
-    from prodclip import config as config_lib
+    from prodclip import config_loading
 
-    config = config_lib.load(args.workdir, overrides)
+    config = config_loading.load(args.workdir, overrides)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     catalog = out / "catalog_injected.parquet"

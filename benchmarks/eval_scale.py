@@ -37,12 +37,12 @@ def peak_rss_mb() -> float:
 def embed_throughput(num_items: int) -> dict:
     from prodclip.models import inference
     from prodclip.models import factory
-    from prodclip import config as config_lib
+    from prodclip import config_loading
     from prodclip.data import sources, synthetic
     from prodclip.data import tokenizer as tokenizer_lib
     from prodclip.evaluate import store
 
-    config = config_lib.load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py")
+    config = config_loading.load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py")
     catalog = synthetic.make_catalog("test", num_items, image_size=config.data.image_size)
     hf = tokenizer_lib.train_tokenizer(catalog.titles, vocab_size=config.tokenizer.vocab_size)
     tokenizer = tokenizer_lib.TitleTokenizer(hf, context_length=config.tokenizer.context_length)

@@ -17,7 +17,7 @@ import time
 
 from prodclip import optim
 from prodclip.models import factory
-from prodclip import config as config_lib
+from prodclip import config as config_lib, config_loading
 from prodclip.data import pipeline, synthetic
 from prodclip.data import tokenizer as tok
 from prodclip.data.builders import build as build_lib
@@ -52,7 +52,7 @@ def quickstart_step_rate(steps: int = 4) -> float:
 
     from prodclip import train
 
-    config = config_lib.load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py")
+    config = config_loading.load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py")
     catalog = synthetic.make_catalog("train", 256)
     tokenizer = tok.TitleTokenizer(tok.train_tokenizer(catalog.titles, vocab_size=1024), context_length=20)
     graphdef, params = factory.create_model(config, tokenizer, 0)

@@ -29,7 +29,7 @@ def lit_config(num_train: int, batch: int):
     sys.path.insert(0, str(ROOT / "configs"))
     import myntra
 
-    from prodclip import config as config_lib
+    from prodclip import config_checks
     from prodclip import convert_bert
 
     c = myntra.get_config()
@@ -41,7 +41,7 @@ def lit_config(num_train: int, batch: int):
     c.data.num_train = num_train
     c.train.batch_size = batch
     c.lock()
-    config_lib.validate(c)
+    config_checks.validate(c)
     return c
 
 

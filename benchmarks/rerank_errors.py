@@ -90,12 +90,12 @@ def probe_image_features(graphdef, params, tokenizer, config, test_source, test_
 
 
 def analyse(workdir: pathlib.Path, k: int, probe_train: int = 0) -> dict:
-    from prodclip import config as config_lib
+    from prodclip import config_loading
     from prodclip import run as run_lib
     from prodclip import losses
     from prodclip.evaluate import rerank, suite
 
-    config = config_lib.load_config_json(workdir / "config.json")
+    config = config_loading.load_config_json(workdir / "config.json")
     if config.data.name != "synthetic":
         raise SystemExit(f"{workdir}: needs a run on the synthetic catalog (its labels name what a title says)")
     run = run_lib.load_run(workdir, config, SPLITS)

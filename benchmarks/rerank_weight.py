@@ -28,12 +28,12 @@ DIRECTIONS = {"t2i": ("text_emb", "image_emb"), "i2t": ("image_emb", "text_emb")
 
 def run_weights(workdir: pathlib.Path, weights: list[float], k: int) -> dict:
     """{split: {direction: {"two_tower": R@1, "w=<w>": R@1, ...}}} for one run."""
-    from prodclip import config as config_lib
+    from prodclip import config_loading
     from prodclip import run as run_lib
     from prodclip import losses
     from prodclip.evaluate import rerank, retrieval, suite
 
-    config = config_lib.load_config_json(workdir / "config.json")
+    config = config_loading.load_config_json(workdir / "config.json")
     if not config.model.fusion.enabled:
         raise SystemExit(f"{workdir}: not a fusion run (model.fusion.enabled=False)")
     run = run_lib.load_run(workdir, config, SPLITS)

@@ -49,12 +49,12 @@ MAX_UPLOAD_BYTES = 8 * 2 ** 20
 
 def build_store(workdir: pathlib.Path, out: pathlib.Path, items: int, noise: float, seed: int) -> dict:
     """Writes the --items store described in the module docstring into `out`; returns its header."""
-    from prodclip import config as config_lib
+    from prodclip import config_loading
     from prodclip import run as run_lib
     from prodclip import search
     from prodclip.evaluate import store as store_lib
 
-    config = config_lib.load(workdir)
+    config = config_loading.load(workdir)
     run = run_lib.load_run(workdir, config, ["train"])
     graphdef, params, tokenizer, sources = run.graphdef, run.params, run.tokenizer, run.sources
     base_dir = out.parent / "base_store"

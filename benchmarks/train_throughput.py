@@ -76,16 +76,16 @@ def tiny_clip_config():
 
 def quickstart_config():
     """configs/quickstart.py as it trains (batch 256), with its tokenizer's 1024-token vocabulary."""
-    from prodclip import config as config_lib
-    c = config_lib.load_config_file(os.path.join(REPO, "configs", "quickstart.py"))
+    from prodclip import config_loading
+    c = config_loading.load_config_file(os.path.join(REPO, "configs", "quickstart.py"))
     c.model.text.vocab_size = c.tokenizer.vocab_size
     return c
 
 
 def resnet_baseline_config():
     """configs/ablations/architectures.py's resnet_transformer row (ResNet-18 at width 0.5, GroupNorm) as it trains."""
-    from prodclip import config as config_lib
-    c = config_lib.load_config_file(os.path.join(REPO, "configs", "ablations", "architectures.py"),
+    from prodclip import config_loading
+    c = config_loading.load_config_file(os.path.join(REPO, "configs", "ablations", "architectures.py"),
                                     "resnet_transformer")
     c.model.text.vocab_size = c.tokenizer.vocab_size
     return c

@@ -11,7 +11,7 @@ ITM + ITC).
 
 import pathlib
 
-from prodclip.config import load_config_file
+from prodclip.config_loading import load_config_file
 
 
 def get_config():

@@ -58,12 +58,12 @@ def catalog_splits(config: ml_collections.ConfigDict) -> dict[str, pathlib.Path]
 
 def run_train_source(workdir: pathlib.Path, config: ml_collections.ConfigDict, vocab: dict):
     """The run's own train split (its saved data config), labels indexed by `vocab`; None if unreadable."""
-    from prodclip import config as config_lib
+    from prodclip import config_loading
 
     own = copy.deepcopy(config)
     for key, value in (run_data_config(workdir) or {}).items():
         if key in own.data:
-            config_lib.set_field(own, f"data.{key}", tuple(value) if isinstance(value, list) else value)
+            config_loading.set_field(own, f"data.{key}", tuple(value) if isinstance(value, list) else value)
     try:
         return sources.make_source(own, "train", vocab)
     except errors.DataError as e:

@@ -42,9 +42,9 @@ def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[
 
 def _config(args, overrides):
     """The command's config: --config FILE if given, else the run's saved config.json; then the overrides."""
-    from prodclip import config as config_lib
+    from prodclip import config_loading
 
-    return config_lib.load(args.config or args.workdir, overrides, arg=args.config_arg)
+    return config_loading.load(args.config or args.workdir, overrides, arg=args.config_arg)
 
 
 def _load_run(args, config, splits=(), step=None):
@@ -99,11 +99,11 @@ def cmd_eval(args, overrides) -> int:
 
 
 def cmd_data(args, overrides) -> int:
-    from prodclip import config as config_lib
+    from prodclip import config_loading
     from prodclip.data.builders import build as build_lib
 
     if args.action == "build":
-        config = config_lib.load(args.config, overrides, arg=args.config_arg)
+        config = config_loading.load(args.config, overrides, arg=args.config_arg)
         try:
             report = build_lib.build(args.dataset, args.data_dir, config)
         except (ValueError, FileNotFoundError) as e:
@@ -262,7 +262,7 @@ def cmd_export(args, overrides) -> int:
 
 
 def cmd_convert(args, overrides) -> int:
-    from prodclip import config as config_lib
+    from prodclip import config_loading
     from prodclip import convert
 
     if args.direction == "import-image":
@@ -270,7 +270,7 @@ def cmd_convert(args, overrides) -> int:
         out = convert_efficientnet.import_efficientnet(args.source, args.out, args.variant)
         print(f"imported {args.source} -> {out} (model.image.init_checkpoint={out})")
     elif args.direction == "import":
-        base = config_lib.load(args.config, overrides, arg=args.config_arg) if (args.config or overrides) else None
+        base = config_loading.load(args.config, overrides, arg=args.config_arg) if (args.config or overrides) else None
         config = convert.import_hf_clip(args.source, args.out, base)
         print(f"imported {args.source} -> {args.out} (model.init_checkpoint={config.model.init_checkpoint})")
     else:

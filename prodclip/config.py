@@ -1,25 +1,15 @@
-"""Experiment configs: python files returning a locked ConfigDict, plus CLI overrides.
+"""Every config key prodclip understands, with its default: `base_config()`.
 
-A config file defines `get_config(arg: str | None = None) -> ConfigDict`, usually
-by calling `base_config()` and changing fields. The returned config is locked, so
-a misspelled key, in the file or on the command line, is an error that lists the
-valid keys. Overrides use the JAX research convention:
-
-    prodclip train --config configs/quickstart.py --config.train.num_steps=100
-
-`validate(config)` then checks cross-field constraints (patch size divides the
-image size, heads divide the width, ...) before any compute starts.
+Config files (configs/*.py) start from `base_config()` and change fields. A field that takes
+one of a fixed set of strings declares it with `one_of` (`allowed_values()` lists them all);
+a tower's width, depth and heads come from a preset (`tower_dims`). Reading a config (a file,
+a saved config.json or a run dir, then `--config.*` overrides) is config_loading.py; the
+checks of a whole config are config_checks.py.
 """
 
 from __future__ import annotations
 
-import ast
-import importlib.util
-import json
 import math
-import pathlib
-import re
-from typing import Any, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -45,12 +35,23 @@ TEXT_PRESETS = {
 }
 
 
+def tower_dims(tower: ml_collections.ConfigDict, presets: dict) -> dict:
+    """Resolves a tower's width/depth/num_heads from its preset plus explicit fields."""
+    if tower.preset not in presets:
+        raise ConfigError(f"unknown tower preset {tower.preset!r}; valid: {', '.join(presets)}")
+    dims = dict(presets[tower.preset])
+    for key in ("width", "depth", "num_heads"):
+        if tower[key] is not None:
+            dims[key] = tower[key]
+    return dims
+
+
 NEGATIVE_KINDS = ("random", "same_type", "attribute_swap")  # the pair benchmark's non-matching kinds (evaluate/pairs.py)
 CHOICES: dict[str, tuple[str, ...]] = {}  # 'data.name' -> its allowed values, filled by base_config()
 
 
 def one_of(c: ml_collections.ConfigDict, key: str, default: str, allowed: tuple[str, ...]) -> None:
-    """Sets field `key` of `c` to `default` and declares its allowed values (checked by `validate`)."""
+    """Sets field `key` of `c` to `default` and declares its allowed values (checked by `config_checks.validate`)."""
     assert default in allowed, (key, default, allowed)
     group, _, field = key.rpartition(".")
     node = c
@@ -322,370 +323,3 @@ def base_config() -> ml_collections.ConfigDict:
     c.match.looks_like_k = 3  # audit: best-matching catalog titles / images shown per flagged listing
     c.match.report_rows = 100  # audit: flagged listings shown (with thumbnails) in the HTML page
     return c
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_module(path: pathlib.Path, prefix: str):
-    """Executes a python file (a config or sweep file) as a fresh module named `<prefix>_<stem>`."""
-    spec = importlib.util.spec_from_file_location(f"{prefix}_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """Imports a python config file and calls its `get_config(arg)`; returns it locked.
-
-    A `.json` file (a run's saved config.json) is read with `load_config_json`.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.suffix == ".json":
-        return load_config_json(path)
-    try:
-        module = load_module(path, "prodclip_config")
-    except AttributeError as e:  # a locked ConfigDict refusing an unknown key
-        raise ConfigError(f"{path}: {e}") from e
-    except SyntaxError as e:
-        raise ConfigError(f"{path}, line {e.lineno}: syntax error: {e.msg}; fix the file and rerun") from e
-    except Exception as e:  # noqa: BLE001 - any failure while importing the user's file is a config error
-        raise ConfigError(f"{path} could not be imported: {type(e).__name__}: {e}") from e
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} defines no get_config() function")
-    try:
-        config = module.get_config(arg) if arg is not None else module.get_config()
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a bug in the user's get_config() is reported, not a traceback
-        raise ConfigError(f"{path}: get_config() failed: {type(e).__name__}: {e}") from e
-    config.lock()
-    return config
-
-
-def load_config_json(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """base_config() updated with every field of a saved config.json; unknown fields are an error."""
-    path = pathlib.Path(path)
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from e
-    config = base_config()
-    config.lock()
-
-    def assign(tree: dict, prefix: str) -> None:
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                assign(value, f"{prefix}{key}.")
-            else:
-                try:
-                    set_field(config, f"{prefix}{key}", value)
-                except ConfigError as e:
-                    raise ConfigError(f"{path}: {e}") from e
-    assign(saved, "")
-    return config
-
-
-def load(source: str | pathlib.Path | None = None, overrides: Sequence[str] = (), *, arg: str | None = None,
-         check: bool = True) -> ml_collections.ConfigDict:
-    """The one way a command gets its config: a source, then `--config.a.b=value` overrides, then `validate`.
-
-    source: a python config file (`get_config(arg)`), a saved config.json, a run directory
-    (its config.json), or None for `base_config()`. Unknown keys, in a saved config.json or
-    an override, are a ConfigError that names the key. Returns the config locked.
-    """
-    if source is None:
-        config = base_config()
-        config.lock()
-    else:
-        path = pathlib.Path(source)
-        if not path.exists():
-            raise ConfigError(f"{path} not found: give a config file (--config FILE) or the directory of a run")
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ConfigError(f"{path} has no config.json: give --config FILE, or a run directory")
-            path = path / "config.json"
-        config = load_config_file(path, arg)
-    apply_overrides(config, overrides)
-    if check:
-        validate(config)
-    return config
-
-
-def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    """All leaf keys as dotted paths, e.g. ['data.image_size', 'model.embed_dim', ...]."""
-    keys = []
-    for key in sorted(config.keys()):
-        value = config[key]
-        if isinstance(value, ml_collections.ConfigDict):
-            keys.extend(flat_keys(value, f"{prefix}{key}."))
-        else:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare string, e.g. --config.loss.name=sigmoid
-
-
-def _as_tuples(value: Any) -> Any:
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def set_field(config: ml_collections.ConfigDict, dotted_key: str, value: Any) -> None:
-    """Sets `a.b.c` in a locked config; unknown keys and wrong types raise ConfigError."""
-    parts = dotted_key.split(".")
-    node = config
-    for depth, part in enumerate(parts):
-        here = ".".join(parts[:depth]) or "<top level>"
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            group_prefix = ".".join(parts[:depth]) + "." if depth else ""
-            valid = flat_keys(node, group_prefix) if isinstance(node, ml_collections.ConfigDict) else []
-            raise ConfigError(
-                f"unknown config key '{dotted_key}' ('{part}' is not a field of {here}). "
-                f"Valid keys: {', '.join(valid)}"
-            )
-        if depth < len(parts) - 1:
-            node = node[part]
-    leaf = parts[-1]
-    current = node[leaf]
-    if isinstance(current, ml_collections.ConfigDict):
-        raise ConfigError(f"'{dotted_key}' is a group, not a field; set one of: {', '.join(flat_keys(current))}")
-    if isinstance(current, tuple) and isinstance(value, list):  # JSON has no tuples: nested lists come back
-        value = _as_tuples(value)
-    if isinstance(current, tuple) and isinstance(value, str):
-        value = tuple(v for v in value.split(",") if v)
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise ConfigError(f"'{dotted_key}' must be a bool (True/False), got {value!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, bool):
-        raise ConfigError(f"'{dotted_key}' must be a {type(current).__name__}, got bool {value!r}")
-    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
-        if not value.is_integer():
-            raise ConfigError(f"'{dotted_key}' must be an int, got {value!r}")
-        value = int(value)
-    try:
-        node[leaf] = value
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"'{dotted_key}' has type {type(current).__name__}; cannot set it to {value!r}") from e
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """Applies `--config.a.b=value` (or `a.b=value`) strings to a locked config."""
-    for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        if not text.startswith("config.") or "=" not in text:
-            raise ConfigError(f"override {item!r} must look like --config.some.field=value")
-        key, raw = text[len("config."):].split("=", 1)
-        set_field(config, key, _parse_value(raw))
-    return config
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def tower_dims(tower: ml_collections.ConfigDict, presets: dict) -> dict:
-    """Resolves a tower's width/depth/num_heads from its preset plus explicit fields."""
-    if tower.preset not in presets:
-        raise ConfigError(f"unknown tower preset {tower.preset!r}; valid: {', '.join(presets)}")
-    dims = dict(presets[tower.preset])
-    for key in ("width", "depth", "num_heads"):
-        if tower[key] is not None:
-            dims[key] = tower[key]
-    return dims
-
-
-def _check_choice(config, key: str, choices: Sequence[str]) -> None:
-    value = config
-    for part in key.split("."):
-        value = value[part]
-    if value not in choices:
-        raise ConfigError(f"'{key}' = {value!r} is not one of {', '.join(map(repr, choices))}")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Cross-field checks, run before any compute. Raises ConfigError."""
-    for key, choices in allowed_values().items():
-        _check_choice(config, key, choices)
-    size, patch = config.data.image_size, config.model.image.patch_size
-    if config.model.image.kind == "vit" and (patch <= 0 or size % patch):
-        raise ConfigError(
-            f"model.image.patch_size={patch} does not divide data.image_size={size}; "
-            f"valid patch sizes: {[p for p in range(1, size + 1) if size % p == 0]}"
-        )
-    depth = config.model.image.stem_depth
-    if config.model.image.stem == "conv" and (depth < 1 or patch % 2 ** depth):
-        raise ConfigError(f"model.image.stem='conv' with model.image.stem_depth={depth} needs a patch size divisible "
-                          f"by {2 ** depth}, got model.image.patch_size={patch}; valid stem_depth: "
-                          f"{[d for d in range(1, 8) if patch % 2 ** d == 0]}")
-    for name, tower, presets in (("image", config.model.image, VIT_PRESETS), ("text", config.model.text, TEXT_PRESETS)):
-        dims = tower_dims(tower, presets)
-        if dims["width"] % dims["num_heads"]:
-            raise ConfigError(
-                f"model.{name}: width {dims['width']} is not divisible by num_heads {dims['num_heads']}"
-            )
-    if config.model.text.pooling == "cls" and config.model.text.mask == "causal":
-        raise ConfigError("model.text.pooling='cls' with a causal mask sees only the first token; use eot or mean")
-    for key in ("train.batch_size", "train.num_steps", "tokenizer.context_length", "model.embed_dim"):
-        group, field = key.split(".")
-        if config[group][field] <= 0:
-            raise ConfigError(f"'{key}' must be positive, got {config[group][field]}")
-    if config.train.num_steps < config.optim.warmup_steps:
-        raise ConfigError(
-            f"optim.warmup_steps={config.optim.warmup_steps} exceeds train.num_steps={config.train.num_steps}"
-        )
-    _validate_parallel(config)
-    _validate_fusion(config)
-    _validate_baselines(config)
-    if config.data.name == "tfds" and not (config.data.tfds_name and config.data.data_dir):
-        raise ConfigError("data.name='tfds' needs data.tfds_name and data.data_dir (a prepared TFDS data_dir)")
-    if config.data.num_workers < 0:
-        raise ConfigError(f"'data.num_workers' must be >= 0, got {config.data.num_workers}")
-    for entry in config.eval.class_names:
-        label, _, rest = entry.partition(":")
-        if not (label.strip() and "=" in rest):
-            raise ConfigError(f"eval.class_names entry {entry!r} must look like 'label:raw value=readable name'")
-    if not 0.0 <= config.embed.image_weight <= 1.0:
-        raise ConfigError(f"'embed.image_weight' must be in [0, 1], got {config.embed.image_weight}")
-    if config.embed.shard_size <= 0 or config.embed.chunk_size <= 0:
-        raise ConfigError("'embed.shard_size' and 'embed.chunk_size' must be positive")
-    for entry in config.eval.label_templates:
-        label, sep, template = entry.partition(":")
-        if not (sep and label.strip() and "{}" in template):
-            raise ConfigError(f"eval.label_templates entry {entry!r} must look like 'label:template with {{}}'")
-    if config.checkpoint.keep < 1 or config.checkpoint.every_steps < 0:
-        raise ConfigError("checkpoint.keep must be >= 1 and checkpoint.every_steps >= 0 (0 = only at the end)")
-    if config.checkpoint.best_metric and not (config.checkpoint.best_metric.startswith("val/")
-                                              and config.train.eval_every > 0):
-        raise ConfigError(f"checkpoint.best_metric={config.checkpoint.best_metric!r} must name a val metric "
-                          "(e.g. 'val/t2i/R@1', 'val/i2t/mAP') and needs train.eval_every > 0")
-    if config.model.text.eot_rule == "eos_id" and config.model.text.eos_id < 0:
-        raise ConfigError("model.text.eot_rule='eos_id' needs model.text.eos_id (the end-of-text token id)")
-    for key in ("image_lr_mult", "text_lr_mult"):
-        if config.optim[key] < 0:
-            raise ConfigError(f"'optim.{key}' must be >= 0, got {config.optim[key]}")
-    for pattern in config.optim.frozen_patterns:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"optim.frozen_patterns: {pattern!r} is not a valid regex: {e}") from e
-    _validate_match(config)
-    if config.data.name == "catalog" and not config.data.path:
-        raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
-
-
-def _validate_baselines(config: ml_collections.ConfigDict) -> None:
-    """The ResNet / BERT towers, the matcher and the LiT text cache (issue 14)."""
-    from prodclip.models import resnet
-
-    m = config.model
-    if m.image.kind == "resnet":
-        r = m.image.resnet
-        if r.depth not in resnet.DEPTHS:
-            raise ConfigError(f"model.image.resnet.depth={r.depth} is not one of {sorted(resnet.DEPTHS)}")
-        if m.image.pooling not in ("gap", "map"):
-            raise ConfigError(f"model.image.pooling={m.image.pooling!r}: a ResNet pools with 'gap' or 'map'")
-        stem, outs = resnet.stage_channels(r.depth, r.width_mult)
-        if stem < 1 or r.norm_groups < 1 or any(c % r.norm_groups for c in (stem, *outs)):
-            raise ConfigError(f"model.image.resnet.norm_groups={r.norm_groups} must divide every channel count "
-                              f"{(stem, *outs)} (width_mult={r.width_mult})")
-        if m.image.pooling == "map" and outs[-1] % r.pool_heads:
-            raise ConfigError(f"model.image.resnet.pool_heads={r.pool_heads} does not divide the final width {outs[-1]}")
-    if m.image.kind.startswith("efficientnet"):
-        if m.image.pooling not in ("gap", "map"):
-            raise ConfigError(f"model.image.pooling={m.image.pooling!r}: an EfficientNet pools with 'gap' or 'map'")
-        if m.image.pooling == "map" and 1280 % m.image.resnet.pool_heads:
-            raise ConfigError(f"model.image.resnet.pool_heads={m.image.resnet.pool_heads} does not divide the "
-                              "EfficientNet feature width 1280")
-    elif m.image.init_checkpoint:
-        raise ConfigError("model.image.init_checkpoint (imported EfficientNet weights) needs model.image.kind="
-                          "'efficientnet_lite0' | 'efficientnet_lite1' | 'efficientnet_lite2'")
-    if m.text.kind == "bert":
-        if m.text.mask != "bidirectional":
-            raise ConfigError("model.text.kind='bert' is bidirectional: set model.text.mask='bidirectional'")
-        if m.text.pooling not in ("cls", "mean"):
-            raise ConfigError(f"model.text.pooling={m.text.pooling!r}: a BERT tower pools with 'cls' or 'mean'")
-        if m.text.bert.max_positions < config.tokenizer.context_length:
-            raise ConfigError(f"model.text.bert.max_positions={m.text.bert.max_positions} is below "
-                              f"tokenizer.context_length={config.tokenizer.context_length}")
-        width = tower_dims(m.text, TEXT_PRESETS)["width"]
-        if not m.text.bert.projection and m.head.text == "none" and m.embed_dim != width:
-            raise ConfigError(f"model.text.bert.projection=False needs model.embed_dim == the text width {width} "
-                              f"(or a model.head.text), got {m.embed_dim}")
-    elif m.text.pretrained:
-        raise ConfigError("model.text.pretrained (a HF BERT dir) needs model.text.kind='bert'")
-    if m.matcher.kind != "none" and (m.matcher.hidden < 1 or m.matcher.depth < 1):
-        raise ConfigError("model.matcher.hidden and model.matcher.depth must be >= 1")
-    if config.train.max_train_seconds < 0:
-        raise ConfigError(f"train.max_train_seconds must be >= 0, got {config.train.max_train_seconds}")
-
-
-def _validate_parallel(config: ml_collections.ConfigDict) -> None:
-    """Option combinations of parallel.* and train.grad_accum_steps that cannot work."""
-    p = config.parallel
-    shape = tuple(p.mesh_shape)
-    if len(shape) != 2 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-        raise ConfigError(
-            f"parallel.mesh_shape={shape} must be two sizes (data, fsdp), each positive or -1 (at most one -1)")
-    if p.loss == "ring":
-        if config.loss.extra_positives:
-            raise ConfigError("parallel.loss='ring' knows only the diagonal positives; "
-                              "set loss.extra_positives=False or use parallel.loss='all_gather'")
-        if config.loss.label_smoothing:
-            raise ConfigError("parallel.loss='ring' has no label smoothing; set loss.label_smoothing=0.0")
-    if p.strategy == "pmap" and p.loss != "all_gather":
-        raise ConfigError("parallel.strategy='pmap' gathers embeddings with all_gather; "
-                          "set parallel.loss='all_gather' (the ring loss needs strategy='sharded')")
-    accum = config.train.grad_accum_steps
-    if accum <= 0 or config.train.batch_size % accum:
-        raise ConfigError(f"train.grad_accum_steps={accum} must be positive and divide "
-                          f"train.batch_size={config.train.batch_size}")
-
-
-def _validate_fusion(config: ml_collections.ConfigDict) -> None:
-    """model.fusion.*, loss.itm_weight, eval.rerank_*: shapes, ranges, and the steps the ITM loss runs in."""
-    f = config.model.fusion
-    if config.eval.rerank_k < 0:
-        raise ConfigError(f"'eval.rerank_k' must be >= 0 (0 = no re-ranking), got {config.eval.rerank_k}")
-    if not (math.isfinite(config.eval.rerank_itc_weight) and config.eval.rerank_itc_weight >= 0):
-        raise ConfigError(f"'eval.rerank_itc_weight' must be a finite number >= 0, got {config.eval.rerank_itc_weight}")
-    if not f.enabled:
-        return
-    if not config.model.image.kind.startswith(("vit", "efficientnet")) or config.model.text.kind != "transformer":
-        raise ConfigError("model.fusion.enabled=True reads the ViT's patch tokens (or the EfficientNet's feature map) "
-                          f"and the text Transformer's token states; got model.image.kind={config.model.image.kind!r}, "
-                          f"model.text.kind={config.model.text.kind!r} (valid: 'vit' or 'efficientnet_lite*', and "
-                          "'transformer')")
-    if config.model.matcher.kind != "none":
-        raise ConfigError("model.fusion.enabled=True and model.matcher.kind="
-                          f"{config.model.matcher.kind!r} are two match heads; use one (matcher.kind='none')")
-    if f.depth < 1 or f.width < 1 or f.num_heads < 1 or f.width % f.num_heads:
-        raise ConfigError(f"model.fusion: depth {f.depth}, width {f.width} and num_heads {f.num_heads} must be "
-                          "positive, and width divisible by num_heads")
-    if config.loss.itm_weight < 0:
-        raise ConfigError(f"'loss.itm_weight' must be >= 0, got {config.loss.itm_weight}")
-    # The ITM loss needs the global-batch similarities and the towers' token states in one step.
-    if config.parallel.strategy != "sharded" or config.parallel.loss != "all_gather":
-        raise ConfigError("model.fusion.enabled=True trains with parallel.strategy='sharded' and "
-                          "parallel.loss='all_gather' (hard negatives are drawn from the gathered [B, B] "
-                          f"similarities); got strategy={config.parallel.strategy!r}, loss={config.parallel.loss!r}")
-    if config.train.grad_accum_steps != 1:
-        raise ConfigError("model.fusion.enabled=True needs train.grad_accum_steps=1: GradCache caches embedding "
-                          "gradients only, and the ITM loss also reads the towers' token states")
-def _validate_match(config: ml_collections.ConfigDict) -> None:
-    """Values of match.* that cannot work."""
-    m = config.match
-    bad = [k for k in m.negative_kinds if k not in NEGATIVE_KINDS]
-    if bad or not m.negative_kinds:
-        raise ConfigError(f"match.negative_kinds={tuple(m.negative_kinds)} must be a non-empty subset of {NEGATIVE_KINDS}")
-    if not 0.0 < m.target_precision <= 1.0:
-        raise ConfigError(f"'match.target_precision' must be in (0, 1], got {m.target_precision}")
-    if not (0 < m.audit_error_rate < 1 and 0 < m.audit_target_precision <= 1):
-        raise ConfigError(f"match.audit_error_rate must be in (0, 1) (got {m.audit_error_rate}) and "
-                          f"match.audit_target_precision in (0, 1] (got {m.audit_target_precision})")
-    if m.ece_bins < 2 or m.looks_like_k < 1 or m.report_rows < 0:
-        raise ConfigError("match.ece_bins must be >= 2, match.looks_like_k >= 1 and match.report_rows >= 0")

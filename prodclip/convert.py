@@ -28,7 +28,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from prodclip import checkpoint, errors, optim, trees
+from prodclip import checkpoint, config_checks, config_loading, errors, optim, trees
 from prodclip import config as config_lib
 from prodclip.data import tokenizer as tokenizer_lib
 from prodclip.models import two_tower
@@ -300,7 +300,7 @@ def import_hf_clip(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
                               f"the imported model needs the tokenizer it was trained with")
     config.tokenizer.path = str(workdir / "tokenizer")
     config.model.init_checkpoint = str(workdir)
-    config_lib.validate(config)
+    config_checks.validate(config)
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(workdir / "tokenizer")
     checkpoint.write_config(workdir, config)
@@ -342,7 +342,7 @@ def export_hf_clip(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, ste
     """Writes a prodclip run as a HF CLIP directory (config.json, model.safetensors, tokenizer,
     preprocessor_config.json). Returns the CLIPConfig dict written."""
     workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
-    config = config_lib.load_config_json(workdir / "config.json")
+    config = config_loading.load_config_json(workdir / "config.json")
     problems = export_problems(config)
     if problems:
         raise CheckpointError("this model cannot be written as a transformers CLIPModel: " + "; ".join(problems))

@@ -15,8 +15,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from prodclip import checkpoint, optim
-from prodclip import config as config_lib
+from prodclip import checkpoint, config_loading, optim
 from prodclip.data import pipeline, sources
 from prodclip.data import tokenizer as tokenizer_lib
 from prodclip.models import factory
@@ -73,12 +72,12 @@ def load_run(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | No
              splits: Iterable[str] = (), step: int | None = None) -> Run:
     """Rebuilds the run in `workdir` (a training workdir or an export dir).
 
-    config: default the run's own config.json (`config.load(workdir)`). splits: the data
+    config: default the run's own config.json (`config_loading.load(workdir)`). splits: the data
     splits to open. step: a checkpoint step (default the newest valid one).
     Raises errors.CheckpointError when there is nothing to load.
     """
     workdir = pathlib.Path(workdir)
-    config = config if config is not None else config_lib.load(workdir)
+    config = config if config is not None else config_loading.load(workdir)
     checkpoint.check_loadable(workdir)  # before anything (tokenizer, labels.json) is written there
     tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, splits)
     graphdef, params = factory.create_model(config, tokenizer, config.seed)

@@ -221,14 +221,14 @@ def fusion_reranker(graphdef, params, tokenizer, store: Store, config) -> Rerank
 def open_store_catalog(store: Store):
     """The catalog split the store was embedded from (re-opened from its catalog pointer), or None
     with a warning when it cannot be re-opened (moved, deleted)."""
-    from prodclip import config as config_lib
+    from prodclip import config as config_lib, config_loading
     from prodclip.data import sources
 
     pointer = store.header["catalog"]
     config = config_lib.base_config()
     try:
         for key, value in pointer["data"].items():
-            config_lib.set_field(config, f"data.{key}", value)
+            config_loading.set_field(config, f"data.{key}", value)
         return sources.make_source(config, pointer["split"])
     except Exception as e:  # a moved or deleted catalog must not stop the ranked list from printing
         log.warning("cannot re-open the store's catalog (%s); showing results without images", e)

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from prodclip import config as config_lib
+from prodclip import config as config_lib, config_checks, config_loading
 
 log = logging.getLogger("prodclip")
 
@@ -152,7 +152,7 @@ def load_sweep_file(path: str | pathlib.Path, arg: str | None = None) -> Sweep:
     path = pathlib.Path(path)
     if not path.is_file():
         raise SweepError(f"sweep config not found: {path}")
-    module = config_lib.load_module(path, "prodclip_sweep")
+    module = config_loading.load_module(path, "prodclip_sweep")
     if not hasattr(module, "get_sweep"):
         raise SweepError(f"{path} defines no get_sweep(); an ablation config defines get_config() and get_sweep()")
     sweep = module.get_sweep(arg) if arg is not None else module.get_sweep()
@@ -205,15 +205,15 @@ def expand(sweep: Sweep) -> list[Run]:
 def run_config(config_path: str | pathlib.Path, config_arg: str | None, cli_overrides: Sequence[str], run: Run,
                eval_overrides: Mapping[str, Any] | None = None):
     """The resolved, validated config of one run: the file's get_config(), the CLI overrides, the run's."""
-    config = config_lib.load_config_file(config_path, config_arg)
-    config_lib.apply_overrides(config, cli_overrides)
+    config = config_loading.load_config_file(config_path, config_arg)
+    config_loading.apply_overrides(config, cli_overrides)
     for key, value in {**run.overrides, **(eval_overrides or {})}.items():
         try:
-            config_lib.set_field(config, key, value)
+            config_loading.set_field(config, key, value)
         except config_lib.ConfigError as e:
             raise SweepError(f"run {run.name}: {e}") from e
     try:
-        config_lib.validate(config)
+        config_checks.validate(config)
     except config_lib.ConfigError as e:
         raise SweepError(f"run {run.name}: {e}") from e
     return config

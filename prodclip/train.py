@@ -17,8 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from prodclip import checkpoint, compile_cache, faults, gradcache, losses, optim, parallel
-from prodclip import config as config_lib
+from prodclip import checkpoint, compile_cache, config_checks, faults, gradcache, losses, optim, parallel
 from prodclip.data import pipeline, sources
 from prodclip.evaluate import suite
 from prodclip.metrics_writer import MetricsWriter
@@ -146,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     moves them to workdir/damaged_checkpoints/ and starts from step 0).
     """
     # --- Set-up: reject a bad config, or a workdir of another run, before any compute.
-    config_lib.validate(config)
+    config_checks.validate(config)
     checkpoint.check_workdir(workdir, config, allow_config_change=allow_config_change,
                              allow_fresh_start=allow_fresh_start)
     t_start = time.time()

@@ -35,7 +35,7 @@ def main(port: str, num_processes: str, process_id: str, out_dir: str, tokenizer
 
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         parallel.initialize_distributed(f"127.0.0.1:{port}", int(num_processes), int(process_id), timeout_s=60)
-    from prodclip import config as config_lib
+    from prodclip import config as config_lib, config_loading
     from prodclip.models import factory
     from prodclip.data import synthetic
     from prodclip.data import tokenizer as tokenizer_lib
@@ -47,7 +47,7 @@ def main(port: str, num_processes: str, process_id: str, out_dir: str, tokenizer
                        "model.image.width": 16, "model.text.width": 16, "model.image.depth": 1,
                        "model.text.depth": 1, "model.image.num_heads": 2, "model.text.num_heads": 2,
                        "tokenizer.context_length": 12, "eval.batch_size": 8, "embed.shard_size": 8}.items():
-        config_lib.set_field(config, key, value)
+        config_loading.set_field(config, key, value)
     catalog = synthetic.make_catalog("test", NUM_ITEMS, image_size=32)
     hf = tokenizer_lib.load_hf_tokenizer(tokenizer_dir)
     tokenizer = tokenizer_lib.TitleTokenizer(hf, context_length=12)

@@ -52,7 +52,7 @@ def run_processes(script: str, args_of, count: int, timeout: float) -> None:
 
 
 def tiny_config(**overrides):
-    from prodclip import config as config_lib
+    from prodclip import config as config_lib, config_checks, config_loading
 
     c = config_lib.base_config()
     c.data.image_size = 16
@@ -71,8 +71,8 @@ def tiny_config(**overrides):
     c.optim.clip_norm = 0.0  # no clipping: after one step Adam's mu is exactly (1 - b1) * gradient
     c.parallel.fsdp_min_size = 64  # small enough that the tiny model's kernels are FSDP-sharded
     for key, value in overrides.items():
-        config_lib.set_field(c, key, value)
-    config_lib.validate(c)
+        config_loading.set_field(c, key, value)
+    config_checks.validate(c)
     return c
 
 

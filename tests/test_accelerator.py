@@ -28,7 +28,7 @@ from multihost_worker import tiny_batch, tiny_config, tiny_model
 from test_parallel import assert_same_training, one_device_mesh, run_steps
 
 from prodclip import optim, parallel, train
-from prodclip import config as config_lib
+from prodclip import config as config_lib, config_checks
 from prodclip.models import factory, layers
 
 pytestmark = pytest.mark.accelerator
@@ -129,7 +129,7 @@ def step_config(dtype: str):
     c.model.image.patch_size = 8
     c.model.dtype = dtype
     c.optim.warmup_steps = 0
-    config_lib.validate(c)
+    config_checks.validate(c)
     return c
 
 

@@ -441,7 +441,7 @@ def test_eval_on_another_catalog_matches_numpy(run, shop, tmp_path, capsys, capl
 
     import jax.numpy as jnp
 
-    from prodclip import config as config_lib
+    from prodclip import config_loading
     from prodclip import run as run_lib
     from prodclip.models import factory
 
@@ -460,7 +460,7 @@ def test_eval_on_another_catalog_matches_numpy(run, shop, tmp_path, capsys, capl
                    capsys)[0] == 0
     assert json.loads((run / "catalog_eval.json").read_text())["other"] == results
 
-    config = config_lib.load(run, [f"--config.data.path={other}"])
+    config = config_loading.load(run, [f"--config.data.path={other}"])
     loaded = run_lib.load_run(run, config)
     tokenizer, label_stats = loaded.tokenizer, loaded.label_stats
     model = factory.merge_model(loaded.graphdef, loaded.params)

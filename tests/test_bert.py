@@ -17,7 +17,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from prodclip import config as config_lib
+from prodclip import config as config_lib, config_checks
 from prodclip import convert_bert
 from prodclip.convert import CheckpointError
 from prodclip.models import two_tower
@@ -64,7 +64,7 @@ def prodclip_text_tower(hf_dir, pooling, projection=True, embed_dim=None):
     config.tokenizer.context_length = LENGTH
     config.model.text.bert.projection = projection
     config.model.embed_dim = embed_dim or config.model.text.width
-    config_lib.validate(config)
+    config_checks.validate(config)
     model = two_tower.build_model(config, vocab_size=config.model.text.vocab_size, pad_id=0, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model, nnx.Param)
     params = convert_bert.load_text_tower(hf_dir, config, state.to_pure_dict())
@@ -163,7 +163,7 @@ def test_minilm_sentence_embeddings_match_transformers_and_sentence_transformers
     config.tokenizer.context_length = 24
     config.model.text.bert.projection = False
     config.model.embed_dim = 384
-    config_lib.validate(config)
+    config_checks.validate(config)
     tokenizer = tokenizer_lib.tokenizer_from_config(config, None)
     ids = tokenizer(TITLES)
     assert (ids == tokenizer.pad_id).any() and (ids != tokenizer.pad_id).sum(1).max() < 24  # padded, not truncated

@@ -4,25 +4,25 @@ import pathlib
 
 import pytest
 
-from prodclip import config as config_lib
+from prodclip import config as config_lib, config_checks, config_loading
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.py"
 
 
 def quickstart():
-    return config_lib.load_config_file(QUICKSTART)
+    return config_loading.load_config_file(QUICKSTART)
 
 
 def test_quickstart_loads_and_validates():
     c = quickstart()
-    config_lib.validate(c)
+    config_checks.validate(c)
     assert c.data.name == "synthetic"
 
 
 def test_override_sets_typed_values():
     c = quickstart()
-    config_lib.apply_overrides(c, ["--config.train.num_steps=7", "--config.loss.name=sigmoid",
+    config_loading.apply_overrides(c, ["--config.train.num_steps=7", "--config.loss.name=sigmoid",
                                    "--config.optim.learning_rate=3e-4", "--config.data.eval_splits=test,val"])
     assert c.train.num_steps == 7 and isinstance(c.train.num_steps, int)
     assert c.loss.name == "sigmoid"
@@ -33,7 +33,7 @@ def test_override_sets_typed_values():
 def test_unknown_key_lists_valid_keys():
     c = quickstart()
     with pytest.raises(config_lib.ConfigError) as e:
-        config_lib.apply_overrides(c, ["--config.train.num_stepz=7"])
+        config_loading.apply_overrides(c, ["--config.train.num_stepz=7"])
     msg = str(e.value)
     assert "train.num_stepz" in msg and "num_steps" in msg and "batch_size" in msg
 
@@ -41,29 +41,29 @@ def test_unknown_key_lists_valid_keys():
 def test_unknown_group_lists_valid_keys():
     c = quickstart()
     with pytest.raises(config_lib.ConfigError, match="Valid keys: .*data.image_size"):
-        config_lib.apply_overrides(c, ["--config.trian.num_steps=7"])
+        config_loading.apply_overrides(c, ["--config.trian.num_steps=7"])
 
 
 @pytest.mark.parametrize("override", ["--config.train.num_steps=abc", "--config.train.num_steps=1.5",
                                       "--config.model.remat=3", "--config.train.batch_size=True"])
 def test_wrong_type_rejected(override):
     with pytest.raises(config_lib.ConfigError, match="train.num_steps|model.remat|train.batch_size"):
-        config_lib.apply_overrides(quickstart(), [override])
+        config_loading.apply_overrides(quickstart(), [override])
 
 
 def test_conv_stem_depth_must_divide_patch():
     c = config_lib.base_config()
-    config_lib.apply_overrides(c, ["--config.model.image.stem=conv", "--config.data.image_size=48",
+    config_loading.apply_overrides(c, ["--config.model.image.stem=conv", "--config.data.image_size=48",
                                    "--config.model.image.patch_size=12", "--config.model.image.stem_depth=3"])
     with pytest.raises(config_lib.ConfigError, match=r"divisible by 8, got model.image.patch_size=12; valid stem_depth: \[1, 2\]"):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 def test_non_divisible_patch_size_rejected():
     c = quickstart()
-    config_lib.apply_overrides(c, ["--config.model.image.patch_size=7"])
+    config_loading.apply_overrides(c, ["--config.model.image.patch_size=7"])
     with pytest.raises(config_lib.ConfigError, match="patch_size=7 does not divide data.image_size=64.*valid patch sizes"):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 @pytest.mark.parametrize("override,pattern", [
@@ -74,9 +74,9 @@ def test_non_divisible_patch_size_rejected():
 ])
 def test_invalid_values_rejected(override, pattern):
     c = quickstart()
-    config_lib.apply_overrides(c, [override])
+    config_loading.apply_overrides(c, [override])
     with pytest.raises(config_lib.ConfigError, match=pattern):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 def test_config_file_with_typo_rejected(tmp_path):
@@ -84,13 +84,13 @@ def test_config_file_with_typo_rejected(tmp_path):
     path.write_text("from prodclip.config import base_config\n"
                     "def get_config():\n    c = base_config(); c.lock(); c.train.num_stepz = 1\n    return c\n")
     with pytest.raises(config_lib.ConfigError, match="num_stepz"):
-        config_lib.load_config_file(path)
+        config_loading.load_config_file(path)
 
 
 def test_preset_fields_override_one_by_one():
     c = config_lib.base_config()
     c.lock()
-    config_lib.apply_overrides(c, ["--config.model.image.preset=s", "--config.model.image.depth=2"])
+    config_loading.apply_overrides(c, ["--config.model.image.preset=s", "--config.model.image.depth=2"])
     dims = config_lib.tower_dims(c.model.image, config_lib.VIT_PRESETS)
     assert dims["depth"] == 2 and dims["num_heads"] == 6
 
@@ -102,17 +102,17 @@ def test_load_reads_a_run_dir_and_rejects_an_unknown_saved_key(tmp_path):
 
     from prodclip import checkpoint
 
-    config = config_lib.load(QUICKSTART, ["--config.train.num_steps=70"])
+    config = config_loading.load(QUICKSTART, ["--config.train.num_steps=70"])
     checkpoint.write_config(tmp_path, config)
-    again = config_lib.load(tmp_path)
+    again = config_loading.load(tmp_path)
     assert again.train.num_steps == 70 and again.to_dict() == config.to_dict()
     saved = json.loads((tmp_path / "config.json").read_text())
     saved["train"]["num_stepz"] = 3
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(config_lib.ConfigError, match="train.num_stepz"):
-        config_lib.load(tmp_path)
+        config_loading.load(tmp_path)
     with pytest.raises(config_lib.ConfigError, match="not found"):
-        config_lib.load(tmp_path / "missing_run")
+        config_loading.load(tmp_path / "missing_run")
 
 
 def test_allowed_values_are_declared_beside_their_fields():
@@ -125,4 +125,4 @@ def test_allowed_values_are_declared_beside_their_fields():
             value = value[part]
         assert value in values, key
     with pytest.raises(config_lib.ConfigError, match="model.image.pooling"):
-        config_lib.load(None, ["--config.model.image.pooling=max"])
+        config_loading.load(None, ["--config.model.image.pooling=max"])

@@ -144,11 +144,11 @@ def test_round_trip_through_the_cli(tmp_path):
 
 
 def test_imported_workdir_initialises_training(tmp_path):
-    from prodclip import checkpoint, config as config_lib
+    from prodclip import checkpoint, config_loading
 
     make_hf_clip(tmp_path / "hf", "legacy-eos2-argmax")
     convert.import_hf_clip(tmp_path / "hf", tmp_path / "run")
-    config = config_lib.load_config_file(tmp_path / "run" / "config.json")
+    config = config_loading.load_config_file(tmp_path / "run" / "config.json")
     assert config.model.init_checkpoint == str((tmp_path / "run").absolute())
     _, expected, _ = convert.load_hf_clip(tmp_path / "hf")
     like = convert.abstract_params(config, config.model.text.vocab_size, 0)

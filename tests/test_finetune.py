@@ -9,7 +9,7 @@ from flax import nnx
 
 from prodclip import trees
 from prodclip import optim
-from prodclip import config as config_lib
+from prodclip import config as config_lib, config_checks
 from prodclip import train
 from prodclip.models import two_tower
 
@@ -29,7 +29,7 @@ def tiny_config(**optim):
     c.optim.clip_norm = 0.0  # the first step is then linear in the learning rate (see the lr test)
     c.train.num_steps = 10
     c.optim.update(optim)
-    config_lib.validate(c)
+    config_checks.validate(c)
     return c
 
 

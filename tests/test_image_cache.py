@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prodclip import config as config_lib
+from prodclip import config as config_lib, config_checks, config_loading
 from prodclip import image_cache, optim, train
 from prodclip.data import synthetic
 from prodclip.models import factory, two_tower
@@ -33,8 +33,8 @@ def tiny_config(**overrides):
     c.train.num_steps = 10
     c.eval.batch_size = 5
     for key, value in overrides.items():
-        config_lib.set_field(c, key, value)
-    config_lib.validate(c)
+        config_loading.set_field(c, key, value)
+    config_checks.validate(c)
     return c
 
 

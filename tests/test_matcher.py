@@ -12,8 +12,7 @@ from flax import nnx
 from test_finetune import tiny_config as finetune_config
 
 from prodclip.models import inference
-from prodclip import config as config_lib
-from prodclip import losses, train
+from prodclip import config_checks, losses, train
 from prodclip.models import matcher as matcher_lib
 from prodclip.models import two_tower
 
@@ -93,7 +92,7 @@ def test_train_loss_adds_the_weighted_matcher_term_and_itm_fn_scores_pairs():
     config.model.embed_dim = D
     config.model.matcher.update(dict(kind="concat", hidden=5))
     config.loss.matcher_weight = 0.5
-    config_lib.validate(config)
+    config_checks.validate(config)
     model = two_tower.build_model(config, vocab_size=30, pad_id=0, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model, nnx.Param)
     params = state.to_pure_dict()

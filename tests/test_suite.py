@@ -2,14 +2,14 @@
 
 import numpy as np
 
-from prodclip import config as config_lib
+from prodclip import config_loading
 from prodclip import run as run_lib
 from prodclip.evaluate import suite
 from prodclip.models import factory, inference
 
 
 def test_each_split_is_embedded_once_and_probes_reuse_it(tmp_path, monkeypatch):
-    config = config_lib.load(None, [
+    config = config_loading.load(None, [
         "--config.data.num_train=64", "--config.data.num_test=24", "--config.data.num_compositional=24",
         "--config.data.image_size=32", "--config.model.image.patch_size=8", "--config.model.embed_dim=16",
         "--config.model.image.width=16", "--config.model.image.depth=1", "--config.model.image.num_heads=2",

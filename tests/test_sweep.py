@@ -27,7 +27,7 @@ TINY = [
 TINY_SWEEP = '''
 import pathlib
 from prodclip import sweep
-from prodclip.config import load_config_file
+from prodclip.config_loading import load_config_file
 
 def get_config():
     return load_config_file(pathlib.Path({base!r}))

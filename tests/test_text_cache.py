@@ -14,7 +14,7 @@ from test_finetune import tiny_config as finetune_config
 
 from prodclip import optim
 from prodclip.models import factory
-from prodclip import config as config_lib
+from prodclip import config_checks, config_loading
 from prodclip import text_cache, train
 
 NUM_TITLES = 12
@@ -27,8 +27,8 @@ def tiny_config(**overrides):
     c = finetune_config(lock_text=True, eps=1e-3, clip_norm=1.0)
     c.eval.batch_size = 5
     for key, value in overrides.items():
-        config_lib.set_field(c, key, value)
-    config_lib.validate(c)
+        config_loading.set_field(c, key, value)
+    config_checks.validate(c)
     return c
 
 

@@ -21,7 +21,7 @@ import math
 import pathlib
 
 from prodclip import sweep
-from prodclip.config import load_config_file
+from prodclip.config_loading import load_config_file
 
 EXAMPLES_SEEN = 32768
 BATCH_SIZES = (16, 32, 64, 128, 256, 512)

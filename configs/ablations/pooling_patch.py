@@ -14,7 +14,7 @@ Budget: small_base.py, batch 128 x 512 steps = 65,536 pairs per run; 9 variants 
 import pathlib
 
 from prodclip import sweep
-from prodclip.config import load_config_file
+from prodclip.config_loading import load_config_file
 
 
 def get_config():

@@ -11,7 +11,7 @@ config starts here and fixes its own budget (examples seen or steps).
 
 import pathlib
 
-from prodclip.config import load_config_file
+from prodclip.config_loading import load_config_file
 
 
 def get_config():

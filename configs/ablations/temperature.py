@@ -14,7 +14,7 @@ import math
 import pathlib
 
 from prodclip import sweep
-from prodclip.config import load_config_file
+from prodclip.config_loading import load_config_file
 
 INITIAL_SCALES = {"10": 10.0, "14.3": 1 / 0.07, "50": 50.0}
 
