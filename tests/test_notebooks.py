@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from prodclip import sweep
+from prodclip import sweep, sweep_grid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -65,12 +65,12 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
 
 
 def test_ablations_notebook_runs(tmp_path, monkeypatch):
-    s = sweep.Sweep(axes=(sweep.axis("loss", ["softmax", "sigmoid"], key="loss.name"),
-                          sweep.axis("batch_size", [16, 64], key="train.batch_size")),
-                    seeds=(0, 1), metrics=("test/t2i/R@1",),
-                    plots=(sweep.Plot(x="batch_size", metric="test/t2i/R@1", logx=True),))
+    s = sweep_grid.Sweep(axes=(sweep_grid.axis("loss", ["softmax", "sigmoid"], key="loss.name"),
+                               sweep_grid.axis("batch_size", [16, 64], key="train.batch_size")),
+                         seeds=(0, 1), metrics=("test/t2i/R@1",),
+                         plots=(sweep_grid.Plot(x="batch_size", metric="test/t2i/R@1", logx=True),))
     root = tmp_path / "sw"
-    runs = sweep.expand(s)
+    runs = sweep_grid.expand(s)
     sweep.write_definition(root, {"config": "loss_batch.py", "config_arg": None, "overrides": [],
                                   "sweep": s.to_json(), "runs": [r.name for r in runs]})
     values = np.linspace(0.1, 0.8, len(runs))

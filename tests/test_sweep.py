@@ -10,7 +10,7 @@ import shlex
 import numpy as np
 import pytest
 
-from prodclip import cli, faults, sweep
+from prodclip import cli, faults, sweep, sweep_grid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ABLATIONS = ROOT / "configs" / "ablations"
@@ -26,19 +26,19 @@ TINY = [
 
 TINY_SWEEP = '''
 import pathlib
-from prodclip import sweep
+from prodclip import sweep_grid
 from prodclip.config_loading import load_config_file
 
 def get_config():
     return load_config_file(pathlib.Path({base!r}))
 
 def get_sweep():
-    return sweep.Sweep(
-        axes=(sweep.axis("loss", {{"softmax": {{"loss.name": "softmax"}},
-                                   "sigmoid": {{"loss.name": "sigmoid", "model.logit_bias_init": -5.0}}}}),),
+    return sweep_grid.Sweep(
+        axes=(sweep_grid.axis("loss", {{"softmax": {{"loss.name": "softmax"}},
+                                        "sigmoid": {{"loss.name": "sigmoid", "model.logit_bias_init": -5.0}}}}),),
         seeds=(7,),
         metrics=("test/t2i/R@1", "test/zeroshot/colour/top1"),
-        plots=(sweep.Plot(x="loss", metric="test/t2i/R@1"),))
+        plots=(sweep_grid.Plot(x="loss", metric="test/t2i/R@1"),))
 '''
 
 
@@ -46,13 +46,13 @@ def get_sweep():
 
 
 def test_expand_grid_names_order_and_override_precedence():
-    s = sweep.Sweep(
-        axes=(sweep.axis("loss", {"a": {"loss.name": "softmax", "train.num_steps": 10},
-                                  "b": {"loss.name": "sigmoid"}}),
-              sweep.axis("train.batch_size", [8, 16, 32]),
-              sweep.axis("steps", {"long": {"train.num_steps": 99}})),
+    s = sweep_grid.Sweep(
+        axes=(sweep_grid.axis("loss", {"a": {"loss.name": "softmax", "train.num_steps": 10},
+                                       "b": {"loss.name": "sigmoid"}}),
+              sweep_grid.axis("train.batch_size", [8, 16, 32]),
+              sweep_grid.axis("steps", {"long": {"train.num_steps": 99}})),
         seeds=(3, 5), seed_keys=("seed", "data.seed"))
-    runs = sweep.expand(s)
+    runs = sweep_grid.expand(s)
     assert len(runs) == 2 * 3 * 1 * 2
     assert len({r.name for r in runs}) == len(runs)
     # Seeds outermost: the first six runs cover every variant once, with seed 3.
@@ -67,33 +67,34 @@ def test_expand_grid_names_order_and_override_precedence():
 
 
 def test_eval_axes_add_variants_not_training_runs():
-    s = sweep.Sweep(axes=(sweep.axis("fusion", [False, True], key="train.progress_bar"),
-                          sweep.axis("k", {"0": {"eval.batch_size": 1}, "8": {"eval.batch_size": 8}}, stage="eval")),
-                    seeds=(0,))
-    runs = sweep.expand(s)
+    s = sweep_grid.Sweep(axes=(sweep_grid.axis("fusion", [False, True], key="train.progress_bar"),
+                               sweep_grid.axis("k", {"0": {"eval.batch_size": 1}, "8": {"eval.batch_size": 8}},
+                                               stage="eval")),
+                         seeds=(0,))
+    runs = sweep_grid.expand(s)
     assert [r.name for r in runs] == ["fusion=False__seed=0", "fusion=True__seed=0"]
     assert [e[0] for e in runs[0].evals] == ["k=0", "k=8"]
     assert runs[1].evals[1][2] == {"eval.batch_size": 8}
 
 
 @pytest.mark.parametrize("bad, message", [
-    (sweep.Sweep(axes=()), "at least one axis"),
-    (sweep.Sweep(axes=(sweep.axis("x", {"a/b": {}}),)), "label 'a/b'"),
-    (sweep.Sweep(axes=(sweep.axis("x", [1]), sweep.axis("x", [2]))), "distinct"),
-    (sweep.Sweep(axes=(sweep.axis("x", [1]),), seeds=(1, 1)), "seeds"),
-    (sweep.Sweep(axes=(sweep.axis("x", [1]),), plots=(sweep.Plot(x="y", metric="m"),)), "plot x='y'"),
-    (sweep.Sweep(axes=(sweep.axis("k", {"1": {"train.num_steps": 1}}, stage="eval"),)), "only set eval"),
+    (sweep_grid.Sweep(axes=()), "at least one axis"),
+    (sweep_grid.Sweep(axes=(sweep_grid.axis("x", {"a/b": {}}),)), "label 'a/b'"),
+    (sweep_grid.Sweep(axes=(sweep_grid.axis("x", [1]), sweep_grid.axis("x", [2]))), "distinct"),
+    (sweep_grid.Sweep(axes=(sweep_grid.axis("x", [1]),), seeds=(1, 1)), "seeds"),
+    (sweep_grid.Sweep(axes=(sweep_grid.axis("x", [1]),), plots=(sweep_grid.Plot(x="y", metric="m"),)), "plot x='y'"),
+    (sweep_grid.Sweep(axes=(sweep_grid.axis("k", {"1": {"train.num_steps": 1}}, stage="eval"),)), "only set eval"),
 ])
 def test_check_sweep_rejects_bad_grids(bad, message):
-    with pytest.raises(sweep.SweepError, match=message):
-        sweep.check_sweep(bad)
+    with pytest.raises(sweep_grid.SweepError, match=message):
+        sweep_grid.check_sweep(bad)
 
 
 def test_unknown_override_names_the_run(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text(TINY_SWEEP.format(base=str(ABLATIONS / "small_base.py")).replace(
         '"model.logit_bias_init"', '"model.logit_bias_initial"'))
-    with pytest.raises(sweep.SweepError, match=r"run loss=sigmoid__seed=7: unknown config key 'model.logit_bias_i"):
+    with pytest.raises(sweep_grid.SweepError, match=r"run loss=sigmoid__seed=7: unknown config key 'model.logit_bias_i"):
         sweep.run_sweep(path, tmp_path / "sw")
     assert not (tmp_path / "sw").exists()  # nothing ran, nothing written
 
@@ -109,9 +110,9 @@ def test_every_shipped_ablation_expands_to_valid_configs():
         names.append(path.stem)
         if path.stem == "fusion" and not has_fusion:
             continue  # model.fusion.* lands with the fusion branch
-        runs = sweep.expand(sweep.load_sweep_file(path))
+        runs = sweep_grid.expand(sweep_grid.load_sweep_file(path))
         for run in runs:
-            sweep.run_config(path, None, [], run)  # validates
+            sweep_grid.run_config(path, None, [], run)  # validates
     assert {"loss_batch", "temperature", "fusion", "pooling_patch", "text_mask"} <= set(names)
 
 
@@ -164,11 +165,11 @@ def test_markdown_shows_mean_pm_std_and_single_seed_without_std():
 
 def _fake_sweep_dir(root: pathlib.Path) -> pathlib.Path:
     """A sweep directory whose runs have eval.json files but no training (what --report reads)."""
-    s = sweep.Sweep(axes=(sweep.axis("loss", ["softmax", "sigmoid"], key="loss.name"),
-                          sweep.axis("batch_size", [16, 32, 64], key="train.batch_size")),
-                    seeds=(0, 1), metrics=("test/t2i/R@1",),
-                    plots=(sweep.Plot(x="batch_size", metric="test/t2i/R@1", logx=True),))
-    runs = sweep.expand(s)
+    s = sweep_grid.Sweep(axes=(sweep_grid.axis("loss", ["softmax", "sigmoid"], key="loss.name"),
+                               sweep_grid.axis("batch_size", [16, 32, 64], key="train.batch_size")),
+                         seeds=(0, 1), metrics=("test/t2i/R@1",),
+                         plots=(sweep_grid.Plot(x="batch_size", metric="test/t2i/R@1", logx=True),))
+    runs = sweep_grid.expand(s)
     sweep.write_definition(root, {"config": "x.py", "config_arg": None, "overrides": [], "sweep": s.to_json(),
                                   "runs": [r.name for r in runs]})
     rng = np.random.default_rng(1)
@@ -200,7 +201,7 @@ def test_report_from_finished_runs(tmp_path, capsys):
 
 
 def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path):
-    with pytest.raises(sweep.SweepError, match="no sweep.json"):
+    with pytest.raises(sweep_grid.SweepError, match="no sweep.json"):
         sweep.report(tmp_path)
 
 
@@ -263,9 +264,9 @@ def test_sweep_emits_runs_resumes_and_skips(tmp_path, monkeypatch, caplog, capsy
     assert sweep.emit_commands(moved, workdir, cli_overrides=TINY) == []
     # The same directory refuses a different sweep definition, or a changed config file.
     moved.write_text(config.read_text() + "\n# edited\n")
-    with pytest.raises(sweep.SweepError, match="config_sha256 differs"):
+    with pytest.raises(sweep_grid.SweepError, match="config_sha256 differs"):
         sweep.emit_commands(moved, workdir, cli_overrides=TINY)
-    with pytest.raises(sweep.SweepError, match="holds another sweep"):
+    with pytest.raises(sweep_grid.SweepError, match="holds another sweep"):
         sweep.run_sweep(config, workdir, cli_overrides=[*TINY[:-1], "--config.checkpoint.async_save=True"])
 
 
@@ -297,5 +298,5 @@ def test_a_nan_run_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path, monkeyp
     edited = json.loads(saved.read_text())
     edited["model"]["embed_dim"] = 99
     saved.write_text(json.dumps(edited))
-    with pytest.raises(sweep.SweepError, match=r"trained with another config \(model.embed_dim: 99 -> 16\)"):
+    with pytest.raises(sweep_grid.SweepError, match=r"trained with another config \(model.embed_dim: 99 -> 16\)"):
         sweep.run_sweep(config, tmp_path / "sw", cli_overrides=TINY)

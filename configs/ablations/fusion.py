@@ -18,7 +18,7 @@ Budget: small_base.py, batch 128 x 512 steps = 65,536 pairs per run; 3 variants 
 
 import pathlib
 
-from prodclip import sweep
+from prodclip import sweep_grid
 from prodclip.config_loading import load_config_file
 
 
@@ -32,15 +32,15 @@ def get_config():
 
 
 def get_sweep():
-    return sweep.Sweep(
-        axes=(sweep.axis("fusion", {"off": {"model.fusion.enabled": False},
-                                    "itm": {"model.fusion.enabled": True, "loss.itm_weight": 1.0},
-                                    "itm_any_title": {"model.fusion.enabled": True, "loss.itm_weight": 1.0,
-                                                      "loss.itm_complete_titles_only": False}}),
-              sweep.axis("rerank_k", [0, 8, 32], key="eval.rerank_k", stage="eval")),
+    return sweep_grid.Sweep(
+        axes=(sweep_grid.axis("fusion", {"off": {"model.fusion.enabled": False},
+                                         "itm": {"model.fusion.enabled": True, "loss.itm_weight": 1.0},
+                                         "itm_any_title": {"model.fusion.enabled": True, "loss.itm_weight": 1.0,
+                                                           "loss.itm_complete_titles_only": False}}),
+              sweep_grid.axis("rerank_k", [0, 8, 32], key="eval.rerank_k", stage="eval")),
         seeds=(0, 1, 2),
         metrics=("test/t2i/R@1", "test/t2i/rerank/R@1", "test/i2t/R@1", "test/i2t/rerank/R@1",
                  "test/t2i/rerank/ms_per_query"),
-        plots=(sweep.Plot(x="rerank_k", metric="test/t2i/rerank/R@1"),
-               sweep.Plot(x="rerank_k", metric="test/t2i/R@1")),
+        plots=(sweep_grid.Plot(x="rerank_k", metric="test/t2i/rerank/R@1"),
+               sweep_grid.Plot(x="rerank_k", metric="test/t2i/R@1")),
     )

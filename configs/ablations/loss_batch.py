@@ -20,7 +20,7 @@ softmax t = 1/0.07 learned; sigmoid t = 10, bias -10, both learned.
 import math
 import pathlib
 
-from prodclip import sweep
+from prodclip import sweep_grid
 from prodclip.config_loading import load_config_file
 
 EXAMPLES_SEEN = 32768
@@ -38,19 +38,19 @@ def _budget(batch_size: int) -> dict:
 
 
 def get_sweep():
-    return sweep.Sweep(
+    return sweep_grid.Sweep(
         axes=(
-            sweep.axis("loss", {
+            sweep_grid.axis("loss", {
                 "softmax": {"loss.name": "softmax", "model.logit_scale_init": math.log(1 / 0.07)},
                 "sigmoid": {"loss.name": "sigmoid", "model.logit_scale_init": math.log(10.0),
                             "model.logit_bias_init": -10.0},
             }),
-            sweep.axis("batch_size", {str(b): _budget(b) for b in BATCH_SIZES}),
+            sweep_grid.axis("batch_size", {str(b): _budget(b) for b in BATCH_SIZES}),
         ),
         seeds=(0, 1, 2),
         metrics=("test/t2i/R@1", "test/i2t/R@1", "test/t2i/R@10", "test/zeroshot/category/top1",
                  "test/zeroshot/colour/top1"),
-        plots=(sweep.Plot(x="batch_size", metric="test/t2i/R@1", logx=True),
-               sweep.Plot(x="batch_size", metric="test/i2t/R@1", logx=True),
-               sweep.Plot(x="batch_size", metric="test/zeroshot/category/top1", logx=True)),
+        plots=(sweep_grid.Plot(x="batch_size", metric="test/t2i/R@1", logx=True),
+               sweep_grid.Plot(x="batch_size", metric="test/i2t/R@1", logx=True),
+               sweep_grid.Plot(x="batch_size", metric="test/zeroshot/category/top1", logx=True)),
     )

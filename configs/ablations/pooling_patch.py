@@ -13,7 +13,7 @@ Budget: small_base.py, batch 128 x 512 steps = 65,536 pairs per run; 9 variants 
 
 import pathlib
 
-from prodclip import sweep
+from prodclip import sweep_grid
 from prodclip.config_loading import load_config_file
 
 
@@ -22,12 +22,12 @@ def get_config():
 
 
 def get_sweep():
-    return sweep.Sweep(
-        axes=(sweep.axis("pooling", ["cls", "gap", "map"], key="model.image.pooling"),
-              sweep.axis("patch_size", [4, 8, 16], key="model.image.patch_size")),
+    return sweep_grid.Sweep(
+        axes=(sweep_grid.axis("pooling", ["cls", "gap", "map"], key="model.image.pooling"),
+              sweep_grid.axis("patch_size", [4, 8, 16], key="model.image.patch_size")),
         seeds=(0, 1, 2),
         metrics=("test/t2i/R@1", "test/i2t/R@1", "test/zeroshot/category/top1", "test/zeroshot/colour/top1",
                  "train_seconds"),
-        plots=(sweep.Plot(x="patch_size", metric="test/t2i/R@1", logx=True),
-               sweep.Plot(x="patch_size", metric="test/zeroshot/category/top1", logx=True)),
+        plots=(sweep_grid.Plot(x="patch_size", metric="test/t2i/R@1", logx=True),
+               sweep_grid.Plot(x="patch_size", metric="test/zeroshot/category/top1", logx=True)),
     )

@@ -13,7 +13,7 @@ examples seen as ablation (a)); 6 variants x 3 seeds = 18 runs.
 import math
 import pathlib
 
-from prodclip import sweep
+from prodclip import sweep_grid
 from prodclip.config_loading import load_config_file
 
 INITIAL_SCALES = {"10": 10.0, "14.3": 1 / 0.07, "50": 50.0}
@@ -26,13 +26,13 @@ def get_config():
 
 
 def get_sweep():
-    return sweep.Sweep(
-        axes=(sweep.axis("temperature", {"learned": {"model.learn_temperature": True},
-                                         "fixed": {"model.learn_temperature": False}}),
-              sweep.axis("scale_init", {label: {"model.logit_scale_init": math.log(t)}
-                                        for label, t in INITIAL_SCALES.items()})),
+    return sweep_grid.Sweep(
+        axes=(sweep_grid.axis("temperature", {"learned": {"model.learn_temperature": True},
+                                              "fixed": {"model.learn_temperature": False}}),
+              sweep_grid.axis("scale_init", {label: {"model.logit_scale_init": math.log(t)}
+                                             for label, t in INITIAL_SCALES.items()})),
         seeds=(0, 1, 2),
         metrics=("test/t2i/R@1", "test/i2t/R@1", "test/zeroshot/category/top1", "test/zeroshot/colour/top1"),
-        plots=(sweep.Plot(x="scale_init", metric="test/t2i/R@1", logx=True),
-               sweep.Plot(x="scale_init", metric="test/zeroshot/category/top1", logx=True)),
+        plots=(sweep_grid.Plot(x="scale_init", metric="test/t2i/R@1", logx=True),
+               sweep_grid.Plot(x="scale_init", metric="test/zeroshot/category/top1", logx=True)),
     )

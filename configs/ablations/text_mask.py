@@ -12,7 +12,7 @@ Budget: small_base.py, batch 128 x 512 steps = 65,536 pairs per run; 4 variants 
 
 import pathlib
 
-from prodclip import sweep
+from prodclip import sweep_grid
 from prodclip.config_loading import load_config_file
 
 
@@ -21,8 +21,8 @@ def get_config():
 
 
 def get_sweep():
-    return sweep.Sweep(
-        axes=(sweep.axis("text", {
+    return sweep_grid.Sweep(
+        axes=(sweep_grid.axis("text", {
             "causal_eot": {"model.text.mask": "causal", "model.text.pooling": "eot"},
             "bidir_eot": {"model.text.mask": "bidirectional", "model.text.pooling": "eot"},
             "bidir_cls": {"model.text.mask": "bidirectional", "model.text.pooling": "cls"},
@@ -30,6 +30,6 @@ def get_sweep():
         }),),
         seeds=(0, 1, 2),
         metrics=("test/t2i/R@1", "test/i2t/R@1", "test/zeroshot/category/top1", "test/zeroshot/colour/top1"),
-        plots=(sweep.Plot(x="text", metric="test/t2i/R@1"),
-               sweep.Plot(x="text", metric="test/zeroshot/category/top1")),
+        plots=(sweep_grid.Plot(x="text", metric="test/t2i/R@1"),
+               sweep_grid.Plot(x="text", metric="test/zeroshot/category/top1")),
     )
