@@ -31,7 +31,7 @@ def run_weights(workdir: pathlib.Path, weights: list[float], k: int) -> dict:
     from prodclip import config_loading
     from prodclip import run as run_lib
     from prodclip import losses
-    from prodclip.evaluate import rerank, retrieval, suite
+    from prodclip.evaluate import ranking, rerank, retrieval, suite
 
     config = config_loading.load_config_json(workdir / "config.json")
     if not config.model.fusion.enabled:
@@ -48,7 +48,7 @@ def run_weights(workdir: pathlib.Path, weights: list[float], k: int) -> dict:
         for direction, (query, gallery) in DIRECTIONS.items():
             scorer = rerank.pair_scorer(graphdef, params, states, direction, 1024, itc_scale)
             cosine, candidates, itm = rerank.score_candidates(states[query], states[gallery], k, scorer)
-            two_tower = retrieval.positive_ranks(states[query], states[gallery], keys, keys)
+            two_tower = ranking.positive_ranks(states[query], states[gallery], keys, keys)
             row = {"two_tower": r1(two_tower)}
             for w in weights:
                 order = rerank.reorder_candidates(cosine, candidates, itm, mode="itm+itc", itc_scale=itc_scale,

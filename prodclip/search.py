@@ -4,7 +4,7 @@
     prodclip search --image photo.jpg     --store STORE --workdir RUN
 
 Scores are cosine similarities (store rows and queries are L2-normalised). The
-store is scanned shard by shard with `retrieval.chunked_top_k`, so memory is
+store is scanned shard by shard with `ranking.chunked_top_k`, so memory is
 bounded by one gallery chunk per step, never the whole store.
 
 Behaviour on bad input:
@@ -29,7 +29,7 @@ import numpy as np
 
 from prodclip import errors
 from prodclip.data.catalog import png_bytes
-from prodclip.evaluate import retrieval
+from prodclip.evaluate import ranking
 from prodclip.evaluate.store import Store, StoreError
 from prodclip.models import inference
 
@@ -44,18 +44,18 @@ class SearchError(errors.QueryError):
 
 
 def top_k(store_shards: Sequence[np.ndarray], queries: np.ndarray, k: int, *,
-          chunk_size: int = retrieval.DEFAULT_CHUNK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+          chunk_size: int = ranking.DEFAULT_CHUNK_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows over all shards: (scores [Q, k'] float32, indices [Q, k'] int64 into the store).
 
     queries [Q, D] float32; shards [n_s, D] (memory-mapped is fine). Equal scores go
-    to the lower store index, the same rule as `retrieval.chunked_top_k`.
+    to the lower store index, the same rule as `ranking.chunked_top_k`.
     """
     if not store_shards or sum(len(s) for s in store_shards) == 0:
         raise StoreError("empty gallery: the store has no rows to search")
     best_scores, best_index, offset = [], [], 0
     for shard in store_shards:
-        scores, index = retrieval.chunked_top_k(queries, shard, k, chunk_size=chunk_size,
-                                                query_block=min(len(queries), retrieval.DEFAULT_QUERY_BLOCK))
+        scores, index = ranking.chunked_top_k(queries, shard, k, chunk_size=chunk_size,
+                                              query_block=min(len(queries), ranking.DEFAULT_QUERY_BLOCK))
         best_scores.append(scores)
         best_index.append(index + offset)
         offset += len(shard)
@@ -143,7 +143,7 @@ def store_index(store: Store):
     return _OPEN_INDEXES[key]
 
 
-def search(store: Store, query_emb: np.ndarray, k: int, *, chunk_size: int = retrieval.DEFAULT_CHUNK_SIZE,
+def search(store: Store, query_emb: np.ndarray, k: int, *, chunk_size: int = ranking.DEFAULT_CHUNK_SIZE,
            rerank: Reranker | None = None, query: dict | None = None, index="auto",
            rescore: int | None = None) -> list[list[dict]]:
     """Per query, the top-k hits [{"rank", "index", "id", "title", "score"}], best first.

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from prodclip.evaluate import rerank, retrieval
+from prodclip.evaluate import ranking, rerank, retrieval
 
 
 def unit(x):
@@ -64,7 +64,7 @@ def test_reranked_ranks_match_brute_force(k, mode, weight):
     k_eff = min(k, len(gallery))
     assert timing["pairs_scored"] == len(queries) * k_eff == sum(len(c[0]) for c in scorer.calls)
     assert all(len(c[0]) <= 64 for c in scorer.calls)
-    _, top = retrieval.chunked_top_k(queries, gallery, k)
+    _, top = ranking.chunked_top_k(queries, gallery, k)
     scored = {(int(q), int(g)) for rows, items in scorer.calls for q, g in zip(rows, items)}
     assert scored == {(q, int(g)) for q in range(len(queries)) for g in top[q]}
     assert timing["ms_per_query"] > 0

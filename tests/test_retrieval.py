@@ -1,4 +1,4 @@
-"""Tests for prodclip.evaluate.retrieval against a brute-force full-matrix reference."""
+"""Tests for prodclip.evaluate.ranking and retrieval against a brute-force full-matrix reference."""
 import json
 import math
 import os
@@ -13,14 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prodclip.evaluate.retrieval import (
-    chunk_step_memory_bytes,
-    chunked_top_k,
-    keys_from_strings,
-    positive_ranks,
-    retrieval_metrics,
-    two_way_retrieval,
-)
+from prodclip.evaluate.ranking import chunk_step_memory_bytes, chunked_top_k, positive_ranks
+from prodclip.evaluate.retrieval import keys_from_strings, retrieval_metrics, two_way_retrieval
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Multiples of 0.5 keep every dot product exact in float32, so the reference's
@@ -266,7 +260,8 @@ _RSS_SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np
     import jax, jax.numpy as jnp
-    from prodclip.evaluate.retrieval import chunked_top_k, retrieval_metrics
+    from prodclip.evaluate.ranking import chunked_top_k
+    from prodclip.evaluate.retrieval import retrieval_metrics
 
     mode, num_g = sys.argv[1], int(sys.argv[2])
     rng = np.random.default_rng(0)

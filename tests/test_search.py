@@ -239,17 +239,17 @@ def test_retrieval_keys_product_id_or_title():
 def test_chunked_top_k_sharded_over_devices_matches_brute_force():
     import jax
 
-    from prodclip.evaluate import retrieval
+    from prodclip.evaluate import ranking
 
     assert jax.local_device_count() == 8  # tests/conftest.py
-    sharding = retrieval.query_sharding(16)
+    sharding = ranking.query_sharding(16)
     assert sharding is not None and len(sharding.device_set) == 8
-    assert retrieval.query_sharding(13) is None  # rows not divisible: one device
+    assert ranking.query_sharding(13) is None  # rows not divisible: one device
     rng = np.random.default_rng(4)
     gallery = rng.integers(-2, 3, size=(500, 8)).astype(np.float32)
     queries = rng.integers(-2, 3, size=(40, 8)).astype(np.float32)
     for block in (16, 13):
-        scores, index = retrieval.chunked_top_k(queries, gallery, 12, chunk_size=64, query_block=block)
+        scores, index = ranking.chunked_top_k(queries, gallery, 12, chunk_size=64, query_block=block)
         want_scores, want_index = _brute_top_k(queries, gallery, 12)
         np.testing.assert_array_equal(index, want_index)
         np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)

@@ -1,6 +1,6 @@
 """Retrieval re-ranked by the fusion encoder's ITM head (ALBEF / BLIP style).
 
-For each query, the two-tower top-k (`retrieval.chunked_top_k`, k' = min(k, G))
+For each query, the two-tower top-k (`ranking.chunked_top_k`, k' = min(k, G))
 is re-scored pair by pair with the fusion encoder, and re-ordered by
 
 * ``"itm"``: the ITM log-odds log p(match) / p(no match), or
@@ -27,7 +27,7 @@ import numpy as np
 
 from prodclip import losses
 from prodclip.data import pipeline
-from prodclip.evaluate import retrieval
+from prodclip.evaluate import ranking, retrieval
 from prodclip.models import inference
 
 # (query rows [P] int64, gallery rows [P] int64) -> [P] float32 ITM log-odds of those pairs.
@@ -50,7 +50,7 @@ def score_candidates(query_emb: np.ndarray, gallery_emb: np.ndarray, k: int, pai
     """
     if k < 1:
         raise ValueError(f"rerank k must be >= 1, got {k}")
-    cosine, candidates = retrieval.chunked_top_k(query_emb, gallery_emb, k)
+    cosine, candidates = ranking.chunked_top_k(query_emb, gallery_emb, k)
     num_queries, k_eff = candidates.shape
     flat_queries = np.repeat(np.arange(num_queries, dtype=np.int64), k_eff)
     flat_items = candidates.reshape(-1)
@@ -80,7 +80,7 @@ def reorder_candidates(cosine: np.ndarray, candidates: np.ndarray, itm: np.ndarr
 def ranks_after_reorder(reordered: np.ndarray, two_tower: list[np.ndarray], query_keys: np.ndarray,
                         gallery_keys: np.ndarray) -> list[np.ndarray]:
     """1-based ranks of each query's positives: those inside the re-ordered top k' by their new
-    position, the rest keep their two-tower ranks (all > k'). two_tower: `retrieval.positive_ranks`."""
+    position, the rest keep their two-tower ranks (all > k'). two_tower: `ranking.positive_ranks`."""
     k_eff = reordered.shape[1]
     hits = gallery_keys[reordered] == query_keys[:, None]  # [Q, k'] positives in re-ranked order
     return [np.sort(np.concatenate([np.flatnonzero(hits[q]) + 1, two_tower[q][two_tower[q] > k_eff]])).astype(np.int64)
@@ -103,7 +103,7 @@ def reranked_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, query_keys: A
       pair_batch: pairs handed to `pair_scores` per call.
 
     Returns:
-      (ranks: Q arrays of int64, ascending, like `retrieval.positive_ranks`;
+      (ranks: Q arrays of int64, ascending, like `ranking.positive_ranks`;
        timing: {"ms_per_query": wall ms per query of top-k + fusion scoring + re-ordering,
                 "pairs_scored": int, = Q * min(k, G)}).
     """
@@ -111,7 +111,7 @@ def reranked_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, query_keys: A
         raise ValueError(f"rerank mode {mode!r} is not one of {', '.join(MODES)}")
     query_keys = np.asarray(query_keys, np.int64)
     gallery_keys = np.asarray(gallery_keys, np.int64)
-    two_tower = retrieval.positive_ranks(query_emb, gallery_emb, query_keys, gallery_keys)
+    two_tower = ranking.positive_ranks(query_emb, gallery_emb, query_keys, gallery_keys)
 
     start = time.perf_counter()
     cosine, candidates, itm = score_candidates(query_emb, gallery_emb, k, pair_scores, pair_batch)
