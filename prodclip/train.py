@@ -265,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state = compiled.global_state(state)
 
     # --- Final evaluation.
-    train_image_emb = (image_cache_lib.embed_features(graphdef, state["params"], train_features, config.eval.batch_size)
+    train_image_emb = (image_cache_lib.embed_features(graphdef, state["params"], train_features[0], config.eval.batch_size)
                        if train_features is not None and config.eval.linear_probe_labels else None)
     results = suite.evaluate_all(graphdef, state["params"], split_sources, tokenizer, config, label_stats,
                                  plot_dir=workdir / "confusion", train_image_emb=train_image_emb)

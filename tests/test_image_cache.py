@@ -128,15 +128,40 @@ def test_build_or_load_reuses_a_complete_cache_and_recomputes_a_short_one(tmp_pa
     assert len(calls) == 2
 
 
-def test_run_trains_on_cached_features_and_evaluates_on_images(tmp_path):
+def test_run_trains_on_cached_views_and_evaluates_on_images(tmp_path):
     c = tiny_config(**{"data.num_train": 48, "data.num_val": 16, "data.num_test": 16, "data.eval_splits": ("test",),
                        "data.image_size": 32, "model.image.patch_size": 16, "train.batch_size": 16,
                        "train.num_steps": 6, "train.log_every": 3, "train.eval_every": 0,
                        "train.progress_bar": False, "eval.batch_size": 16, "eval.zeroshot_labels": (),
-                       "eval.confusion_png": False, "tokenizer.vocab_size": 200, "checkpoint.async_save": False})
+                       "eval.confusion_png": False, "tokenizer.vocab_size": 200, "checkpoint.async_save": False,
+                       "train.image_cache_views": 2})
     c.lock()
     results = train.train_and_evaluate(c, tmp_path / "run")
     assert results["train_steps"] == 6
     assert 0.0 <= results["test"]["t2i/R@1"] <= results["test"]["t2i/R@10"] <= 1.0
     (cache_dir,) = list((tmp_path / "run" / "image_cache").iterdir())
-    assert np.load(cache_dir / "features.npy").shape == (48, 8)
+    assert np.load(cache_dir / "features.npy").shape == (2 * 48, 8)  # the photos, then their augmented views
+
+
+def test_views_change_the_key_and_steps_read_every_view(tmp_path):
+    config = tiny_config()
+    graphdef, params = init(config)
+    digest = image_cache.catalog_digest(synthetic.make_catalog("train", 6, seed=0, image_size=32))
+    one = image_cache.cache_key(params["image_tower"], config, digest)
+    assert image_cache.cache_key(params["image_tower"], tiny_config(**{"train.image_cache_views": 3}), digest) != one
+    with pytest.raises(config_lib.ConfigError, match="image_cache_views"):
+        tiny_config(**{"train.image_cache_views": 0})
+
+    n, views = 6, 3
+    features = np.stack([np.full((n, 4), v, np.float32) + np.arange(n)[:, None] * 10 for v in range(views)])
+    rows = image_cache.FeatureRows(features, [f"t{i}" for i in range(n)], np.arange(n))
+    assert rows.views == 3 and np.array_equal(rows[2]["features"], features[0, 2])
+    c = tiny_config(**{"train.batch_size": 3})
+    it = image_cache.train_iterator(rows, lambda titles: np.zeros((len(titles), CONTEXT), np.int32), c)
+    seen = set()
+    for _ in range(12):  # 6 epochs
+        batch = next(it)
+        for f, i in zip(batch["image_features"], batch["ids"]):
+            assert f[1] - 10 * i in (0, 1, 2)  # a view of its own row
+            seen.add(int(f[0] - 10 * i))
+    assert seen == {0, 1, 2}

@@ -63,14 +63,18 @@ def random_scene(height: int, width: int, rng: np.random.Generator,
             on = ((xx // period).astype(int) + (yy // period).astype(int)) % 2 == 0
         scene = np.where(on[..., None], a, b) + rng.normal(0, 8, (height, width, 3))
     else:
-        other = other_photos[int(rng.integers(len(other_photos)))]
-        oh, ow = other.shape[:2]
-        ch, cw = max(4, oh // 2), max(4, ow // 2)
-        top, left = int(rng.integers(0, oh - ch + 1)), int(rng.integers(0, ow - cw + 1))
-        tile = other[top:top + ch, left:left + cw]
-        reps = (-(-height // ch), -(-width // cw), 1)
-        scene = np.tile(tile, reps)[:height, :width].astype(np.float32)
+        return tiled_scene(height, width, rng, other_photos)
     return np.clip(scene, 0, 255).astype(np.uint8)
+
+
+def tiled_scene(height: int, width: int, rng: np.random.Generator, other_photos: list[np.ndarray]) -> np.ndarray:
+    """[H, W, 3] uint8: a random quarter-size crop of one of `other_photos`, tiled (clutter that looks like products)."""
+    other = other_photos[int(rng.integers(len(other_photos)))]
+    oh, ow = other.shape[:2]
+    ch, cw = max(4, oh // 2), max(4, ow // 2)
+    top, left = int(rng.integers(0, oh - ch + 1)), int(rng.integers(0, ow - cw + 1))
+    tile = other[top:top + ch, left:left + cw]
+    return np.ascontiguousarray(np.tile(tile, (-(-height // ch), -(-width // cw), 1))[:height, :width], np.uint8)
 
 
 def replace_background(image: np.ndarray, rng: np.random.Generator,
