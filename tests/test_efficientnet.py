@@ -139,6 +139,20 @@ def test_init_checkpoint_needs_an_efficientnet_tower():
         tiny_config(**{"model.image.init_checkpoint": "efficientnet_lite0"})
 
 
+def test_gap_stages_appends_the_stage_means_at_the_final_means_norm():
+    net = efficientnet.EfficientNetLite("efficientnet_lite0", nnx.Rngs(0))
+    staged = efficientnet.EfficientNetLite("efficientnet_lite0", nnx.Rngs(0), pool_stages=True)
+    x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    (pooled, tokens), (pooled_s, tokens_s) = net(x), staged(x)
+    width = efficientnet.pooled_width("efficientnet_lite0", "gap_stages")
+    assert pooled_s.shape == (2, width) and width == 1280 + 24 + 40 + 80 + 112 + 192 + 320
+    np.testing.assert_array_equal(pooled_s[:, :1280], pooled)
+    np.testing.assert_array_equal(tokens_s, tokens)
+    np.testing.assert_allclose(np.linalg.norm(pooled_s[:, 1280:], axis=1), np.linalg.norm(pooled, axis=1), rtol=1e-5)
+    with pytest.raises(ConfigError, match="gap_stages"):
+        tiny_config(**{"model.image.pooling": "gap_stages"})  # a ViT
+
+
 # ----------------------------------------------------------------------------- training
 
 

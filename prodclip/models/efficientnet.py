@@ -47,6 +47,8 @@ BASE_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
 STEM_CHANNELS = 32
 FEATURE_CHANNELS = 1280
+# gap: the mean of the final map; gap_stages: that and the means of every stage's output; map: attention pool
+POOLINGS = ("gap", "gap_stages", "map")
 BN_EPS = 1e-3  # the reference's BatchNorm epsilon; the importer folds the statistics with it
 CHANNEL_DIVISOR = 8
 CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -58,6 +60,20 @@ class BlockSpec(NamedTuple):
     expand: int  # expansion ratio of the 1x1 expand conv (1: no expand conv)
     cin: int
     cout: int
+
+
+def stage_ends(variant: str) -> list[int]:
+    """Indices of the blocks that end a stage, from the second stage on (whose outputs `gap_stages` pools)."""
+    specs = block_specs(variant)
+    return [i for i in range(1, len(specs)) if i + 1 == len(specs) or specs[i + 1].cout != specs[i].cout]
+
+
+def pooled_width(variant: str, pooling: str) -> int:
+    """Width of the tower's pooled feature: 1280, plus every pooled stage output with 'gap_stages'."""
+    if pooling != "gap_stages":
+        return FEATURE_CHANNELS
+    specs = block_specs(variant)
+    return FEATURE_CHANNELS + sum(specs[i].cout for i in stage_ends(variant))
 
 
 def round_channels(channels: int, width_mult: float) -> int:
@@ -128,11 +144,13 @@ class MBConv(nnx.Module):
 class EfficientNetLite(nnx.Module):
     """The convolutional backbone: normalised images -> (pooled feature, final feature map as tokens)."""
 
-    def __init__(self, variant: str, rngs: nnx.Rngs, *, dtype=jnp.float32, formulation="auto", remat=False):
+    def __init__(self, variant: str, rngs: nnx.Rngs, *, dtype=jnp.float32, formulation="auto", remat=False,
+                 pool_stages=False):
         specs = block_specs(variant)
         kw = dict(dtype=dtype, formulation=formulation)
         self.variant = variant
         self.remat = remat
+        self.stage_ends = tuple(stage_ends(variant)) if pool_stages else ()
         self.stem = ConvAffine(3, STEM_CHANNELS, 3, 2, rngs, **kw)
         self.blocks = nnx.List([MBConv(spec, rngs, **kw) for spec in specs])
         self.head = ConvAffine(specs[-1].cout, FEATURE_CHANNELS, 1, 1, rngs, **kw)
@@ -141,13 +159,25 @@ class EfficientNetLite(nnx.Module):
         """x: [B, H, W, 3] normalised pixels.
 
         Returns (pooled [B, 1280]: the mean of the final map, tokens [B, ceil(H/32) * ceil(W/32), 1280]).
+        With pool_stages, pooled is [B, pooled_width]: the mean of the final map, then the spatial means
+        of every stage's output (stages 2-7) L2-normalised together and scaled to the final mean's norm,
+        so the earlier, colour- and texture-rich stages weigh as much as the last one.
         """
         x = jax.nn.relu6(self.stem(x))
-        for block in self.blocks:
+        stage_means = []
+        for i, block in enumerate(self.blocks):
             x = nnx.remat(lambda blk, h: blk(h))(block, x) if self.remat else block(x)
+            if i in self.stage_ends:
+                stage_means.append(x.astype(jnp.float32).mean(axis=(1, 2)))
         x = jax.nn.relu6(self.head(x))
         tokens = x.reshape(x.shape[0], -1, x.shape[-1])
-        return tokens.mean(axis=1), tokens
+        pooled = tokens.mean(axis=1)
+        if stage_means:
+            stages = jnp.concatenate(stage_means, axis=-1)
+            scale = jnp.linalg.norm(pooled.astype(jnp.float32), axis=-1, keepdims=True)
+            stages = stages * scale / jnp.maximum(jnp.linalg.norm(stages, axis=-1, keepdims=True), 1e-6)
+            pooled = jnp.concatenate([pooled, stages.astype(pooled.dtype)], axis=-1)
+        return pooled, tokens
 
 
 class EfficientNetTower(nnx.Module):
@@ -161,17 +191,18 @@ class EfficientNetTower(nnx.Module):
     def __init__(self, variant: str, *, embed_dim: int, rngs: nnx.Rngs, pooling="gap", pool_heads=8,
                  mlp_ratio=4.0, activation="gelu", proj_bias=False, pixel_mean=PIXEL_STATS["tf_lite"][0],
                  pixel_std=PIXEL_STATS["tf_lite"][1], dtype=jnp.float32, formulation="auto", remat=False):
-        if pooling not in ("gap", "map"):
-            raise ValueError(f"EfficientNet pooling {pooling!r} is not one of 'gap', 'map'")
+        if pooling not in POOLINGS:
+            raise ValueError(f"EfficientNet pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
         self.pixel_mean = tuple(float(v) for v in pixel_mean)
         self.pixel_std = tuple(float(v) for v in pixel_std)
         self.pooling = pooling
         self.width = FEATURE_CHANNELS
-        self.backbone = EfficientNetLite(variant, rngs, dtype=dtype, formulation=formulation, remat=remat)
+        self.backbone = EfficientNetLite(variant, rngs, dtype=dtype, formulation=formulation, remat=remat,
+                                         pool_stages=pooling == "gap_stages")
         self.map_head = (layers.AttentionPool(FEATURE_CHANNELS, pool_heads, mlp_ratio, rngs, activation=activation,
                                               dtype=dtype) if pooling == "map" else None)
         # embed_dim None: no projection, the pooled feature is the output (a head after the tower maps it).
-        self.projection = (layers.dense(FEATURE_CHANNELS, embed_dim, rngs, dtype=dtype, use_bias=proj_bias)
+        self.projection = (layers.dense(pooled_width(variant, pooling), embed_dim, rngs, dtype=dtype, use_bias=proj_bias)
                            if embed_dim is not None else None)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:

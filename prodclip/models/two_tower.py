@@ -138,7 +138,7 @@ def tower_output_dim(config: ml_collections.ConfigDict, tower: str) -> int:
     """Width of a tower's output (its features): embed_dim when the tower projects, else its own width."""
     m = config.model
     if tower == "image" and m.image.kind in efficientnet.VARIANTS and m.head.image != "none":
-        return efficientnet.FEATURE_CHANNELS
+        return efficientnet.pooled_width(m.image.kind, m.image.pooling)
     if tower == "text" and m.text.kind == "bert" and not m.text.bert.projection:
         return config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS)["width"]
     return m.embed_dim
