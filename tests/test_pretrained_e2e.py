@@ -64,7 +64,7 @@ def test_pretrained_config_trains_and_evaluates_through_the_cli(tmp_path, capsys
     assert "zeroshot/articleType/top1" in results["val"] and "baseline/articleType/linear_probe/top1" in results["val"]
     assert (workdir / "pretrained" / "efficientnet_lite0").is_dir()  # converted from the wheel
     (cache,) = list((workdir / "image_cache").iterdir())
-    assert np.load(cache / "features.npy").shape == (40, 1280)
+    assert np.load(cache / "features.npy").shape == (2 * 40, 2048)  # 2 views; the final map and the stage means
     assert len(list((workdir / "text_cache").glob("*/text_emb.npy"))) == 1
 
     # The locked towers are still the imported weights: the backbone equals a fresh conversion, bitwise.
