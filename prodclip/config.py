@@ -255,6 +255,10 @@ def base_config() -> ml_collections.ConfigDict:
     # (prodclip/data/view_augment.py, drawn from data.seed), each one more pass of the locked tower; steps read a
     # random view.
     c.train.image_cache_views = 1
+    # Views of each train title for the text cache: 1 = the title as it is; T > 1 adds T - 1 fixed copies with
+    # words dropped (each kept with data.title_keep_prob; data/view_augment.py), each embedded once; steps read
+    # a shortened view with probability data.title_dropout_prob. Needs the image cache (its rows draw the view).
+    c.train.text_cache_views = 1
     c.train.image_cache_dir = ""  # where caches live (keyed by weights, preprocessing, catalog); empty = <workdir>/image_cache
     # Stop training after this much wall-clock from the end of the first (compiling) step, then checkpoint
     # and evaluate as at the last step; 0 = no limit. Resuming such a run continues towards num_steps.
@@ -280,6 +284,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.ks = (1, 5, 10)
+    # > 0: also 't2i_short/R@K', text->image retrieval with every title's words kept with this probability
+    # (a fixed draw, the same for every model): how search does with short, shopper-like queries.
+    c.eval.short_query_keep_prob = 0.0
     c.eval.batch_size = 256
     c.eval.zeroshot_labels = ("category", "colour", "pattern")
     c.eval.prompt_templates = ("a photo of a {}.", "{}", "a product photo of a {}.")

@@ -49,10 +49,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.text.pooling == "cls" and config.model.text.mask == "causal":
         raise ConfigError("model.text.pooling='cls' with a causal mask sees only the first token; use eot or mean")
     for key in ("train.batch_size", "train.num_steps", "tokenizer.context_length", "model.embed_dim",
-                "train.image_cache_views"):
+                "train.image_cache_views", "train.text_cache_views"):
         group, field = key.split(".")
         if config[group][field] <= 0:
             raise ConfigError(f"'{key}' must be positive, got {config[group][field]}")
+    if config.train.text_cache_views > 1 and not (
+            config.optim.lock_image and config.optim.lock_text and not config.data.augment
+            and config.train.image_cache == "auto" and config.train.text_cache == "auto"):
+        raise ConfigError(f"train.text_cache_views={config.train.text_cache_views} needs both feature caches "
+                          "(optim.lock_image, optim.lock_text, data.augment=False, train.image_cache and "
+                          "train.text_cache 'auto'); otherwise shorten titles per step with data.title_dropout_prob")
+    if config.train.text_cache_views > 1 and not 0.0 < config.data.title_dropout_prob <= 1.0:
+        raise ConfigError(f"train.text_cache_views={config.train.text_cache_views} reads a shortened title view "
+                          f"with probability data.title_dropout_prob, which is {config.data.title_dropout_prob}; "
+                          "set it in (0, 1]")
+    if not 0.0 <= config.eval.short_query_keep_prob <= 1.0:
+        raise ConfigError(f"'eval.short_query_keep_prob' must be in [0, 1] (0 = off), got "
+                          f"{config.eval.short_query_keep_prob}")
     if config.train.num_steps < config.optim.warmup_steps:
         raise ConfigError(
             f"optim.warmup_steps={config.optim.warmup_steps} exceeds train.num_steps={config.train.num_steps}"

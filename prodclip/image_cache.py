@@ -137,15 +137,22 @@ def build_or_load(directory: str | pathlib.Path, compute: Callable[[], np.ndarra
 class FeatureRows:
     """A grain source over cached features: item i = {features [F] float32 (view 0), title, id, row} of train row i.
 
-    features: [N, F], or [V, N, F] for V cached views of each row (`with_random_view` picks one).
+    features: [N, F], or [V, N, F] for V cached views of each row. titles: [N] strings, or [T][N]
+    for T title views of each row (view 0 the titles as they are). `with_random_view` draws an
+    image view of the row uniformly and, independently, with probability `short_title_prob` one of
+    its shortened title views 1.. (uniformly), else view 0.
     """
 
-    def __init__(self, features: np.ndarray, titles: Sequence[str], ids: np.ndarray):
+    def __init__(self, features: np.ndarray, titles: Sequence[str] | Sequence[Sequence[str]], ids: np.ndarray,
+                 short_title_prob: float = 0.5):
         self.features = features if features.ndim == 3 else features[None]
-        if not self.features.shape[1] == len(titles) == len(ids):
-            raise ValueError(f"features ({self.features.shape[1]}), titles ({len(titles)}) and ids ({len(ids)}) "
+        self.short_title_prob = float(short_title_prob)
+        self.title_views = [list(t) for t in titles] if titles and not isinstance(titles[0], str) else [list(titles)]
+        self.titles, self.ids = self.title_views[0], np.asarray(ids, np.int64)
+        lengths = {len(t) for t in self.title_views}
+        if not lengths == {self.features.shape[1]} == {len(self.ids)}:
+            raise ValueError(f"features ({self.features.shape[1]}), titles ({sorted(lengths)}) and ids ({len(ids)}) "
                              "differ in length")
-        self.titles, self.ids = list(titles), np.asarray(ids, np.int64)
 
     @property
     def views(self) -> int:
@@ -160,9 +167,15 @@ class FeatureRows:
                 "row": i}
 
     def with_random_view(self, item: dict, rng: np.random.Generator) -> dict:
-        """The item with the features of a uniformly drawn view of its row (grain random_map)."""
+        """The item with the features of a drawn view of its row and, with title views, its title replaced
+        by a drawn title view (grain random_map)."""
         view = int(rng.integers(self.views))
-        return {**item, "features": np.asarray(self.features[view, item["row"]], np.float32)} if view else item
+        if view:
+            item = {**item, "features": np.asarray(self.features[view, item["row"]], np.float32)}
+        if len(self.title_views) > 1 and rng.random() < self.short_title_prob:
+            title_view = 1 + int(rng.integers(len(self.title_views) - 1))
+            item = {**item, "title": self.title_views[title_view][item["row"]], "title_complete": False}
+        return item
 
 
 def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDict, *, process_index: int = 0,
@@ -180,10 +193,10 @@ def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDi
         return {"image_features": np.stack([it["features"] for it in items]),
                 "token_ids": tokenizer([it["title"] for it in items]),
                 "ids": np.asarray([it["id"] for it in items], np.int64),
-                "title_complete": np.ones(len(items), bool)}
+                "title_complete": np.asarray([it.get("title_complete", True) for it in items], bool)}
 
     ds = grain.MapDataset.source(rows).seed(config.seed).shuffle().repeat()
-    if rows.views > 1:  # after repeat: each epoch draws its own view of a row
+    if rows.views > 1 or len(rows.title_views) > 1:  # after repeat: each epoch draws its own view of a row
         ds = ds.random_map(rows.with_random_view)
     ds = ds[process_index::process_count]
     ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=collate)

@@ -24,7 +24,7 @@ import logging
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
@@ -89,41 +89,74 @@ class TextCache:
         return {**batch, "text_emb": self.lookup(batch["token_ids"])}
 
 
-def build_or_load(directory: str | pathlib.Path, token_ids: np.ndarray, encode_text, batch_size: int) -> TextCache:
-    """The cache in `directory` if it covers every row of `token_ids`, else a new one written there.
+def embed_by_length(encode_text, token_ids: np.ndarray, batch_size: int, pad_id: int, multiple: int = 8) -> np.ndarray:
+    """[N, L] int32 -> [N, D] float32, each title run with its trailing padding cut to a multiple of `multiple`.
 
-    token_ids: [M, L] int32 (duplicates allowed). encode_text: [b, L] int32 -> [b, D] float32
-    for b = batch_size (the last chunk is padded to it, so one compilation serves all).
+    Both text towers mask padding keys and pool over real tokens only, so a row's embedding does
+    not depend on how much padding follows it (tested); most titles are far shorter than L, and
+    the tower's cost grows with the padded length. One compilation per distinct cut length.
+    """
+    token_ids = np.asarray(token_ids, np.int32)
+    lengths = np.sum(token_ids != pad_id, axis=1)
+    cut = np.minimum(-(-np.maximum(lengths, 1) // multiple) * multiple, token_ids.shape[1])
+    out = None
+    for width in np.unique(cut):
+        rows = np.flatnonzero(cut == width)
+        blocks = inference.batched(encode_text, (np.ascontiguousarray(token_ids[rows, :width]),), batch_size)
+        emb = np.concatenate([b[0] for b in blocks]).astype(np.float32)
+        if out is None:
+            out = np.zeros((len(token_ids), emb.shape[1]), np.float32)
+        out[rows] = emb
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def build_or_load(directory: str | pathlib.Path, token_ids: np.ndarray, encode_text, batch_size: int,
+                  pad_id: int | None = None) -> TextCache:
+    """The cache in `directory` if it covers every row of `token_ids`, else one extended by the missing rows.
+
+    token_ids: [M, L] int32 (duplicates allowed). encode_text: [b, L'] int32 -> [b, D] float32
+    for b = batch_size (the last chunk is padded to it, so one compilation serves each L'). With
+    `pad_id`, rows are cut to their length (`embed_by_length`), L' <= L; without, L' = L. Only
+    rows the stored cache lacks are embedded; the stored rows are kept as they are.
     """
     directory = pathlib.Path(directory)
     distinct = np.unique(np.asarray(token_ids, np.int32), axis=0)
     ids_path, emb_path = directory / "token_ids.npy", directory / "text_emb.npy"
+    stored_ids, stored_emb = distinct[:0], None
     if ids_path.is_file() and emb_path.is_file():
         cache = TextCache(np.load(ids_path), np.load(emb_path, mmap_mode="r"), directory)
-        if all(row.tobytes() in cache.index for row in distinct):
+        missing = np.asarray([row.tobytes() not in cache.index for row in distinct], bool)
+        if not missing.any():
             log.info("text cache: %d titles read from %s", len(cache), directory)
             return cache
-        distinct = np.unique(np.concatenate([cache.token_ids, distinct]), axis=0)
+        stored_ids, stored_emb, distinct = cache.token_ids, np.asarray(cache.text_emb, np.float32), distinct[missing]
     t0 = time.time()
-    blocks = inference.batched(encode_text, (distinct,), batch_size)
-    text_emb = np.concatenate([b[0] for b in blocks]).astype(np.float32)
+    if pad_id is None:
+        new_emb = np.concatenate([b[0] for b in inference.batched(encode_text, (distinct,), batch_size)])
+    else:
+        new_emb = embed_by_length(encode_text, distinct, batch_size, pad_id)
+    num_new = len(distinct)
+    distinct, order = np.unique(np.concatenate([stored_ids, distinct]), axis=0, return_index=True)
+    text_emb = (new_emb if stored_emb is None else np.concatenate([stored_emb, new_emb]))[order].astype(np.float32)
     directory.mkdir(parents=True, exist_ok=True)
     for path, array in ((emb_path, text_emb), (ids_path, distinct)):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.save(f, array)
         os.replace(tmp, path)
-    log.info("text cache: embedded %d distinct titles in %.1f s into %s", len(distinct), time.time() - t0, directory)
+    log.info("text cache: embedded %d new distinct titles in %.1f s into %s (%d in all)", num_new, time.time() - t0,
+             directory, len(distinct))
     return TextCache(np.load(ids_path), np.load(emb_path, mmap_mode="r"), directory)
 
 
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
-            train_source) -> TextCache | None:
-    """The run's text cache when `applies(config)`, built from the train split's titles; else None."""
+            train_source, titles: Sequence[str] | None = None) -> TextCache | None:
+    """The run's text cache when `applies(config)`, built from `titles` (default: the train split's); else None."""
     if not applies(config):
         return None
     encode = inference.feature_encoders(graphdef)[1]  # the text head runs in the step
     key = cache_key(params["text_tower"], tokenizer, config)
     root = pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else workdir / "text_cache"
-    token_ids = tokenizer(pipeline.source_titles(train_source))
-    return build_or_load(root / key, token_ids, lambda t: encode(params, t), config.eval.batch_size)
+    token_ids = tokenizer(list(titles) if titles is not None else pipeline.source_titles(train_source))
+    return build_or_load(root / key, token_ids, lambda t: encode(params, t), config.eval.batch_size,
+                         pad_id=tokenizer.pad_id)

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from prodclip import checkpoint, compile_cache, config_checks, faults, gradcache, losses, optim, parallel
-from prodclip.data import pipeline, sources
+from prodclip.data import pipeline, sources, view_augment
 from prodclip.evaluate import suite
 from prodclip.metrics_writer import MetricsWriter
 from prodclip.models import matcher as matcher_lib
@@ -182,10 +182,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Image feature cache: a locked image tower sees each train image once; batches carry its features.
     from prodclip import image_cache as image_cache_lib
     train_features = image_cache_lib.for_run(config, workdir, graphdef, params, tokenizer, split_sources["train"])
+    # Title views (view_augment.title_views): the full titles and train.text_cache_views - 1 shortened copies.
+    title_views = view_augment.title_views(pipeline.source_titles(split_sources["train"]),
+                                           config.train.text_cache_views, config.data.seed, config.data.title_keep_prob)
     if train_features is not None:
         train_iter.close()
-        rows = image_cache_lib.FeatureRows(train_features, pipeline.source_titles(split_sources["train"]),
-                                           np.asarray(split_sources["train"].ids))
+        rows = image_cache_lib.FeatureRows(train_features, title_views, np.asarray(split_sources["train"].ids),
+                                           short_title_prob=config.data.title_dropout_prob)
         train_iter = image_cache_lib.train_iterator(rows, tokenizer, config, process_index=jax.process_index(),
                                                     process_count=jax.process_count())
     num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -212,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # --- LiT text cache: a locked text tower embeds each distinct title once (text_cache.py).
     from prodclip import text_cache as text_cache_lib
     text_cache = text_cache_lib.for_run(config, workdir, graphdef, compiled.global_state(state)["params"],
-                                        tokenizer, split_sources["train"])
+                                        tokenizer, split_sources["train"], [t for view in title_views for t in view])
 
     # --- Loop. Checkpoints every checkpoint.every_steps and at the end; SIGTERM/SIGINT saves the
     # current step and raises faults.Preempted; NaN/Inf raises faults.NonFiniteError, saving nothing.

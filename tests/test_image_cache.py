@@ -134,9 +134,12 @@ def test_run_trains_on_cached_views_and_evaluates_on_images(tmp_path):
                        "train.num_steps": 6, "train.log_every": 3, "train.eval_every": 0,
                        "train.progress_bar": False, "eval.batch_size": 16, "eval.zeroshot_labels": (),
                        "eval.confusion_png": False, "tokenizer.vocab_size": 200, "checkpoint.async_save": False,
-                       "train.image_cache_views": 2})
+                       "train.image_cache_views": 2, "optim.lock_text": True, "train.text_cache_views": 2,
+                       "data.title_dropout_prob": 0.5})
     c.lock()
     results = train.train_and_evaluate(c, tmp_path / "run")
+    (text_dir,) = list((tmp_path / "run" / "text_cache").iterdir())
+    assert len(np.load(text_dir / "token_ids.npy")) > 48  # the titles and their shortened views
     assert results["train_steps"] == 6
     assert 0.0 <= results["test"]["t2i/R@1"] <= results["test"]["t2i/R@10"] <= 1.0
     (cache_dir,) = list((tmp_path / "run" / "image_cache").iterdir())
@@ -165,3 +168,29 @@ def test_views_change_the_key_and_steps_read_every_view(tmp_path):
             assert f[1] - 10 * i in (0, 1, 2)  # a view of its own row
             seen.add(int(f[0] - 10 * i))
     assert seen == {0, 1, 2}
+
+
+def test_title_views_are_drawn_per_row_and_marked_incomplete(tmp_path):
+    n = 6
+    features = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+    title_views = [[f"t{i} full" for i in range(n)], [f"t{i}" for i in range(n)]]
+    rows = image_cache.FeatureRows(features, title_views, np.arange(n))
+    assert rows[3]["title"] == "t3 full"
+    with pytest.raises(ValueError, match="differ in length"):
+        image_cache.FeatureRows(features, [title_views[0], title_views[1][:5]], np.arange(n))
+    c = tiny_config(**{"train.batch_size": 3})
+    seen = []
+    it = image_cache.train_iterator(rows, lambda titles: (seen.extend(titles), np.zeros((len(titles), CONTEXT),
+                                                                                          np.int32))[1], c)
+    completes = []
+    for _ in range(12):  # 6 epochs
+        batch = next(it)
+        completes.extend(batch["title_complete"].tolist())
+    assert len(seen) == 36 and {t.split()[0] for t in seen} <= {f"t{i}" for i in range(n)}
+    full = [t.endswith("full") for t in seen]
+    assert 6 <= sum(full) <= 30 and completes == full  # both views drawn; shortened titles are marked
+    with pytest.raises(config_lib.ConfigError, match="text_cache_views"):
+        tiny_config(**{"train.text_cache_views": 2, "optim.lock_text": False})
+    with pytest.raises(config_lib.ConfigError, match="title_dropout_prob"):
+        tiny_config(**{"train.text_cache_views": 2, "optim.lock_text": True})  # would never read a short view
+    tiny_config(**{"train.text_cache_views": 2, "optim.lock_text": True, "data.title_dropout_prob": 0.3})

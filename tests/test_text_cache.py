@@ -102,6 +102,22 @@ def test_cache_is_reused_extended_and_refuses_unknown_titles(model, tmp_path):
     np.testing.assert_allclose(grown.lookup(ids[:5]), expected, atol=1e-6)
 
 
+def test_titles_cut_to_their_length_embed_as_at_full_padding(model, tmp_path):
+    config, _, params, encode = model
+    ids = titles_as_ids()
+    full = np.concatenate([np.asarray(encode(params, ids[i:i + 4])) for i in range(0, NUM_TITLES, 4)])
+    widths = []
+
+    def recording(t):
+        widths.append(t.shape[1])
+        return encode(params, t)
+    cut = text_cache.embed_by_length(recording, ids, 4, pad_id=0, multiple=2)
+    np.testing.assert_allclose(cut, full, atol=1e-5)
+    assert min(widths) < CONTEXT  # shorter titles really ran shorter
+    cache = text_cache.build_or_load(tmp_path, ids, lambda t: encode(params, t), 4, pad_id=0)
+    np.testing.assert_allclose(cache.lookup(ids), full, atol=1e-5)
+
+
 def test_cache_key_follows_weights_and_tokenizer(model):
     config, _, params, _ = model
 

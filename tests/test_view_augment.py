@@ -32,3 +32,21 @@ def test_background_replacement_keeps_the_product():
         assert view.shape == image.shape
         hits += not (view == 255).all(axis=-1)[0].all()  # the white top row was replaced
     assert hits > 5
+
+
+def test_title_views_keep_view_zero_and_drop_words_in_order_fixed_per_seed():
+    titles = [f"brand{i} men navy blue slim fit cotton shirt" for i in range(20)] + ["single"]
+    views = view_augment.title_views(titles, 3, seed=0, keep_prob=0.5)
+    assert len(views) == 3 and views[0] == titles
+    assert views == view_augment.title_views(titles, 3, seed=0, keep_prob=0.5)
+    assert views != view_augment.title_views(titles, 3, seed=1, keep_prob=0.5)
+    shorter = 0
+    for view in views[1:]:
+        for full, short in zip(titles, view):
+            words, kept = full.split(), short.split()
+            assert kept and all(w in words for w in kept)
+            assert [words.index(w) for w in kept] == sorted(words.index(w) for w in kept)  # order kept
+            shorter += len(kept) < len(words)
+    assert shorter >= 30  # most 9-word titles lose words at keep_prob 0.5
+    assert views[1] != views[2]
+    assert view_augment.title_views(titles, 1, seed=0, keep_prob=0.5) == [titles]

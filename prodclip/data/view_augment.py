@@ -17,13 +17,21 @@ An augmented view, each part independently:
 The val robustness copies (prodclip/data/robustness.py) use harsher settings (40-80% crops, quality
 10-25) and scene kinds this never draws, but tiles of other photos are common to both, so the
 `background` check is not fully independent of a model trained on these views.
+
+Titles get views too (`train.text_cache_views`): view 0 the title as it is, views 1.. the title
+with each word kept with probability `data.title_keep_prob` (at least one word), drawn from
+(seed, view, row) like the photos'. A locked text tower embeds every view once (text_cache.py);
+the shortened titles stand for shoppers' queries and zero-shot prompts ("men navy shirt"), which
+full titles alone never teach the text head to place.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
-from prodclip.data import robustness
+from prodclip.data import pipeline, robustness
 
 SPEC = {"flip": 0.5, "background": 0.5, "crop": 0.5, "crop_scale": (0.55, 1.0), "jpeg": 0.3,
         "jpeg_quality": (35, 90)}
@@ -72,3 +80,16 @@ class AugmentedViews:
         rng = np.random.default_rng([self.seed, self.view, int(i)])
         item["image"] = augment_view(np.asarray(item["image"]), rng, self.other_photos)
         return item
+
+
+def title_views(titles: Sequence[str], count: int, seed: int, keep_prob: float) -> list[list[str]]:
+    """[count][N] titles: view 0 the titles as they are, view v >= 1 each title with words dropped.
+
+    View v of row i keeps each word with probability keep_prob (at least one), drawn from
+    (seed, v, i) only, so a view is the same whenever and wherever it is computed.
+    """
+    views = [list(titles)]
+    for v in range(1, count):
+        views.append([pipeline.drop_title_words(t, np.random.default_rng([seed, 0x717E, v, i]), keep_prob)
+                      for i, t in enumerate(titles)])
+    return views

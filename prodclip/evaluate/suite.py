@@ -10,7 +10,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from prodclip.data import pipeline
+from prodclip.data import pipeline, view_augment
 from prodclip.evaluate import baselines, rerank, retrieval, zeroshot
 from prodclip.models import inference
 
@@ -87,6 +87,22 @@ def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections
     return metrics
 
 
+def short_query_retrieval(image_emb: np.ndarray, source, keys: np.ndarray, graphdef, params, tokenizer,
+                          config: ml_collections.ConfigDict) -> dict[str, float]:
+    """'t2i_short/R@1', ...: text->image retrieval with each title shortened, like a shopper's query.
+
+    Query i keeps each word of title i with probability eval.short_query_keep_prob (at least one;
+    view_augment.title_views view 1 with seed 0, so every model is asked the same queries); its
+    positives are item i's own key, as in 't2i/'. image_emb: [N, D] float32; keys: [N] int64.
+    """
+    titles = pipeline.source_titles(source)
+    queries = view_augment.title_views(titles, 2, seed=0, keep_prob=config.eval.short_query_keep_prob)[1]
+    encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
+    metrics = retrieval.retrieval_metrics(encode(queries), image_emb, keys, keys, ks=tuple(config.eval.ks))
+    metrics["mean_query_words"] = float(np.mean([len(q.split()) for q in queries]))
+    return {f"t2i_short/{k}": v for k, v in metrics.items()}
+
+
 def embed_split(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """One pass of `source` through the model: {"image_emb": [N, D], "text_emb": [N, D]} float32, in order.
 
@@ -119,6 +135,8 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
     metrics = retrieval.two_way_retrieval(image_emb, text_emb, keys, keys, ks=tuple(config.eval.ks))
     if rerank.enabled(config):
         metrics.update(rerank.two_way_reranked(graphdef, params, embedded, keys, config))
+    if config.eval.short_query_keep_prob > 0:
+        metrics.update(short_query_retrieval(image_emb, source, keys, graphdef, params, tokenizer, config))
     metrics["num_items"] = len(source)
     metrics["distinct_keys"] = int(len(np.unique(keys)))
     metrics["match_by_product_id"] = int(rule == "product_id")
