@@ -89,16 +89,21 @@ class TextCache:
         return {**batch, "text_emb": self.lookup(batch["token_ids"])}
 
 
-def embed_by_length(encode_text, token_ids: np.ndarray, batch_size: int, pad_id: int, multiple: int = 8) -> np.ndarray:
+def embed_by_length(encode_text, token_ids: np.ndarray, batch_size: int, pad_id: int | None,
+                    multiple: int = 8) -> np.ndarray:
     """[N, L] int32 -> [N, D] float32, each title run with its trailing padding cut to a multiple of `multiple`.
 
     Both text towers mask padding keys and pool over real tokens only, so a row's embedding does
     not depend on how much padding follows it (tested); most titles are far shorter than L, and
     the tower's cost grows with the padded length. One compilation per distinct cut length.
+    pad_id None: no cut, every row runs at L.
     """
     token_ids = np.asarray(token_ids, np.int32)
-    lengths = np.sum(token_ids != pad_id, axis=1)
-    cut = np.minimum(-(-np.maximum(lengths, 1) // multiple) * multiple, token_ids.shape[1])
+    if pad_id is None:
+        cut = np.full(len(token_ids), token_ids.shape[1])
+    else:
+        lengths = np.sum(token_ids != pad_id, axis=1)
+        cut = np.minimum(-(-np.maximum(lengths, 1) // multiple) * multiple, token_ids.shape[1])
     out = None
     for width in np.unique(cut):
         rows = np.flatnonzero(cut == width)
@@ -131,10 +136,7 @@ def build_or_load(directory: str | pathlib.Path, token_ids: np.ndarray, encode_t
             return cache
         stored_ids, stored_emb, distinct = cache.token_ids, np.asarray(cache.text_emb, np.float32), distinct[missing]
     t0 = time.time()
-    if pad_id is None:
-        new_emb = np.concatenate([b[0] for b in inference.batched(encode_text, (distinct,), batch_size)])
-    else:
-        new_emb = embed_by_length(encode_text, distinct, batch_size, pad_id)
+    new_emb = embed_by_length(encode_text, distinct, batch_size, pad_id)
     num_new = len(distinct)
     distinct, order = np.unique(np.concatenate([stored_ids, distinct]), axis=0, return_index=True)
     text_emb = (new_emb if stored_emb is None else np.concatenate([stored_emb, new_emb]))[order].astype(np.float32)
