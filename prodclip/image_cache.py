@@ -40,16 +40,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from prodclip import config as config_lib
 from prodclip.data import pipeline, view_augment
 from prodclip.data.workers import ResumableIterator
 from prodclip.models import inference
 
 log = logging.getLogger("prodclip")
-
-
-def applies(config: ml_collections.ConfigDict) -> bool:
-    """True when the cache is on: train.image_cache='auto', a locked image tower and no image augmentation."""
-    return config.train.image_cache == "auto" and config.optim.lock_image and not config.data.augment
 
 
 def hash_params(h, params: Any) -> None:
@@ -213,8 +209,9 @@ def embed_features(graphdef, params: Any, features: np.ndarray, batch_size: int)
 
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
             train_source) -> np.ndarray | None:
-    """The run's [V, N, F] train features (V = train.image_cache_views) when `applies(config)`; else None."""
-    if not applies(config):
+    """The run's [V, N, F] train features (V = train.image_cache_views), or None when
+    `config.image_cache_on(config)` is False."""
+    if not config_lib.image_cache_on(config):
         return None
     t0 = time.time()
     catalog = catalog_digest(train_source)

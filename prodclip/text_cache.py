@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from prodclip import trees
+from prodclip import config as config_lib, trees
 from prodclip.data import pipeline
 from prodclip.models import inference
 
@@ -38,12 +38,6 @@ log = logging.getLogger("prodclip")
 
 class TextCacheMiss(KeyError):
     """A batch holds a title the cache has no embedding for."""
-
-
-def applies(config: ml_collections.ConfigDict) -> bool:
-    """True when the cache is on: train.text_cache='auto', a locked text tower and no title augmentation."""
-    augmented = config.data.augment and config.data.title_dropout_prob > 0
-    return config.train.text_cache == "auto" and config.optim.lock_text and not augmented
 
 
 def cache_key(text_params: Any, tokenizer, config: ml_collections.ConfigDict) -> str:
@@ -153,8 +147,9 @@ def build_or_load(directory: str | pathlib.Path, token_ids: np.ndarray, encode_t
 
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
             train_source, titles: Sequence[str] | None = None) -> TextCache | None:
-    """The run's text cache when `applies(config)`, built from `titles` (default: the train split's); else None."""
-    if not applies(config):
+    """The run's text cache, built from `titles` (default: the train split's), or None when
+    `config.text_cache_on(config)` is False."""
+    if not config_lib.text_cache_on(config):
         return None
     encode = inference.feature_encoders(graphdef)[1]  # the text head runs in the step
     key = cache_key(params["text_tower"], tokenizer, config)

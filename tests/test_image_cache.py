@@ -106,10 +106,10 @@ def test_key_changes_with_weights_preprocessing_and_catalog():
 
 
 def test_applies_only_with_a_locked_unaugmented_image_tower():
-    assert image_cache.applies(tiny_config())
-    assert not image_cache.applies(tiny_config(**{"optim.lock_image": False}))
-    assert not image_cache.applies(tiny_config(**{"data.augment": True}))
-    assert not image_cache.applies(tiny_config(**{"train.image_cache": "off"}))
+    assert config_lib.image_cache_on(tiny_config())
+    assert not config_lib.image_cache_on(tiny_config(**{"optim.lock_image": False}))
+    assert not config_lib.image_cache_on(tiny_config(**{"data.augment": True}))
+    assert not config_lib.image_cache_on(tiny_config(**{"train.image_cache": "off"}))
 
 
 def test_build_or_load_reuses_a_complete_cache_and_recomputes_a_short_one(tmp_path):

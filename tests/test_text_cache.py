@@ -14,7 +14,7 @@ from test_finetune import tiny_config as finetune_config
 
 from prodclip import optim
 from prodclip.models import factory
-from prodclip import config_checks, config_loading
+from prodclip import config as config_lib, config_checks, config_loading
 from prodclip import text_cache, train
 
 NUM_TITLES = 12
@@ -142,4 +142,4 @@ def test_cache_key_follows_weights_and_tokenizer(model):
     ({"data.title_dropout_prob": 0.5, "data.augment": False}, True),
 ])
 def test_cache_applies_only_to_a_locked_unaugmented_text_tower(overrides, expected):
-    assert text_cache.applies(tiny_config(**overrides)) is expected
+    assert config_lib.text_cache_on(tiny_config(**overrides)) is expected
