@@ -231,6 +231,12 @@ def base_config() -> ml_collections.ConfigDict:
     # as a positive only it would teach the ITM head that short titles match.
     c.loss.itm_complete_titles_only = True
     c.loss.matcher_weight = 1.0  # weight of the matcher's BCE (model.matcher.kind != 'none') beside the contrastive loss
+    # Attribute-swapped titles as hard negatives (cached-feature training only): each train row gets
+    # loss.hard_negatives titles of other train products of its type that differ in one of match.swap_labels
+    # (evaluate/pairs.py's attribute_swap draw, from data.seed), one drawn per epoch; the loss adds
+    # hard_negative_weight * a two-way softmax per image between its own title and that swapped title.
+    c.loss.hard_negatives = 0
+    c.loss.hard_negative_weight = 1.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

@@ -62,6 +62,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.text_cache_views={config.train.text_cache_views} reads a shortened title view "
                           f"with probability data.title_dropout_prob, which is {config.data.title_dropout_prob}; "
                           "set it in (0, 1]")
+    if config.loss.hard_negatives < 0 or config.loss.hard_negative_weight < 0:
+        raise ConfigError(f"loss.hard_negatives ({config.loss.hard_negatives}) and loss.hard_negative_weight "
+                          f"({config.loss.hard_negative_weight}) must be >= 0")
+    if config.loss.hard_negatives and not image_cache_on(config):
+        raise ConfigError(f"loss.hard_negatives={config.loss.hard_negatives} needs cached image features "
+                          "(optim.lock_image, data.augment=False, train.image_cache='auto'); set it to 0 otherwise")
+    if config.loss.hard_negatives and (config.train.grad_accum_steps > 1 or config.model.fusion.enabled):
+        raise ConfigError(f"loss.hard_negatives={config.loss.hard_negatives} works with train.grad_accum_steps=1 "
+                          "and no fusion (model.fusion.enabled mines its own hard negatives); set it to 0 otherwise")
     if not 0.0 <= config.eval.short_query_keep_prob <= 1.0:
         raise ConfigError(f"'eval.short_query_keep_prob' must be in [0, 1] (0 = off), got "
                           f"{config.eval.short_query_keep_prob}")

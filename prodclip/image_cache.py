@@ -134,18 +134,20 @@ class FeatureRows:
     """A grain source over cached features: item i = {features [F] float32 (view 0), title, id, row} of train row i.
 
     features: [N, F], or [V, N, F] for V cached views of each row. titles: [N] strings, or [T][N]
-    for T title views of each row (view 0 the titles as they are). `with_random_view` draws an
-    image view of the row uniformly and, independently, with probability `short_title_prob` one of
-    its shortened title views 1.. (uniformly), else view 0.
+    for T title views of each row (view 0 the titles as they are). negative_titles: optional N
+    lists of wrong titles per row (hard negatives, evaluate/pairs.swapped_titles). `with_random_view`
+    draws an image view of the row uniformly and, independently, with probability `short_title_prob`
+    one of its shortened title views 1.. (uniformly), else view 0, and one of its negative titles.
     """
 
     def __init__(self, features: np.ndarray, titles: Sequence[str] | Sequence[Sequence[str]], ids: np.ndarray,
-                 short_title_prob: float = 0.5):
+                 short_title_prob: float = 0.5, negative_titles: Sequence[Sequence[str]] | None = None):
         self.features = features if features.ndim == 3 else features[None]
         self.short_title_prob = float(short_title_prob)
         self.title_views = [list(t) for t in titles] if titles and not isinstance(titles[0], str) else [list(titles)]
         self.titles, self.ids = self.title_views[0], np.asarray(ids, np.int64)
-        lengths = {len(t) for t in self.title_views}
+        self.negative_titles = [list(n) for n in negative_titles] if negative_titles is not None else None
+        lengths = {len(t) for t in self.title_views} | ({len(self.negative_titles)} if self.negative_titles else set())
         if not lengths == {self.features.shape[1]} == {len(self.ids)}:
             raise ValueError(f"features ({self.features.shape[1]}), titles ({sorted(lengths)}) and ids ({len(ids)}) "
                              "differ in length")
@@ -159,8 +161,19 @@ class FeatureRows:
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
-        return {"features": np.asarray(self.features[0, i], np.float32), "title": self.titles[i], "id": self.ids[i],
+        item = {"features": np.asarray(self.features[0, i], np.float32), "title": self.titles[i], "id": self.ids[i],
                 "row": i}
+        if self.negative_titles is not None:
+            negatives = self.negative_titles[i]
+            item["negative_title"] = negatives[0] if negatives else self.titles[i]
+            item["has_negative"] = bool(negatives)
+        return item
+
+    @property
+    def draws_per_epoch(self) -> bool:
+        """True when items differ between epochs (several image, title or negative views)."""
+        return (self.views > 1 or len(self.title_views) > 1
+                or (self.negative_titles is not None and any(len(n) > 1 for n in self.negative_titles)))
 
     def with_random_view(self, item: dict, rng: np.random.Generator) -> dict:
         """The item with the features of a drawn view of its row and, with title views, its title replaced
@@ -171,12 +184,17 @@ class FeatureRows:
         if len(self.title_views) > 1 and rng.random() < self.short_title_prob:
             title_view = 1 + int(rng.integers(len(self.title_views) - 1))
             item = {**item, "title": self.title_views[title_view][item["row"]], "title_complete": False}
+        negatives = self.negative_titles[item["row"]] if self.negative_titles is not None else ()
+        if len(negatives) > 1:
+            item = {**item, "negative_title": negatives[int(rng.integers(len(negatives)))]}
         return item
 
 
 def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDict, *, process_index: int = 0,
                    process_count: int = 1) -> ResumableIterator:
-    """Endless batches {image_features [b, F] float32, token_ids [b, L] int32, ids [b] int64, title_complete [b]}.
+    """Endless batches {image_features [b, F] float32, token_ids [b, L] int32, ids [b] int64, title_complete [b]},
+    plus negative_token_ids [b, L] int32 and negative_mask [b] bool (a complete title with a negative)
+    when `rows` has negative titles.
 
     The same order as pipeline.train_dataset (a fresh seeded permutation each epoch, process p
     reading rows p, p + P, ...), and resumable through get_state / set_state like it.
@@ -186,13 +204,18 @@ def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDi
         raise ValueError(f"train.batch_size={global_batch} is not divisible by {process_count} processes")
 
     def collate(items):
-        return {"image_features": np.stack([it["features"] for it in items]),
-                "token_ids": tokenizer([it["title"] for it in items]),
-                "ids": np.asarray([it["id"] for it in items], np.int64),
-                "title_complete": np.asarray([it.get("title_complete", True) for it in items], bool)}
+        batch = {"image_features": np.stack([it["features"] for it in items]),
+                 "token_ids": tokenizer([it["title"] for it in items]),
+                 "ids": np.asarray([it["id"] for it in items], np.int64),
+                 "title_complete": np.asarray([it.get("title_complete", True) for it in items], bool)}
+        if rows.negative_titles is not None:
+            # A negative against a shortened title ("shirt") would teach nothing about the swapped attribute.
+            batch["negative_token_ids"] = tokenizer([it["negative_title"] for it in items])
+            batch["negative_mask"] = batch["title_complete"] & np.asarray([it["has_negative"] for it in items], bool)
+        return batch
 
     ds = grain.MapDataset.source(rows).seed(config.seed).shuffle().repeat()
-    if rows.views > 1 or len(rows.title_views) > 1:  # after repeat: each epoch draws its own view of a row
+    if rows.draws_per_epoch:  # after repeat: each epoch draws its own view of a row
         ds = ds.random_map(rows.with_random_view)
     ds = ds[process_index::process_count]
     ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=collate)

@@ -409,6 +409,27 @@ def make_ring_loss(
     raise ValueError(f"unknown loss {loss_name!r}; expected 'sigmoid' or 'softmax'")
 
 
+def hard_negative_loss(image_emb: jax.Array, text_emb: jax.Array, negative_emb: jax.Array, mask: jax.Array,
+                       logit_scale: jax.Array) -> jax.Array:
+    """A two-way softmax per image between its own title and one hard-negative title (NegCLIP's idea,
+    kept per row so it needs no cross-device communication under any sharding).
+
+    Args:
+      image_emb, text_emb, negative_emb: ``[B, D]`` float, L2-normalised; row ``i`` of
+        ``negative_emb`` is a wrong title for image ``i`` (e.g. its colour swapped).
+      mask: ``[B]`` bool, rows that have a negative.
+      logit_scale: scalar, the contrastive loss's inverse temperature.
+
+    Returns:
+      Scalar float32 in nats: ``sum_i mask_i * softplus(scale * (cos(i, neg_i) - cos(i, pos_i))) / B``.
+      Dividing by B (not by the masked count) keeps a per-device mean followed by a pmean exact.
+    """
+    scale = jnp.asarray(logit_scale, jnp.float32)
+    pos = jnp.sum(image_emb.astype(jnp.float32) * text_emb.astype(jnp.float32), axis=-1)
+    neg = jnp.sum(image_emb.astype(jnp.float32) * negative_emb.astype(jnp.float32), axis=-1)
+    return jnp.mean(jnp.where(mask, jax.nn.softplus(scale * (neg - pos)), 0.0))
+
+
 def batch_positives(batch: dict) -> jax.Array:
     """[B, B] bool: pairs that are both correct matches (same product id or identical title)."""
     same_id = batch["ids"][:, None] == batch["ids"][None, :]

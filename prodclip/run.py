@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import ml_collections
 
@@ -39,12 +39,14 @@ class Run:
     label_stats: dict | None
 
 
-def load_tokenizer_and_sources(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits: Iterable[str]):
+def load_tokenizer_and_sources(config: ml_collections.ConfigDict, workdir: pathlib.Path, splits: Iterable[str],
+                               check: Callable[[dict], None] | None = None):
     """(tokenizer, {split: source}, label_stats) of a run.
 
     The tokenizer and label vocabulary come from the workdir when it has them (a finished
     run evaluated on a new catalog file); otherwise they are made from the train split and
-    saved there.
+    saved there. check: called with {split: source} before anything is written; it raises
+    to stop the run.
     """
     workdir = pathlib.Path(workdir)
     splits = list(splits)
@@ -58,6 +60,8 @@ def load_tokenizer_and_sources(config: ml_collections.ConfigDict, workdir: pathl
     vocab = {label: stats["names"] for label, stats in (label_stats or new_stats or {}).items()}
     split_sources = {split: train_source if split == "train" else sources.make_source(config, split, vocab)
                      for split in splits}
+    if check is not None:
+        check(split_sources)
     # Every split was readable: only now is anything written into the workdir.
     if new_stats is not None:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -79,8 +79,12 @@ class TextCache:
         return np.asarray(self.text_emb[np.asarray(rows)], np.float32)
 
     def attach(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The batch plus 'text_emb' [B, D] float32 for its token_ids."""
-        return {**batch, "text_emb": self.lookup(batch["token_ids"])}
+        """The batch plus 'text_emb' [B, D] float32 for its token_ids (and 'negative_text_emb' for its
+        negative_token_ids, which it then drops)."""
+        out = {**batch, "text_emb": self.lookup(batch["token_ids"])}
+        if "negative_token_ids" in out:
+            out["negative_text_emb"] = self.lookup(out.pop("negative_token_ids"))
+        return out
 
 
 def embed_by_length(encode_text, token_ids: np.ndarray, batch_size: int, pad_id: int | None,

@@ -17,9 +17,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from prodclip import checkpoint, compile_cache, config_checks, faults, gradcache, losses, optim, parallel
+from prodclip import checkpoint, compile_cache, config_checks, errors, faults, gradcache, losses, optim, parallel
 from prodclip.data import pipeline, sources, view_augment
-from prodclip.evaluate import suite
+from prodclip.evaluate import matching, pairs, suite
 from prodclip.metrics_writer import MetricsWriter
 from prodclip.models import matcher as matcher_lib
 from prodclip.models.factory import create_model, merge_model
@@ -68,9 +68,18 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss: 
                      else model.encode_image(batch["images"]))
         return image_emb, text_emb
 
+    def embed_negatives(params, batch):
+        model = merge_model(graphdef, params)
+        if "negative_text_emb" in batch:
+            return model.embed_text_features(batch["negative_text_emb"])
+        return model.encode_text(batch["negative_token_ids"])
+
     def loss_on_embeddings(params, image_emb, text_emb, batch):
         model = merge_model(graphdef, params)
         loss = pair_loss(image_emb, text_emb, model.logit_scale(), model.logit_bias[...], batch)
+        if "negative_mask" in batch:  # loss.hard_negatives: attribute-swapped titles (image_cache.FeatureRows)
+            loss = loss + config.loss.hard_negative_weight * losses.hard_negative_loss(
+                image_emb, text_emb, embed_negatives(params, batch), batch["negative_mask"], model.logit_scale())
         if model.matcher is not None:
             positives = losses.batch_positives(batch) if config.loss.extra_positives else None
             loss = loss + config.loss.matcher_weight * matcher_lib.matcher_loss(
@@ -127,6 +136,15 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
 # ----------------------------------------------------------------------------- the run
 
 
+def swap_sampler(config: ml_collections.ConfigDict, train_source) -> pairs.NegativeSampler:
+    """The attribute_swap sampler over the train split for loss.hard_negatives (labels from config.match)."""
+    try:
+        type_label, swap_labels = matching.benchmark_labels(config, train_source)
+        return pairs.sampler_for_source(train_source, type_label, swap_labels)
+    except ValueError as e:
+        raise errors.ConfigError(f"loss.hard_negatives={config.loss.hard_negatives}: {e}") from None
+
+
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +171,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # --- Data: every split is read before anything is written into the workdir.
     workdir = pathlib.Path(workdir)
     splits = ("train", "val", *config.data.eval_splits)
-    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits))
+    check = (lambda split_sources: swap_sampler(config, split_sources["train"])) if config.loss.hard_negatives else None
+    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits), check)
+    negative_titles = None
+    if config.loss.hard_negatives:  # attribute-swapped titles of other train products (evaluate/pairs.py)
+        negative_titles = pairs.swapped_titles(swap_sampler(config, split_sources["train"]),
+                                               config.loss.hard_negatives, seed=config.data.seed)
     workdir = prepare_workdir(config, workdir)
     sources.report_skipped(split_sources, workdir)
     if config.train.compilation_cache:
@@ -162,6 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train_iter = pipeline.train_iterator(split_sources["train"], tokenizer, config,
                                          process_index=jax.process_index(), process_count=jax.process_count())
     log.info("data: %s", {k: len(v) for k, v in split_sources.items()})
+    if negative_titles is not None:
+        log.info("hard negatives: %d of %d train rows have an attribute-swapped title",
+                 sum(map(bool, negative_titles)), len(negative_titles))
 
     # --- Model and optimizer.
     graphdef, params = create_model(config, tokenizer, config.seed)
@@ -188,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if train_features is not None:
         train_iter.close()
         rows = image_cache_lib.FeatureRows(train_features, title_views, np.asarray(split_sources["train"].ids),
-                                           short_title_prob=config.data.title_dropout_prob)
+                                           short_title_prob=config.data.title_dropout_prob,
+                                           negative_titles=negative_titles)
         train_iter = image_cache_lib.train_iterator(rows, tokenizer, config, process_index=jax.process_index(),
                                                     process_count=jax.process_count())
     num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -215,7 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # --- LiT text cache: a locked text tower embeds each distinct title once (text_cache.py).
     from prodclip import text_cache as text_cache_lib
     text_cache = text_cache_lib.for_run(config, workdir, graphdef, compiled.global_state(state)["params"],
-                                        tokenizer, split_sources["train"], [t for view in title_views for t in view])
+                                        tokenizer, split_sources["train"],
+                                        [t for view in title_views for t in view] + sorted(
+                                            {t for row in negative_titles or () for t in row}))
 
     # --- Loop. Checkpoints every checkpoint.every_steps and at the end; SIGTERM/SIGINT saves the
     # current step and raises faults.Preempted; NaN/Inf raises faults.NonFiniteError, saving nothing.

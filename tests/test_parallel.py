@@ -34,8 +34,8 @@ def one_device_mesh(config):
     return parallel.make_mesh(config, devices=jax.devices()[:1])
 
 
-def run_steps(config, mesh, num_steps=2):
-    """Trains `num_steps` on batches 0, 1, ... through compile_train_step.
+def run_steps(config, mesh, num_steps=2, batch_fn=tiny_batch):
+    """Trains `num_steps` on batches batch_fn(config, 0), batch_fn(config, 1), ... through compile_train_step.
 
     Returns (host state after each step, metrics of each step).
     """
@@ -46,7 +46,7 @@ def run_steps(config, mesh, num_steps=2):
     state = compiled.place_state(state)
     states, history = [], []
     for step in range(num_steps):
-        state, metrics = compiled.step(state, compiled.place_batch(tiny_batch(config, seed=step)))
+        state, metrics = compiled.step(state, compiled.place_batch(batch_fn(config, seed=step)))
         history.append({k: float(np.mean(jax.device_get(v))) for k, v in metrics.items()})
         states.append(jax.device_get(compiled.global_state(state)))
     return states, history
@@ -62,7 +62,9 @@ def first_gradients(config, state_after_one_step):
         name = parallel.path_name(path)
         if "/mu/" in name:
             grads[name.split("/mu/", 1)[1]] = np.asarray(x) / (1 - config.optim.b1)
-    assert len(grads) == len(jax.tree.leaves(state_after_one_step["params"]))
+    locked = [t for t, on in (("image_tower/", config.optim.lock_image), ("text_tower/", config.optim.lock_text)) if on]
+    trained = [parallel.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(state_after_one_step["params"])]
+    assert len(grads) == len([n for n in trained if not any(n.startswith(t) for t in locked)])
     return grads
 
 
@@ -174,6 +176,29 @@ def test_pmap_equals_sharded(reference):
     config = tiny_config(**{"parallel.strategy": "pmap"})
     states, history = run_steps(config, parallel.make_mesh(config))
     assert_same_training(config, states, history, *reference, what="pmap")
+
+
+def batch_with_negatives(config, seed):
+    """tiny_batch plus a hard-negative title per row (another row's title), a third of rows without one."""
+    batch = tiny_batch(config, seed)
+    rng = np.random.default_rng(seed + 100)
+    b = len(batch["ids"])
+    return {**batch, "negative_token_ids": batch["token_ids"][rng.permutation(b)],
+            "negative_mask": rng.random(b) > 0.33}
+
+
+@pytest.mark.parametrize("layout", [{"parallel.mesh_shape": (4, 2)}, {"parallel.strategy": "pmap"}])
+def test_hard_negative_step_on_8_devices_equals_one_device(layout):
+    """loss.hard_negatives: the extra per-row term under FSDP and pmap equals the 1-device step, and moves it."""
+    on = {"loss.hard_negatives": 1, "loss.hard_negative_weight": 2.0, "optim.lock_image": True,
+          "data.augment": False}
+    ref_config = tiny_config(**on)
+    ref = run_steps(ref_config, one_device_mesh(ref_config), batch_fn=batch_with_negatives)
+    config = tiny_config(**on, **layout)
+    states, history = run_steps(config, parallel.make_mesh(config), batch_fn=batch_with_negatives)
+    assert_same_training(config, states, history, *ref, what=f"hard negatives {layout}")
+    plain = run_steps(ref_config, one_device_mesh(ref_config))
+    assert abs(history[0]["loss"] - plain[1][0]["loss"]) > 1e-3  # the term is in the loss
 
 
 def test_gradcache_with_remat_equals_full_batch_gradient(reference):

@@ -213,6 +213,27 @@ def build_pairs(sampler: NegativeSampler, kinds: Sequence[str] = NEGATIVE_KINDS,
                    pair_kinds, attributes, np.asarray(edited, bool), missing)
 
 
+def swapped_titles(sampler: NegativeSampler, count: int, *, seed: int = 0) -> list[list[str]]:
+    """Up to `count` distinct attribute_swap titles for every item: N lists (empty where the split has none).
+
+    Hard negatives for training (loss.hard_negatives): mostly titles of other items of the same
+    split, so a text cache already holds them. Drawn from their own generator, not the benchmark's.
+    """
+    rng = np.random.default_rng([seed, NEGATIVE_KINDS.index("attribute_swap"), count])
+    out = []
+    for i in range(len(sampler)):
+        found: dict[str, None] = {}
+        for _ in range(2 * count):
+            negative = sampler.draw("attribute_swap", i, rng)
+            if negative is None:
+                break
+            found.setdefault(negative.title)
+            if len(found) == count:
+                break
+        out.append(list(found))
+    return out
+
+
 def inject_errors(sampler: NegativeSampler, fractions: dict[str, float], *, seed: int = 0
                   ) -> tuple[list[str], list[str]]:
     """A copy of the catalog's titles where a fraction of listings carry a wrong title, as sellers' errors do.
