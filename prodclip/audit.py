@@ -3,7 +3,10 @@
     prodclip audit --workdir RUN --catalog catalog.parquet --out REPORT
 
 Every listing's own (photo, title) pair is scored with the run's match calibration
-(prodclip/evaluate/matching.py) and the listings are ranked from the likeliest mismatch.
+(prodclip/evaluate/matching.py) and the listings are ranked from the likeliest mismatch. A
+calibration fit with match.hubness_k = k > 0 scores the cosine corrected for hubness against the
+catalog itself: two more exact top-k passes, every photo against all titles and every title
+against all photos.
 For each flagged one the report shows the catalog titles its photo matches best ("looks like")
 and the catalog photos its title matches best.
 
@@ -50,7 +53,7 @@ import numpy as np
 
 from prodclip import search
 from prodclip.data.catalog import png_bytes
-from prodclip.evaluate import matching
+from prodclip.evaluate import hubness, matching
 from prodclip.evaluate import store as store_lib
 
 log = logging.getLogger("prodclip")
@@ -82,6 +85,13 @@ def own_pair_cosines(image_store: store_lib.Store, title_store: store_lib.Store)
     """[N] float64 cosine of each listing's photo with its own title, read one shard at a time."""
     return np.concatenate([np.einsum("nd,nd->n", np.asarray(a, np.float64), np.asarray(b, np.float64))
                            for a, b in zip(image_store.shards, title_store.shards)])
+
+
+def store_density(queries: store_lib.Store, reference: store_lib.Store, k: int, chunk_size: int) -> np.ndarray:
+    """[N] float64 mean of the k best cosines of every row of `queries` over all rows of `reference`."""
+    out = [search.top_k(reference.shards, rows, k, chunk_size=chunk_size)[0].astype(np.float64).mean(axis=1)
+           for _, rows in queries.iter_rows(4096)]
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def store_rows(store: store_lib.Store, rows: np.ndarray) -> np.ndarray:
@@ -168,8 +178,14 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
         log.warning("the calibration was fit without a fusion head; ranking by the two-tower score only")
         itm_fn = None
     itm = _own_itm(itm_fn, source, tokenizer, config) if itm_fn is not None else None
+    pair_score = cos
+    k, chunk = config.match.looks_like_k, config.embed.chunk_size
+    if calibration.hubness_k:
+        hub_k = calibration.hubness_k
+        pair_score = hubness.corrected(cos, store_density(image_store, title_store, hub_k, chunk),
+                                       store_density(title_store, image_store, hub_k, chunk))
     score = calibration.best_score()
-    prob = calibration.probabilities(cos, itm)[score]
+    prob = calibration.probabilities(pair_score, itm)[score]
     m = config.match
     if calibration.fit_scores and score in calibration.fit_scores:
         flags = flag_threshold(calibration.fit_scores[score], m.audit_error_rate, m.audit_target_precision)
@@ -186,7 +202,6 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     order = np.argsort(prob, kind="stable")
     flagged = order[prob[order] < threshold]
 
-    k, chunk = config.match.looks_like_k, config.embed.chunk_size
     looks_like = np.zeros((0, k), np.int64)
     title_matches = np.zeros((0, k), np.int64)
     block = 4096

@@ -345,6 +345,9 @@ def base_config() -> ml_collections.ConfigDict:
     one_of(c, "match.calibration", "auto", ("auto", "native", "platt"))  # auto (sigmoid loss: native logit scale/bias; softmax: platt) | native | platt
     one_of(c, "match.threshold_rule", "max_f1", ("max_f1", "target_precision"))
     c.match.target_precision = 0.9  # for threshold_rule=target_precision
+    # > 0: score a pair by its cosine corrected for hubness (CSLS): minus half the mean of the photo's k best
+    # cosines to the split's (or audited catalog's) titles and half the title's k best to its photos.
+    c.match.hubness_k = 0
     c.match.ece_bins = 15  # equal-width bins of the expected calibration error and reliability diagram
     # audit: flag a listing when p(match) is below the threshold whose predicted precision, at this
     # expected fraction of mismatched listings in the audited catalog, is audit_target_precision.

@@ -231,5 +231,10 @@ def _validate_match(config: ml_collections.ConfigDict) -> None:
     if not (0 < m.audit_error_rate < 1 and 0 < m.audit_target_precision <= 1):
         raise ConfigError(f"match.audit_error_rate must be in (0, 1) (got {m.audit_error_rate}) and "
                           f"match.audit_target_precision in (0, 1] (got {m.audit_target_precision})")
+    if m.hubness_k < 0:
+        raise ConfigError(f"match.hubness_k must be >= 0 (0 = raw cosines), got {m.hubness_k}")
+    if m.hubness_k and m.calibration == "native":
+        raise ConfigError("match.calibration='native' applies the model's logit scale to raw cosines; with "
+                          f"match.hubness_k={m.hubness_k} use 'platt' or 'auto'")
     if m.ece_bins < 2 or m.looks_like_k < 1 or m.report_rows < 0:
         raise ConfigError("match.ece_bins must be >= 2, match.looks_like_k >= 1 and match.report_rows >= 0")

@@ -284,3 +284,37 @@ def test_audit_ranks_injected_mismatches_first(trained_run, tmp_path, capsys):
     mtime = shard.stat().st_mtime_ns
     assert cli.main(command) == 0
     assert shard.stat().st_mtime_ns == mtime
+
+
+def test_audit_with_hubness_corrects_against_the_catalog_itself(trained_run, tmp_path):
+    """match.hubness_k: `prodclip match` fits the calibration on CSLS scores, and `prodclip audit` scores each
+    listing with the same correction, the audited catalog as the reference (numpy reference, atol 1e-5)."""
+    from prodclip.evaluate import store as store_lib
+
+    match_out = tmp_path / "match"
+    assert cli.main(["match", "--workdir", str(trained_run), "--split", "val", "--out", str(match_out),
+                     "--config.match.hubness_k=2"]) == 0
+    calibration = matching.Calibration.load(match_out / matching.CALIBRATION_FILE)
+    assert calibration.hubness_k == 2 and calibration.method == "platt"
+    catalog = synthetic.make_catalog("train", 64, seed=3, image_size=32)
+    rows = [{"id": int(catalog.ids[i]), "title": catalog.titles[i], "image": _jpeg(catalog.images[i])}
+            for i in range(len(catalog))]
+    path = tmp_path / "catalog.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    out = tmp_path / "report"
+    assert cli.main(["audit", "--workdir", str(trained_run), "--catalog", str(path), "--out", str(out),
+                     "--calibration", str(match_out / matching.CALIBRATION_FILE),
+                     "--config.embed.shard_size=20"]) == 0
+    images = np.concatenate([v for _, v in store_lib.open_store(out / "stores" / "images").iter_rows()]).astype(float)
+    titles = np.concatenate([v for _, v in store_lib.open_store(out / "stores" / "titles").iter_rows()]).astype(float)
+    cos = images @ titles.T
+    density = lambda s: np.sort(s, axis=1)[:, -2:].mean(axis=1)  # noqa: E731
+    csls = np.diag(cos) - 0.5 * (density(cos) + density(cos.T))
+    with open(out / "audit.csv", newline="") as f:
+        report = [r for r in csv.DictReader(f) if r["status"] == "scored"]
+    got = np.asarray([float(r["match_probability"]) for r in report])
+    expected = calibration.two_tower(csls[[int(r["row"]) for r in report]])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    raw = matching.Calibration.load(match_out / matching.CALIBRATION_FILE)
+    raw.hubness_k = 0  # the same fit applied to raw cosines ranks differently: the correction is in effect
+    assert np.abs(raw.two_tower(np.diag(cos)[[int(r["row"]) for r in report]]) - got).max() > 1e-3

@@ -5,6 +5,10 @@ Scores, one per pair:
              p = sigmoid(scale * cos + bias): the sigmoid loss's own logit_scale and logit_bias
              ("native"), or a Platt fit (a 1-feature logistic regression) on the fit split's pairs,
              which the softmax loss needs because its scores carry no absolute level.
+             With match.hubness_k = k > 0 the cosine is first corrected for hubness (CSLS):
+             cos - (mean top-k cosine of the photo to the reference titles
+             + mean top-k cosine of the title to the reference photos) / 2, the reference
+             being the scored split (or the audited catalog), and the calibration is Platt.
   fusion     the ITM probability of a fusion head, where the caller passes `itm_fn`.
   combined   sigmoid(w_cos * cos + w_itm * logit(p_itm) + b), a logistic regression over both
              scores fit on the fit split, as retrieval re-ranking mixes ITC and ITM.
@@ -28,6 +32,7 @@ from sklearn import metrics as sk_metrics
 from sklearn.linear_model import LogisticRegression
 
 from prodclip.evaluate import pairs as pairs_lib
+from prodclip.evaluate import hubness
 from prodclip.models import inference
 
 log = logging.getLogger("prodclip")
@@ -91,7 +96,8 @@ def choose_threshold(prob: np.ndarray, labels: np.ndarray, rule: str = "max_f1",
 class Calibration:
     """What turns pair scores into verdicts, fit on one split.
 
-    method: "native" | "platt"; p_two_tower = sigmoid(scale * cos + bias).
+    method: "native" | "platt"; p_two_tower = sigmoid(scale * score + bias), score the cosine
+      corrected for hubness with hubness_k > 0 (evaluate/hubness.py), else the cosine itself.
     combined: (w_cos, w_itm, bias) of the combined score, or None without a fusion head.
     thresholds: score name -> probability threshold; reached: score name -> target precision reached.
     fit_scores: score name -> {"matched": [...], "mismatched": [...]}: up to FIT_QUANTILES quantiles of
@@ -109,13 +115,14 @@ class Calibration:
     fit_split: str
     combined: tuple[float, float, float] | None = None
     fit_scores: dict | None = None
+    hubness_k: int = 0
 
     def two_tower(self, cos: np.ndarray) -> np.ndarray:
-        """[P] cosines -> [P] match probabilities."""
+        """[P] scores (cosines, or hubness-corrected with hubness_k > 0) -> [P] match probabilities."""
         return sigmoid(self.scale * np.asarray(cos, np.float64) + self.bias)
 
     def combine(self, cos: np.ndarray, itm_prob: np.ndarray) -> np.ndarray:
-        """[P] cosines and ITM probabilities -> [P] combined match probabilities."""
+        """[P] scores (as in `two_tower`) and ITM probabilities -> [P] combined match probabilities."""
         if self.combined is None:
             raise ValueError("this calibration was fit without a fusion head; it has no combined score")
         w_cos, w_itm, bias = self.combined
@@ -152,14 +159,18 @@ class Calibration:
 def fit_calibration(cos: np.ndarray, labels: np.ndarray, *, loss_name: str, method: str = "auto",
                     logit_scale: float | None = None, logit_bias: float | None = None,
                     itm_prob: np.ndarray | None = None, rule: str = "max_f1", target_precision: float = 0.9,
-                    fit_split: str = "val") -> Calibration:
-    """Fits the two-tower calibration (and the combined score and thresholds) on [P] pair cosines and labels.
+                    fit_split: str = "val", hubness_k: int = 0) -> Calibration:
+    """Fits the two-tower calibration (and the combined score and thresholds) on [P] pair scores and labels.
 
-    method: auto (native for loss_name 'sigmoid', else platt) | native | platt. native needs
-    the model's logit_scale (exp'd, clamped) and logit_bias.
+    cos: the cosines, or with hubness_k > 0 the hubness-corrected cosines (evaluate/hubness.py).
+    method: auto (native for loss_name 'sigmoid' without hubness_k, else platt) | native | platt.
+    native needs the model's logit_scale (exp'd, clamped) and logit_bias.
     """
     if method == "auto":
-        method = "native" if loss_name == "sigmoid" else "platt"
+        method = "native" if loss_name == "sigmoid" and not hubness_k else "platt"
+    if method == "native" and hubness_k:
+        raise ValueError("native calibration applies the model's scale to raw cosines; with match.hubness_k > 0 "
+                         "use match.calibration='platt' (or 'auto')")
     if method == "native":
         if logit_scale is None or logit_bias is None:
             raise ValueError("native calibration needs the model's logit_scale and logit_bias")
@@ -169,7 +180,8 @@ def fit_calibration(cos: np.ndarray, labels: np.ndarray, *, loss_name: str, meth
         scale = float(weights[0])
     else:
         raise ValueError(f"calibration method {method!r} is not one of auto, native, platt")
-    calibration = Calibration(method, scale, bias, {}, {}, rule, float(target_precision), fit_split)
+    calibration = Calibration(method, scale, bias, {}, {}, rule, float(target_precision), fit_split,
+                              hubness_k=int(hubness_k))
     if itm_prob is not None:
         weights, bias = fit_logistic(np.stack([np.asarray(cos, np.float64), logit(itm_prob)], axis=1), labels)
         calibration.combined = (float(weights[0]), float(weights[1]), bias)
@@ -272,8 +284,9 @@ def reliability_diagram(curves: dict[str, np.ndarray], labels: np.ndarray, path:
 
 
 def pair_cosines(image_emb: np.ndarray, title_emb: np.ndarray, pair_set: pairs_lib.PairSet,
-                 encode_titles: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-    """[P] float64 cosines of a pair set.
+                 encode_titles: Callable[[list[str]], np.ndarray], hubness_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """([P] float64 cosines, [P] float64 scores) of a pair set: the scores are the cosines, or with
+    hubness_k > 0 the cosines corrected for hubness with the split as the reference.
 
     image_emb, title_emb: [N, D] float32 L2-normalised embeddings of the split's photos and titles;
     edited titles (title_index -1) are embedded with `encode_titles` (N strings -> [N, D]).
@@ -282,7 +295,11 @@ def pair_cosines(image_emb: np.ndarray, title_emb: np.ndarray, pair_set: pairs_l
     edited = np.flatnonzero(pair_set.title_index < 0)
     if len(edited):
         texts[edited] = encode_titles([pair_set.titles[i] for i in edited])
-    return np.einsum("pd,pd->p", image_emb[pair_set.image_index].astype(np.float64), texts)
+    cos = np.einsum("pd,pd->p", image_emb[pair_set.image_index].astype(np.float64), texts)
+    if not hubness_k:
+        return cos, cos
+    image_density = hubness.mean_top_k(image_emb, title_emb, hubness_k)[pair_set.image_index]
+    return cos, hubness.corrected(cos, image_density, hubness.mean_top_k(texts, image_emb, hubness_k))
 
 
 class _PairRows:
@@ -310,12 +327,18 @@ def itm_probabilities(itm_fn: ItmFn, source, pair_set: pairs_lib.PairSet, tokeni
 
 @dataclasses.dataclass
 class ScoredPairs:
-    """A split's pair set with its cosines [P] and, with a fusion head, ITM probabilities [P]."""
+    """A split's pair set with its cosines [P], the scores calibrated ([P]: the cosines, or corrected for
+    hubness) and, with a fusion head, ITM probabilities [P]."""
 
     split: str
     pair_set: pairs_lib.PairSet
     cos: np.ndarray
     itm_prob: np.ndarray | None = None
+    score: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.score is None:
+            self.score = self.cos
 
 
 def score_split(graphdef, params, source, tokenizer, config, split: str, *, itm_fn: ItmFn | None = None
@@ -326,9 +349,9 @@ def score_split(graphdef, params, source, tokenizer, config, split: str, *, itm_
     pair_set = pairs_lib.build_pairs(sampler, config.match.negative_kinds, seed=config.match.seed)
     image_emb, title_emb = inference.embed_source(graphdef, params, source, tokenizer, config)
     encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
-    cos = pair_cosines(image_emb, title_emb, pair_set, encode)
+    cos, score = pair_cosines(image_emb, title_emb, pair_set, encode, config.match.hubness_k)
     itm = itm_probabilities(itm_fn, source, pair_set, tokenizer, config) if itm_fn is not None else None
-    return ScoredPairs(split, pair_set, cos, itm)
+    return ScoredPairs(split, pair_set, cos, itm, score)
 
 
 def benchmark_labels(config, source) -> tuple[str, tuple[str, ...]]:
@@ -352,10 +375,10 @@ def calibrate(scored: ScoredPairs, params, config) -> Calibration:
     """Fits a Calibration (config.match) on one scored split."""
     m = config.match
     scale, bias = model_logit_scale_bias(params, config.model.logit_scale_max)
-    return fit_calibration(scored.cos, scored.pair_set.labels, loss_name=config.loss.name, method=m.calibration,
+    return fit_calibration(scored.score, scored.pair_set.labels, loss_name=config.loss.name, method=m.calibration,
                            logit_scale=scale, logit_bias=bias,
                            itm_prob=scored.itm_prob, rule=m.threshold_rule, target_precision=m.target_precision,
-                           fit_split=scored.split)
+                           fit_split=scored.split, hubness_k=m.hubness_k)
 
 
 def evaluate(scored: ScoredPairs, calibration: Calibration, *, num_bins: int = 15,
@@ -363,7 +386,7 @@ def evaluate(scored: ScoredPairs, calibration: Calibration, *, num_bins: int = 1
     """Per score name and negative kind, the metrics at the calibration's threshold; the raw cosine's ECE
     beside the calibrated one; the pair counts. With plot_path, the reliability diagram PNG."""
     labels = scored.pair_set.labels
-    probabilities = calibration.probabilities(scored.cos, scored.itm_prob)
+    probabilities = calibration.probabilities(scored.score, scored.itm_prob)
     results = {"split": scored.split, "calibration": dataclasses.asdict(calibration),
                "missing_negatives": scored.pair_set.missing, "edited_titles": int(scored.pair_set.edited.sum()),
                "ece_raw_cosine": expected_calibration_error(raw_cosine_probability(scored.cos), labels, num_bins)}
