@@ -136,13 +136,15 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
 # ----------------------------------------------------------------------------- the run
 
 
-def swap_sampler(config: ml_collections.ConfigDict, train_source) -> pairs.NegativeSampler:
-    """The attribute_swap sampler over the train split for loss.hard_negatives (labels from config.match)."""
+def hard_negative_titles(config: ml_collections.ConfigDict, train_source) -> list[list[str]]:
+    """loss.hard_negatives attribute-swapped titles per train row (labels from config.match); a ConfigError
+    when the catalog has no usable labels."""
     try:
         type_label, swap_labels = matching.benchmark_labels(config, train_source)
-        return pairs.sampler_for_source(train_source, type_label, swap_labels)
+        sampler = pairs.sampler_for_source(train_source, type_label, swap_labels)
     except ValueError as e:
         raise errors.ConfigError(f"loss.hard_negatives={config.loss.hard_negatives}: {e}") from None
+    return pairs.swapped_titles(sampler, config.loss.hard_negatives, seed=config.data.seed)
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
@@ -171,12 +173,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # --- Data: every split is read before anything is written into the workdir.
     workdir = pathlib.Path(workdir)
     splits = ("train", "val", *config.data.eval_splits)
-    check = (lambda split_sources: swap_sampler(config, split_sources["train"])) if config.loss.hard_negatives else None
-    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(config, workdir, dict.fromkeys(splits), check)
-    negative_titles = None
-    if config.loss.hard_negatives:  # attribute-swapped titles of other train products (evaluate/pairs.py)
-        negative_titles = pairs.swapped_titles(swap_sampler(config, split_sources["train"]),
-                                               config.loss.hard_negatives, seed=config.data.seed)
+    found: dict = {}  # attribute-swapped titles of other train products (evaluate/pairs.py), or a ConfigError
+
+    def draw_negatives(split_sources):
+        found["titles"] = hard_negative_titles(config, split_sources["train"])
+
+    tokenizer, split_sources, label_stats = load_tokenizer_and_sources(
+        config, workdir, dict.fromkeys(splits), draw_negatives if config.loss.hard_negatives else None)
+    negative_titles = found.get("titles")
     workdir = prepare_workdir(config, workdir)
     sources.report_skipped(split_sources, workdir)
     if config.train.compilation_cache:
