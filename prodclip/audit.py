@@ -94,13 +94,6 @@ def store_density(queries: store_lib.Store, reference: store_lib.Store, k: int, 
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def store_rows(store: store_lib.Store, rows: np.ndarray) -> np.ndarray:
-    """[R, D] float32 rows of a store (memory-mapped shards; only these rows are read)."""
-    shard_size = store.header["shard_size"]
-    return np.stack([np.asarray(store.shards[r // shard_size][r % shard_size]) for r in rows]) if len(rows) else \
-        np.zeros((0, store.shards[0].shape[1]), np.float32)
-
-
 def nearest_others(queries: np.ndarray, store: store_lib.Store, own_rows: np.ndarray, k: int, chunk_size: int,
                    *, distinct_titles: bool = False) -> np.ndarray:
     """[Q, k] int64 best store rows per query, the query's own row left out (-1 where fewer exist).
@@ -181,9 +174,8 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     pair_score = cos
     k, chunk = config.match.looks_like_k, config.embed.chunk_size
     if calibration.hubness_k:
-        hub_k = calibration.hubness_k
-        pair_score = hubness.corrected(cos, store_density(image_store, title_store, hub_k, chunk),
-                                       store_density(title_store, image_store, hub_k, chunk))
+        pair_score = hubness.corrected(cos, store_density(image_store, title_store, calibration.hubness_k, chunk),
+                                       store_density(title_store, image_store, calibration.hubness_k, chunk))
     score = calibration.best_score()
     prob = calibration.probabilities(pair_score, itm)[score]
     m = config.match
@@ -208,9 +200,9 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     bar = tqdm.tqdm(total=len(flagged), desc="looks like", unit="listing", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(flagged), block):
         rows = flagged[start:start + block]
-        looks_like = np.concatenate([looks_like, nearest_others(store_rows(image_store, rows), title_store, rows,
+        looks_like = np.concatenate([looks_like, nearest_others(image_store.rows(rows), title_store, rows,
                                                                 k, chunk, distinct_titles=True)])
-        title_matches = np.concatenate([title_matches, nearest_others(store_rows(title_store, rows), image_store,
+        title_matches = np.concatenate([title_matches, nearest_others(title_store.rows(rows), image_store,
                                                                       rows, k, chunk)])
         bar.update(len(rows))
     bar.close()
