@@ -1,14 +1,16 @@
 """Chooses the ITM / ITC weight of fusion re-ranking on val, then reports test and compositional.
 
     python benchmarks/rerank_weight.py runs/qs_fusion_s0 runs/qs_fusion_s1 runs/qs_fusion_s2 \
-        [--weights 0,0.25,0.5,1,2] [--k 32] [--out rerank_weight.json]
+        [--weights 0,0.25,0.5,1,2] [--k 32] [--splits val,test,compositional] [--out rerank_weight.json]
 
 Re-ranking with eval.rerank_mode="itm+itc" orders each query's two-tower top k by
 ITM log-odds + w * logit_scale * cosine; w = 1 is BLIP's plain sum (the default), w = 0 is ITM
 alone. For each finished fusion run, this embeds its val, test and compositional splits once,
 scores each query's top k with the fusion head once, and re-orders the candidates for every w.
 The w with the best val R@1 (mean of text->image and image->text; ties go to the w nearest 1)
-is chosen per run, from val alone; test and compositional are only reported. It prints one
+is chosen per run, from val alone; test and compositional are only reported (a catalog with val
+only, --splits val, reports the chosen w on the split it was chosen on). With a residual ITM head
+(model.fusion.itc_residual) the log-odds already hold gain * logit; w = -gain leaves the head alone. It prints one
 markdown table (R@1 per split and direction: two-tower, re-ranked with w = 1, re-ranked with the
 chosen w) and writes the per-weight numbers as JSON.
 """
@@ -26,7 +28,7 @@ SPLITS = ("val", "test", "compositional")
 DIRECTIONS = {"t2i": ("text_emb", "image_emb"), "i2t": ("image_emb", "text_emb")}
 
 
-def run_weights(workdir: pathlib.Path, weights: list[float], k: int) -> dict:
+def run_weights(workdir: pathlib.Path, weights: list[float], k: int, splits=SPLITS) -> dict:
     """{split: {direction: {"two_tower": R@1, "w=<w>": R@1, ...}}} for one run."""
     from prodclip import config_loading
     from prodclip import run as run_lib
@@ -36,12 +38,12 @@ def run_weights(workdir: pathlib.Path, weights: list[float], k: int) -> dict:
     config = config_loading.load_config_json(workdir / "config.json")
     if not config.model.fusion.enabled:
         raise SystemExit(f"{workdir}: not a fusion run (model.fusion.enabled=False)")
-    run = run_lib.load_run(workdir, config, SPLITS)
+    run = run_lib.load_run(workdir, config, splits)
     graphdef, params, tokenizer, sources = run.graphdef, run.params, run.tokenizer, run.sources
     itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
     r1 = lambda ranks: retrieval.metrics_from_ranks(ranks, (1,), None)["R@1"]
     out: dict = {}
-    for split in SPLITS:
+    for split in splits:
         states = rerank.embed_split(graphdef, params, sources[split], tokenizer, config)
         keys = np.asarray(suite.retrieval_keys(sources[split])[0], np.int64)
         out[split] = {}
@@ -69,15 +71,17 @@ def main() -> None:
     parser.add_argument("workdirs", nargs="+", type=pathlib.Path)
     parser.add_argument("--weights", default="0,0.1,0.25,0.5,0.75,1,1.5,2")
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated, val first")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
+    splits = tuple(args.splits.split(","))
     if 1.0 not in weights:
         weights.append(1.0)
 
     results = {}
     for workdir in args.workdirs:
-        result = run_weights(workdir, weights, args.k)
+        result = run_weights(workdir, weights, args.k, splits)
         results[str(workdir)] = {"per_weight": result, "chosen_weight": choose_weight(result, weights)}
         print(f"{workdir}: chosen w = {results[str(workdir)]['chosen_weight']:g} (on val)", flush=True)
 
@@ -86,7 +90,7 @@ def main() -> None:
     fmt = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
     gain = lambda a, b: (f"{100 * np.mean(np.subtract(b, a)):+.1f} ± {100 * np.std(np.subtract(b, a), ddof=1):.1f}"
                          if len(a) > 1 else f"{100 * (b[0] - a[0]):+.1f}")
-    for split in SPLITS:
+    for split in splits:
         for direction in DIRECTIONS:
             rows = [(r["per_weight"][split][direction], r["chosen_weight"]) for r in results.values()]
             base = [row["two_tower"] for row, _ in rows]

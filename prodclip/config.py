@@ -192,6 +192,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.fusion.depth = 2  # blocks of self-attention, cross-attention, MLP
     c.model.fusion.width = 128
     c.model.fusion.num_heads = 4
+    # 0: the fusion encoder reads the image tower's tokens as they are; g > 0: average-pooled to g x g first
+    # (a square map whose side g divides). Fewer tokens: cheaper cross-attention and a smaller image cache.
+    c.model.fusion.image_grid = 0
+    # 0: ITM pairs for every row of the global batch; n > 0: for its first n images and texts only (their
+    # hard negatives still come from the whole batch). The ITM pairs are most of a cached-feature step's cost.
+    c.model.fusion.itm_rows = 0
     # The ITM head reads the first token ("first", ALBEF / BLIP) or the mean over valid title tokens
     # ("mean": each word's cross-attention evidence reaches the head directly, not only through a later
     # self-attention; depth 1 needs it).

@@ -68,9 +68,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.loss.hard_negatives and not image_cache_on(config):
         raise ConfigError(f"loss.hard_negatives={config.loss.hard_negatives} needs cached image features "
                           "(optim.lock_image, data.augment=False, train.image_cache='auto'); set it to 0 otherwise")
-    if config.loss.hard_negatives and (config.train.grad_accum_steps > 1 or config.model.fusion.enabled):
-        raise ConfigError(f"loss.hard_negatives={config.loss.hard_negatives} works with train.grad_accum_steps=1 "
-                          "and no fusion (model.fusion.enabled mines its own hard negatives); set it to 0 otherwise")
+    if config.loss.hard_negatives and config.train.grad_accum_steps > 1:
+        raise ConfigError(f"loss.hard_negatives={config.loss.hard_negatives} works with train.grad_accum_steps=1; "
+                          "set it to 0 otherwise")
     if not 0.0 <= config.eval.short_query_keep_prob <= 1.0:
         raise ConfigError(f"'eval.short_query_keep_prob' must be in [0, 1] (0 = off), got "
                           f"{config.eval.short_query_keep_prob}")
@@ -199,11 +199,23 @@ def _validate_fusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"'eval.rerank_itc_weight' must be a finite number >= 0, got {config.eval.rerank_itc_weight}")
     if not f.enabled:
         return
-    if not config.model.image.kind.startswith(("vit", "efficientnet")) or config.model.text.kind != "transformer":
+    if not config.model.image.kind.startswith(("vit", "efficientnet")) or config.model.text.kind not in (
+            "transformer", "bert"):
         raise ConfigError("model.fusion.enabled=True reads the ViT's patch tokens (or the EfficientNet's feature map) "
-                          f"and the text Transformer's token states; got model.image.kind={config.model.image.kind!r}, "
+                          f"and the text tower's token states; got model.image.kind={config.model.image.kind!r}, "
                           f"model.text.kind={config.model.text.kind!r} (valid: 'vit' or 'efficientnet_lite*', and "
-                          "'transformer')")
+                          "'transformer' or 'bert')")
+    if f.image_grid < 0 or f.itm_rows < 0 or f.itm_rows > config.train.batch_size:
+        raise ConfigError(f"model.fusion.image_grid ({f.image_grid}) must be >= 0 and model.fusion.itm_rows "
+                          f"({f.itm_rows}) in [0, train.batch_size={config.train.batch_size}] (0 = off)")
+    if f.image_grid:
+        image = config.model.image
+        side = (-(-config.data.image_size // 32) if image.kind.startswith("efficientnet")
+                else config.data.image_size // image.patch_size)
+        if side % f.image_grid:
+            valid = [g for g in range(1, side + 1) if side % g == 0]
+            raise ConfigError(f"model.fusion.image_grid={f.image_grid} must divide the side of the image tower's "
+                              f"{side} x {side} token map at data.image_size={config.data.image_size}; valid: {valid}")
     if config.model.matcher.kind != "none":
         raise ConfigError("model.fusion.enabled=True and model.matcher.kind="
                           f"{config.model.matcher.kind!r} are two match heads; use one (matcher.kind='none')")

@@ -17,6 +17,8 @@ per epoch (`train_iterator`), and the probe reads view 0.
 A cache lives in `<train.image_cache_dir or workdir/image_cache>/<key>/`:
 
     features.npy   [V * N, F] float32   the tower's output per view and train row, view-major, in source order
+    tokens.npy     [V * N, T, W] float16  with a fusion encoder only: the image tokens it reads, same rows
+                                         (the final map, pooled to model.fusion.image_grid)
     meta.json      rows, feature width, seconds it took to compute
 
 `key` is a SHA-256 over the image tower's weights, the image preprocessing (size, resize
@@ -73,6 +75,8 @@ def preprocessing_description(config: ml_collections.ConfigDict) -> dict:
     """Everything besides the weights that decides what the tower sees and computes."""
     description = {"image_size": config.data.image_size, "resize": config.data.resize,
                    "image": config.model.image.to_dict(), "embed_dim": config.model.embed_dim, "dtype": config.model.dtype}
+    if config.model.fusion.enabled:
+        description["fusion_tokens"] = {"grid": config.model.fusion.image_grid, "dtype": "float16"}
     if config.train.image_cache_views > 1:
         description["views"] = {"count": config.train.image_cache_views, "seed": config.data.seed,
                                 "augmentation": view_augment.SPEC}
@@ -92,48 +96,65 @@ def compute_features(source, tokenizer, config: ml_collections.ConfigDict,
                      image_features: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """[N, F] float32: `image_features` ([b, S, S, 3] uint8 -> [b, F], b = eval.batch_size) on every
     image of `source` in order, preprocessed as at evaluation (no augmentation)."""
+    return compute_arrays(source, tokenizer, config, image_features)[0].astype(np.float32)
+
+
+def compute_arrays(source, tokenizer, config: ml_collections.ConfigDict, encode: Callable) -> list[np.ndarray]:
+    """`encode` ([b, S, S, 3] uint8 -> one array or a tuple of arrays, each [b, ...]) on every image of
+    `source` in order, preprocessed as at evaluation: one [N, ...] array per output."""
     batch_size = config.eval.batch_size
-    out = []
+    out: list[list[np.ndarray]] = []
     for batch in pipeline.eval_batches(source, tokenizer, config, batch_size):
         images = batch["images"]
         n = len(images)
         if n < batch_size:  # pad the last chunk, so one compilation serves all
             images = np.concatenate([images, np.repeat(images[-1:], batch_size - n, axis=0)])
-        out.append(np.asarray(image_features(images), np.float32)[:n])
-    return np.concatenate(out)
+        result = encode(images)
+        for i, part in enumerate(result if isinstance(result, tuple) else (result,)):
+            if len(out) == i:
+                out.append([])
+            out[i].append(np.asarray(part)[:n])
+    return [np.concatenate(parts) for parts in out]
 
 
-def build_or_load(directory: str | pathlib.Path, compute: Callable[[], np.ndarray], num_rows: int) -> np.ndarray:
-    """The [num_rows, F] features in `directory` if complete, else `compute()` written there."""
+def build_or_load(directory: str | pathlib.Path, compute: Callable[[], dict[str, np.ndarray]], num_rows: int,
+                  names: Sequence[str] = ("features",)) -> dict[str, np.ndarray]:
+    """The arrays `names` ([num_rows, ...] each, `<name>.npy`) in `directory` if all are complete, else
+    `compute()` (a dict with those names) written there. Returns them memory-mapped."""
     directory = pathlib.Path(directory)
-    path = directory / "features.npy"
-    if path.is_file():
-        features = np.load(path, mmap_mode="r")
-        if features.shape[0] == num_rows:
-            log.info("image cache: %d x %d features read from %s", *features.shape, directory)
-            return features
-        log.warning("image cache %s has %d rows, expected %d; recomputing", directory, features.shape[0], num_rows)
+    paths = {name: directory / f"{name}.npy" for name in names}
+    if all(path.is_file() for path in paths.values()):
+        stored = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+        if all(a.shape[0] == num_rows for a in stored.values()):
+            log.info("image cache: %d x %d features read from %s", *stored[names[0]].shape[:2], directory)
+            return stored
+        log.warning("image cache %s has %s rows, expected %d; recomputing", directory,
+                    sorted({a.shape[0] for a in stored.values()}), num_rows)
     t0 = time.time()
-    features = compute()
+    arrays = compute()
     seconds = time.time() - t0
-    if features.shape[0] != num_rows:
-        raise ValueError(f"image cache: computed {features.shape[0]} rows, expected {num_rows}")
+    for name in names:
+        if arrays[name].shape[0] != num_rows:
+            raise ValueError(f"image cache: computed {arrays[name].shape[0]} rows of {name}, expected {num_rows}")
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, features)
-    os.replace(tmp, path)
+    for name, path in paths.items():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, arrays[name])
+        os.replace(tmp, path)
+    first = arrays[names[0]]
     (directory / "meta.json").write_text(json.dumps(
-        {"rows": int(features.shape[0]), "width": int(features.shape[1]), "seconds": round(seconds, 2)}))
+        {"rows": int(first.shape[0]), "width": int(first.shape[1]), "seconds": round(seconds, 2)}))
     log.info("image cache: %d images through the locked tower in %.1f s (%.0f images/s) into %s",
              num_rows, seconds, num_rows / max(seconds, 1e-9), directory)
-    return np.load(path, mmap_mode="r")
+    return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
 
 
 class FeatureRows:
     """A grain source over cached features: item i = {features [F] float32 (view 0), title, id, row} of train row i.
 
-    features: [N, F], or [V, N, F] for V cached views of each row. titles: [N] strings, or [T][N]
+    features: [N, F], or [V, N, F] for V cached views of each row. tokens: None, or the rows' image
+    tokens [V, N, T, W] (items then carry 'image_tokens' [T, W] of the same view). titles: [N] strings, or [T][N]
     for T title views of each row (view 0 the titles as they are). negative_titles: optional N
     lists of wrong titles per row (hard negatives, evaluate/pairs.swapped_titles). `with_random_view`
     draws an image view of the row uniformly and, independently, with probability `short_title_prob`
@@ -141,8 +162,13 @@ class FeatureRows:
     """
 
     def __init__(self, features: np.ndarray, titles: Sequence[str] | Sequence[Sequence[str]], ids: np.ndarray,
-                 short_title_prob: float = 0.5, negative_titles: Sequence[Sequence[str]] | None = None):
+                 short_title_prob: float = 0.5, negative_titles: Sequence[Sequence[str]] | None = None,
+                 tokens: np.ndarray | None = None):
         self.features = features if features.ndim == 3 else features[None]
+        self.tokens = tokens
+        if tokens is not None and tokens.shape[:2] != self.features.shape[:2]:
+            raise ValueError(f"image tokens {tokens.shape[:2]} and features {self.features.shape[:2]} differ in "
+                             "views or rows")
         self.short_title_prob = float(short_title_prob)
         self.title_views = [list(t) for t in titles] if titles and not isinstance(titles[0], str) else [list(titles)]
         self.titles, self.ids = self.title_views[0], np.asarray(ids, np.int64)
@@ -163,6 +189,8 @@ class FeatureRows:
         i = int(i)
         item = {"features": np.asarray(self.features[0, i], np.float32), "title": self.titles[i], "id": self.ids[i],
                 "row": i}
+        if self.tokens is not None:
+            item["image_tokens"] = np.asarray(self.tokens[0, i])
         if self.negative_titles is not None:
             negatives = self.negative_titles[i]
             item["negative_title"] = negatives[0] if negatives else self.titles[i]
@@ -181,6 +209,8 @@ class FeatureRows:
         view = int(rng.integers(self.views))
         if view:
             item = {**item, "features": np.asarray(self.features[view, item["row"]], np.float32)}
+            if self.tokens is not None:
+                item["image_tokens"] = np.asarray(self.tokens[view, item["row"]])
         if len(self.title_views) > 1 and rng.random() < self.short_title_prob:
             title_view = 1 + int(rng.integers(len(self.title_views) - 1))
             item = {**item, "title": self.title_views[title_view][item["row"]], "title_complete": False}
@@ -194,7 +224,7 @@ def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDi
                    process_count: int = 1) -> ResumableIterator:
     """Endless batches {image_features [b, F] float32, token_ids [b, L] int32, ids [b] int64, title_complete [b]},
     plus negative_token_ids [b, L] int32 and negative_mask [b] bool (a complete title with a negative)
-    when `rows` has negative titles.
+    when `rows` has negative titles, and image_tokens [b, T, W] when it has tokens.
 
     The same order as pipeline.train_dataset (a fresh seeded permutation each epoch, process p
     reading rows p, p + P, ...), and resumable through get_state / set_state like it.
@@ -208,6 +238,8 @@ def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDi
                  "token_ids": tokenizer([it["title"] for it in items]),
                  "ids": np.asarray([it["id"] for it in items], np.int64),
                  "title_complete": np.asarray([it.get("title_complete", True) for it in items], bool)}
+        if rows.tokens is not None:
+            batch["image_tokens"] = np.stack([it["image_tokens"] for it in items])
         if rows.negative_titles is not None:
             # A negative against a shortened title ("shirt") would teach nothing about the swapped attribute.
             batch["negative_token_ids"] = tokenizer([it["negative_title"] for it in items])
@@ -231,9 +263,9 @@ def embed_features(graphdef, params: Any, features: np.ndarray, batch_size: int)
 
 
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
-            train_source) -> np.ndarray | None:
-    """The run's [V, N, F] train features (V = train.image_cache_views), or None when
-    `config.image_cache_on(config)` is False."""
+            train_source) -> dict[str, np.ndarray] | None:
+    """The run's train features {"features": [V, N, F]} (V = train.image_cache_views), plus "tokens"
+    [V, N, T, W] float16 with a fusion encoder; None when `config.image_cache_on(config)` is False."""
     if not config_lib.image_cache_on(config):
         return None
     t0 = time.time()
@@ -241,12 +273,20 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
     key = cache_key(params["image_tower"], config, catalog)
     log.info("image cache: key %s (catalog hashed in %.1f s)", key, time.time() - t0)
     root = pathlib.Path(config.train.image_cache_dir) if config.train.image_cache_dir else workdir / "image_cache"
-    encode = inference.feature_encoders(graphdef)[0]
+    with_tokens = bool(config.model.fusion.enabled)
+    encode = (inference.token_state_encoders(graphdef)[0] if with_tokens
+              else inference.feature_encoders(graphdef)[0])
+    names = ("features", "tokens") if with_tokens else ("features",)
     views = config.train.image_cache_views
     sources = [train_source] + [view_augment.AugmentedViews(train_source, v, config.data.seed) for v in range(1, views)]
 
-    def compute():
-        return np.concatenate([compute_features(s, tokenizer, config, lambda x: encode(params, x)) for s in sources])
+    def encode_batch(images):  # tokens in float16, batch by batch: half the memory of the cache and its build
+        out = encode(params, images)
+        return (np.asarray(out[0], np.float32), np.asarray(out[1], np.float16)) if with_tokens else out
 
-    features = build_or_load(root / key, compute, views * len(train_source))
-    return features.reshape(views, len(train_source), features.shape[-1])
+    def compute():
+        parts = [compute_arrays(s, tokenizer, config, encode_batch) for s in sources]
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
+
+    arrays = build_or_load(root / key, compute, views * len(train_source), names)
+    return {name: a.reshape(views, len(train_source), *a.shape[1:]) for name, a in arrays.items()}

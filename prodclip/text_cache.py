@@ -9,6 +9,8 @@ A cache lives in `<train.text_cache_dir or workdir/text_cache>/<key>/`:
 
     token_ids.npy   [N, L] int32    the distinct tokenized titles (sorted rows)
     text_emb.npy    [N, D] float32  their L2-normalised embeddings, memory-mapped when read
+    text_tokens.npy [N, L, W] float16  with a fusion encoder only: the tower's token states (zero past
+                                       each title's padded length), what the fusion encoder reads
 
 `key` is a SHA-256 over the text tower's weights, the tokenizer's vocabulary and settings,
 and the text model's config, so runs (e.g. seeds) sharing a locked tower share its cache,
@@ -54,12 +56,15 @@ def cache_key(text_params: Any, tokenizer, config: ml_collections.ConfigDict) ->
 class TextCache:
     """Looks up the cached embedding of each tokenized title.
 
-    token_ids: [N, L] int32 distinct rows; text_emb: [N, D] float32 (a memmap is fine).
+    token_ids: [N, L] int32 distinct rows; text_emb: [N, D] float32 (a memmap is fine); text_tokens:
+    None, or [N, L, W] the rows' token states (a run with a fusion encoder).
     """
 
-    def __init__(self, token_ids: np.ndarray, text_emb: np.ndarray, directory: pathlib.Path | None = None):
+    def __init__(self, token_ids: np.ndarray, text_emb: np.ndarray, directory: pathlib.Path | None = None,
+                 text_tokens: np.ndarray | None = None):
         self.token_ids = token_ids
         self.text_emb = text_emb
+        self.text_tokens = text_tokens
         self.directory = directory
         self.index = {row.tobytes(): i for i, row in enumerate(np.ascontiguousarray(token_ids, np.int32))}
 
@@ -68,6 +73,10 @@ class TextCache:
 
     def lookup(self, token_ids: np.ndarray) -> np.ndarray:
         """[B, L] int32 -> [B, D] float32. Raises TextCacheMiss naming the first unknown row."""
+        return np.asarray(self.text_emb[self.rows(token_ids)], np.float32)
+
+    def rows(self, token_ids: np.ndarray) -> np.ndarray:
+        """[B, L] int32 -> [B] int64 rows of the cache. Raises TextCacheMiss naming the first unknown row."""
         rows = []
         for i, row in enumerate(np.ascontiguousarray(token_ids, np.int32)):
             j = self.index.get(row.tobytes())
@@ -76,20 +85,31 @@ class TextCache:
                                     f"{self.directory}; titles must come from the train split, unaugmented "
                                     f"(set train.text_cache='off' otherwise)")
             rows.append(j)
-        return np.asarray(self.text_emb[np.asarray(rows)], np.float32)
+        return np.asarray(rows, np.int64)
 
     def attach(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch plus 'text_emb' [B, D] float32 for its token_ids (and 'negative_text_emb' for its
-        negative_token_ids, which it then drops)."""
-        out = {**batch, "text_emb": self.lookup(batch["token_ids"])}
+        negative_token_ids, which it then drops); with token states, also 'text_tokens' [B, L, W] (and
+        'negative_text_tokens', keeping negative_token_ids)."""
+        rows = self.rows(batch["token_ids"])
+        out = {**batch, "text_emb": np.asarray(self.text_emb[rows], np.float32)}
+        if self.text_tokens is not None:
+            out["text_tokens"] = np.asarray(self.text_tokens[rows])
         if "negative_token_ids" in out:
-            out["negative_text_emb"] = self.lookup(out.pop("negative_token_ids"))
+            negative_rows = self.rows(out["negative_token_ids"])
+            out["negative_text_emb"] = np.asarray(self.text_emb[negative_rows], np.float32)
+            if self.text_tokens is not None:  # the fusion encoder reads them, and their ids for the mask
+                out["negative_text_tokens"] = np.asarray(self.text_tokens[negative_rows])
+            else:
+                del out["negative_token_ids"]
         return out
 
 
 def embed_by_length(encode_text, token_ids: np.ndarray, batch_size: int, pad_id: int | None,
-                    multiple: int = 8) -> np.ndarray:
-    """[N, L] int32 -> [N, D] float32, each title run with its trailing padding cut to a multiple of `multiple`.
+                    multiple: int = 8) -> list[np.ndarray]:
+    """[N, L] int32 -> the outputs of `encode_text` for every row: [N, D] float32 and, when it also returns
+    token states, [N, L, W] (zero past each row's cut). Each title runs with its trailing padding cut
+    to a multiple of `multiple`.
 
     Both text towers mask padding keys and pool over real tokens only, so a row's embedding does
     not depend on how much padding follows it (tested); most titles are far shorter than L, and
@@ -97,56 +117,82 @@ def embed_by_length(encode_text, token_ids: np.ndarray, batch_size: int, pad_id:
     pad_id None: no cut, every row runs at L.
     """
     token_ids = np.asarray(token_ids, np.int32)
+    length = token_ids.shape[1]
     if pad_id is None:
-        cut = np.full(len(token_ids), token_ids.shape[1])
+        cut = np.full(len(token_ids), length)
     else:
         lengths = np.sum(token_ids != pad_id, axis=1)
-        cut = np.minimum(-(-np.maximum(lengths, 1) // multiple) * multiple, token_ids.shape[1])
-    out = None
+        cut = np.minimum(-(-np.maximum(lengths, 1) // multiple) * multiple, length)
+    out: list[np.ndarray] = []
     for width in np.unique(cut):
         rows = np.flatnonzero(cut == width)
         blocks = inference.batched(encode_text, (np.ascontiguousarray(token_ids[rows, :width]),), batch_size)
-        emb = np.concatenate([b[0] for b in blocks]).astype(np.float32)
-        if out is None:
-            out = np.zeros((len(token_ids), emb.shape[1]), np.float32)
-        out[rows] = emb
-    return out if out is not None else np.zeros((0, 0), np.float32)
+        for i in range(len(blocks[0])):
+            part = np.concatenate([b[i] for b in blocks])
+            states = part.ndim == 3  # token states [n, width, W], kept as [N, L, W] float16
+            if len(out) == i:
+                shape = (len(token_ids), length, part.shape[2]) if states else (len(token_ids), part.shape[1])
+                out.append(np.zeros(shape, np.float16 if states else np.float32))
+            if states:
+                out[i][rows, :width] = part
+            else:
+                out[i][rows] = part
+    return out or [np.zeros((0, 0), np.float32)]
 
 
 def build_or_load(directory: str | pathlib.Path, token_ids: np.ndarray, encode_text, batch_size: int,
-                  pad_id: int | None = None) -> TextCache:
+                  pad_id: int | None = None, with_tokens: bool = False) -> TextCache:
     """The cache in `directory` if it covers every row of `token_ids`, else one extended by the missing rows.
 
     token_ids: [M, L] int32 (duplicates allowed). encode_text: [b, L'] int32 -> [b, D] float32
-    for b = batch_size (the last chunk is padded to it, so one compilation serves each L'). With
-    `pad_id`, rows are cut to their length (`embed_by_length`), L' <= L; without, L' = L. Only
-    rows the stored cache lacks are embedded; the stored rows are kept as they are.
+    for b = batch_size (the last chunk is padded to it, so one compilation serves each L'), or, with
+    `with_tokens`, -> ([b, D], token states [b, L', W]). With `pad_id`, rows are cut to their length
+    (`embed_by_length`), L' <= L; without, L' = L. Only rows the stored cache lacks are embedded; the
+    stored rows are kept as they are.
     """
     directory = pathlib.Path(directory)
     distinct = np.unique(np.asarray(token_ids, np.int32), axis=0)
-    ids_path, emb_path = directory / "token_ids.npy", directory / "text_emb.npy"
-    stored_ids, stored_emb = distinct[:0], None
-    if ids_path.is_file() and emb_path.is_file():
-        cache = TextCache(np.load(ids_path), np.load(emb_path, mmap_mode="r"), directory)
+    paths = {"token_ids": directory / "token_ids.npy", "text_emb": directory / "text_emb.npy"}
+    if with_tokens:
+        paths["text_tokens"] = directory / "text_tokens.npy"
+    stored = None
+    cache = load(directory, with_tokens) if all(path.is_file() for path in paths.values()) else None
+    if cache is not None and all(len(a) == len(cache.token_ids) for a in (cache.text_emb, cache.text_tokens)
+                                 if a is not None):  # an interrupted write leaves other lengths: rebuilt
         missing = np.asarray([row.tobytes() not in cache.index for row in distinct], bool)
         if not missing.any():
             log.info("text cache: %d titles read from %s", len(cache), directory)
             return cache
-        stored_ids, stored_emb, distinct = cache.token_ids, np.asarray(cache.text_emb, np.float32), distinct[missing]
+        stored, distinct = cache, distinct[missing]
     t0 = time.time()
-    new_emb = embed_by_length(encode_text, distinct, batch_size, pad_id)
+    new = embed_by_length(encode_text, distinct, batch_size, pad_id)
     num_new = len(distinct)
-    distinct, order = np.unique(np.concatenate([stored_ids, distinct]), axis=0, return_index=True)
-    text_emb = (new_emb if stored_emb is None else np.concatenate([stored_emb, new_emb]))[order].astype(np.float32)
+    if stored is not None:
+        distinct = np.concatenate([stored.token_ids, distinct])
+        new = [np.concatenate([np.asarray(old), part]) for old, part in
+               zip((stored.text_emb, stored.text_tokens)[:len(new)], new)]
+    distinct, order = np.unique(distinct, axis=0, return_index=True)
+    arrays = {"token_ids": distinct, "text_emb": new[0][order].astype(np.float32)}
+    if with_tokens:
+        arrays["text_tokens"] = new[1][order]
     directory.mkdir(parents=True, exist_ok=True)
-    for path, array in ((emb_path, text_emb), (ids_path, distinct)):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
+    if not with_tokens:  # token states of fewer rows than token_ids would be read as the wrong rows
+        (directory / "text_tokens.npy").unlink(missing_ok=True)
+    for name in ("text_emb", "text_tokens", "token_ids"):  # token_ids last: it marks the rows the others hold
+        if name in arrays:
+            tmp = paths[name].with_name(f".{paths[name].name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, arrays[name])
+            os.replace(tmp, paths[name])
     log.info("text cache: embedded %d new distinct titles in %.1f s into %s (%d in all)", num_new, time.time() - t0,
              directory, len(distinct))
-    return TextCache(np.load(ids_path), np.load(emb_path, mmap_mode="r"), directory)
+    return load(directory, with_tokens)
+
+
+def load(directory: pathlib.Path, with_tokens: bool = False) -> TextCache:
+    """The cache stored in `directory`, memory-mapped (token states too, with `with_tokens`)."""
+    return TextCache(np.load(directory / "token_ids.npy"), np.load(directory / "text_emb.npy", mmap_mode="r"),
+                     directory, np.load(directory / "text_tokens.npy", mmap_mode="r") if with_tokens else None)
 
 
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
@@ -155,9 +201,11 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
     `config.text_cache_on(config)` is False."""
     if not config_lib.text_cache_on(config):
         return None
-    encode = inference.feature_encoders(graphdef)[1]  # the text head runs in the step
+    with_tokens = bool(config.model.fusion.enabled)  # the fusion encoder reads the token states
+    encode = (inference.token_state_encoders(graphdef)[1] if with_tokens
+              else inference.feature_encoders(graphdef)[1])  # the text head runs in the step
     key = cache_key(params["text_tower"], tokenizer, config)
     root = pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else workdir / "text_cache"
     token_ids = tokenizer(list(titles) if titles is not None else pipeline.source_titles(train_source))
     return build_or_load(root / key, token_ids, lambda t: encode(params, t), config.eval.batch_size,
-                         pad_id=tokenizer.pad_id)
+                         pad_id=tokenizer.pad_id, with_tokens=with_tokens)

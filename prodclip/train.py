@@ -211,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state = optim.init_train_state(config, params)
     # Image feature cache: a locked image tower sees each train image once; batches carry its features.
     from prodclip import image_cache as image_cache_lib
-    train_features = image_cache_lib.for_run(config, workdir, graphdef, params, tokenizer, split_sources["train"])
+    cached_images = image_cache_lib.for_run(config, workdir, graphdef, params, tokenizer, split_sources["train"])
+    train_features = cached_images["features"] if cached_images is not None else None
     # Title views (view_augment.title_views): the full titles and train.text_cache_views - 1 shortened copies.
     title_views = view_augment.title_views(pipeline.source_titles(split_sources["train"]),
                                            config.train.text_cache_views, config.data.seed, config.data.title_keep_prob)
@@ -219,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         train_iter.close()
         rows = image_cache_lib.FeatureRows(train_features, title_views, np.asarray(split_sources["train"].ids),
                                            short_title_prob=config.data.title_dropout_prob,
-                                           negative_titles=negative_titles)
+                                           negative_titles=negative_titles, tokens=cached_images.get("tokens"))
         train_iter = image_cache_lib.train_iterator(rows, tokenizer, config, process_index=jax.process_index(),
                                                     process_count=jax.process_count())
     num_params = sum(x.size for x in jax.tree.leaves(params))

@@ -274,8 +274,15 @@ def test_config_rejects_fusion_combinations(overrides, message):
 # ----------------------------------------------------------------------------- sharded step
 
 
-def run_steps(config, mesh, num_steps=2):
-    """Host params after `num_steps` and each step's metrics, through parallel.compile_train_step."""
+def batch_with_short_titles(config, graphdef, params, seed):
+    batch = tiny_batch(config, seed=seed)
+    batch["title_complete"] = np.arange(len(batch["ids"])) % 3 != 0  # some "shortened" titles
+    return batch
+
+
+def run_steps(config, mesh, num_steps=2, batch_fn=batch_with_short_titles):
+    """Host params after `num_steps` and each step's metrics, through parallel.compile_train_step, on
+    batches batch_fn(config, graphdef, initial params, step)."""
     graphdef, params = build(config)
     tx = optim.make_optimizer(config, params)
     state = optim.init_train_state(config, params)
@@ -285,9 +292,7 @@ def run_steps(config, mesh, num_steps=2):
     state = compiled.place_state(state)
     history = []
     for step in range(num_steps):
-        batch = tiny_batch(config, seed=step)
-        batch["title_complete"] = np.arange(len(batch["ids"])) % 3 != 0  # some "shortened" titles
-        state, metrics = compiled.step(state, compiled.place_batch(batch))
+        state, metrics = compiled.step(state, compiled.place_batch(batch_fn(config, graphdef, params, step)))
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return jax.device_get(compiled.global_state(state)["params"]), history
 

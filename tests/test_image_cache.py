@@ -117,10 +117,10 @@ def test_build_or_load_reuses_a_complete_cache_and_recomputes_a_short_one(tmp_pa
 
     def compute():
         calls.append(1)
-        return np.arange(12, dtype=np.float32).reshape(4, 3)
+        return {"features": np.arange(12, dtype=np.float32).reshape(4, 3)}
 
-    first = image_cache.build_or_load(tmp_path, compute, 4)
-    again = image_cache.build_or_load(tmp_path, compute, 4)
+    first = image_cache.build_or_load(tmp_path, compute, 4)["features"]
+    again = image_cache.build_or_load(tmp_path, compute, 4)["features"]
     np.testing.assert_array_equal(first, again)
     assert len(calls) == 1
     with pytest.raises(ValueError, match="expected 5"):

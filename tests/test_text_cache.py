@@ -111,7 +111,7 @@ def test_titles_cut_to_their_length_embed_as_at_full_padding(model, tmp_path):
     def recording(t):
         widths.append(t.shape[1])
         return encode(params, t)
-    cut = text_cache.embed_by_length(recording, ids, 4, pad_id=0, multiple=2)
+    (cut,) = text_cache.embed_by_length(recording, ids, 4, pad_id=0, multiple=2)
     np.testing.assert_allclose(cut, full, atol=1e-5)
     assert min(widths) < CONTEXT  # shorter titles really ran shorter
     cache = text_cache.build_or_load(tmp_path, ids, lambda t: encode(params, t), 4, pad_id=0)

@@ -67,6 +67,10 @@ class BertTextTower(nnx.Module):
                                             dtype=dtype) for _ in range(depth)])
         self.projection = layers.dense(width, embed_dim, rngs, dtype=dtype, use_bias=proj_bias) if projection else None
 
+    def valid_tokens(self, token_ids: jax.Array) -> jax.Array:
+        """[B, L] bool: the tokens attention reads (everything but padding)."""
+        return token_ids != self.pad_id
+
     def __call__(self, token_ids: jax.Array, token_type_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """token_ids: [B, L] int32 padded with pad_id; token_type_ids: [B, L] int32 (default all 0).
 
@@ -77,7 +81,7 @@ class BertTextTower(nnx.Module):
         x = (self.token_embed(token_ids) + self.pos_embed[...][:length][None]
              + jnp.take(self.type_embed[...], types, axis=0))
         x = self.embed_norm(x.astype(self.dtype))
-        valid = token_ids != self.pad_id
+        valid = self.valid_tokens(token_ids)
         mask = mask_from_valid(valid, causal=False)
         for block in self.blocks:
             x = nnx.remat(lambda blk, h, m: blk(h, m))(block, x, mask) if self.remat else block(x, mask)

@@ -12,6 +12,9 @@ W the fusion width.
 
 from __future__ import annotations
 
+import math
+
+import einops
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -92,6 +95,23 @@ class FusionEncoder(nnx.Module):
                              "pass itc_logits")
         offset = self.itc_gain.value * jax.lax.stop_gradient(itc_logits.astype(jnp.float32)) + self.itc_bias.value
         return logits + jnp.stack([jnp.zeros_like(offset), offset], axis=-1)
+
+
+def pool_image_tokens(tokens: jax.Array, grid: int) -> jax.Array:
+    """[N, S, W] tokens of a square h x h map (S = h * h, row-major) -> [N, grid * grid, W], the means of
+    grid x grid equal blocks. grid 0 returns the tokens as they are.
+
+    The fusion encoder's cross-attention cost grows with S, and so does a cache of the tokens: at
+    192 px the EfficientNet's 6 x 6 map pooled to 3 x 3 is a quarter of both.
+    """
+    if not grid:
+        return tokens
+    side = math.isqrt(tokens.shape[1])
+    if side * side != tokens.shape[1] or side % grid:
+        raise ValueError(f"model.fusion.image_grid={grid} needs a square map whose side it divides; "
+                         f"got {tokens.shape[1]} tokens")
+    block = side // grid
+    return einops.reduce(tokens, "n (g1 p1 g2 p2) w -> n (g1 g2) w", "mean", g1=grid, p1=block, g2=grid, p2=block)
 
 
 def build_fusion(config: ml_collections.ConfigDict, *, image_width: int, text_width: int,

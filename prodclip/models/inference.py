@@ -64,6 +64,16 @@ def feature_encoders(graphdef):
     return image_features, text_features, embed_image_features
 
 
+@functools.lru_cache(maxsize=8)
+def token_state_encoders(graphdef):
+    """The towers without their heads, with the states a fusion encoder reads, jitted and cached (feature
+    caches of a run with model.fusion): (image(params, [B, S, S, 3] uint8) -> ([B, F], tokens [B, T, Wi]),
+    text(params, [B, L] int32) -> ([B, F_t], token states [B, L, Wt]))."""
+    image = jax.jit(lambda p, x: merge_model(graphdef, p).image_features_and_tokens(x))
+    text = jax.jit(lambda p, t: merge_model(graphdef, p).text_features_and_tokens(t))
+    return image, text
+
+
 def embed_source(graphdef, params, source, tokenizer, config, *,
                  with_text: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """All images and titles of `source`: ([N, D], [N, D] or None) float32, L2-normalised, in source order."""

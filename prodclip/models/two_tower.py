@@ -11,7 +11,7 @@ from prodclip import config as config_lib
 from prodclip import losses
 from prodclip.models import bert, efficientnet, heads, resnet
 from prodclip.models import matcher as matcher_lib
-from prodclip.models.fusion import FusionEncoder, build_fusion
+from prodclip.models.fusion import FusionEncoder, build_fusion, pool_image_tokens
 from prodclip.models.text import TextTransformer
 from prodclip.models.vit import PIXEL_STATS, VisionTransformer
 
@@ -34,13 +34,17 @@ class TwoTower(nnx.Module):
       matcher: None, or a match classifier on the two embeddings (matcher.py).
       image_head, text_head: None, or a trainable head after the tower (heads.py); a locked
         tower's output ("features") can then be cached and only the head trains.
+      image_grid: 0, or the side of the grid the image tokens are average-pooled to
+        (model.fusion.image_grid, `fusion.pool_image_tokens`).
     """
 
     def __init__(self, image_tower: VisionTransformer | resnet.ResNet | efficientnet.EfficientNetTower,
                  text_tower: TextTransformer | bert.BertTextTower,
                  *, logit_scale_init: float, logit_bias_init: float, logit_scale_max: float = 100.0,
                  fusion: FusionEncoder | None = None, matcher: matcher_lib.ConcatMatcher | None = None,
-                 image_head: heads.ProjectionHead | None = None, text_head: heads.ProjectionHead | None = None):
+                 image_head: heads.ProjectionHead | None = None, text_head: heads.ProjectionHead | None = None,
+                 image_grid: int = 0):
+        self.image_grid = image_grid
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.image_head = image_head
@@ -62,6 +66,17 @@ class TwoTower(nnx.Module):
     def text_features(self, token_ids: jax.Array) -> jax.Array:
         """token_ids [B, L] int32 -> the text tower's output [B, F] float32, L2-normalised (the text cache's rows)."""
         return l2_normalize(self.text_tower(token_ids)[0])
+
+    def image_features_and_tokens(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """images [B, S, S, 3] (0..255) -> (features [B, F] float32, image tokens [B, T, Wi]): what a locked
+        tower's image cache holds for a run with a fusion encoder."""
+        features, tokens = self.image_tower(images)
+        return features.astype(jnp.float32), pool_image_tokens(tokens, self.image_grid)
+
+    def text_features_and_tokens(self, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """token_ids [B, L] -> (`text_features` [B, F], token states [B, L, Wt]), the text cache's rows with fusion."""
+        features, tokens = self.text_tower(token_ids)
+        return l2_normalize(features), tokens
 
     def embed_image_features(self, features: jax.Array) -> jax.Array:
         """[B, F] image-tower features -> [B, embed_dim] float32, L2-normalised (through the image head, if any)."""
@@ -85,7 +100,7 @@ class TwoTower(nnx.Module):
         return {
             "image_emb": self.embed_image_features(image_emb),
             "text_emb": self.embed_text_features(l2_normalize(text_emb)),
-            "image_tokens": image_tokens,
+            "image_tokens": pool_image_tokens(image_tokens, self.image_grid),
             "text_tokens": text_tokens,
             "logit_scale": self.logit_scale(),
             "logit_bias": self.logit_bias[...],
@@ -130,7 +145,7 @@ def build_model(config: ml_collections.ConfigDict, *, vocab_size: int, pad_id: i
     return TwoTower(
         image_tower, text_tower, logit_scale_init=m.logit_scale_init, logit_bias_init=m.logit_bias_init,
         logit_scale_max=m.logit_scale_max, fusion=fusion, matcher=matcher_lib.build_matcher(config, dtype, rngs),
-        image_head=image_head, text_head=text_head,
+        image_head=image_head, text_head=text_head, image_grid=m.fusion.image_grid if m.fusion.enabled else 0,
     )
 
 
