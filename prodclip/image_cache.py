@@ -38,25 +38,15 @@ import time
 from typing import Any, Callable, Sequence
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
-from prodclip import config as config_lib
+from prodclip import config as config_lib, trees
 from prodclip.data import pipeline, view_augment
 from prodclip.data.workers import ResumableIterator
 from prodclip.models import inference
 
 log = logging.getLogger("prodclip")
-
-
-def hash_params(h, params: Any) -> None:
-    """Feeds every leaf of a param tree (path, dtype, shape, bytes) to the hash `h`, in path order."""
-    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
-                             key=lambda pl: jax.tree_util.keystr(pl[0])):
-        array = np.asarray(jax.device_get(leaf))
-        h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
-        h.update(np.ascontiguousarray(array).tobytes())
 
 
 def catalog_digest(source) -> str:
@@ -86,7 +76,7 @@ def preprocessing_description(config: ml_collections.ConfigDict) -> dict:
 def cache_key(image_params: Any, config: ml_collections.ConfigDict, catalog: str) -> str:
     """16 hex chars identifying the cached features: tower weights, preprocessing, catalog digest."""
     h = hashlib.sha256()
-    hash_params(h, image_params)
+    trees.hash_tree(h, image_params)
     h.update(json.dumps(preprocessing_description(config), sort_keys=True, default=str).encode())
     h.update(catalog.encode())
     return h.hexdigest()[:16]
