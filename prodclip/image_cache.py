@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import time
 from typing import Any, Callable, Sequence
@@ -41,7 +40,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from prodclip import config as config_lib, trees
+from prodclip import config as config_lib, files, trees
 from prodclip.data import pipeline, view_augment
 from prodclip.data.workers import ResumableIterator
 from prodclip.models import inference
@@ -128,10 +127,7 @@ def build_or_load(directory: str | pathlib.Path, compute: Callable[[], dict[str,
             raise ValueError(f"image cache: computed {arrays[name].shape[0]} rows of {name}, expected {num_rows}")
     directory.mkdir(parents=True, exist_ok=True)
     for name, path in paths.items():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, arrays[name])
-        os.replace(tmp, path)
+        files.save_npy(path, arrays[name])
     first = arrays[names[0]]
     (directory / "meta.json").write_text(json.dumps(
         {"rows": int(first.shape[0]), "width": int(first.shape[1]), "seconds": round(seconds, 2)}))

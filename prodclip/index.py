@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+from prodclip import files
 from prodclip.errors import StoreError
 from prodclip.evaluate import store as store_lib
 
@@ -273,12 +274,11 @@ def build_index(store_dir: str | pathlib.Path, kind: str = "auto", *, target_rec
     truth = exact_top_k(store, queries, 10)[1]
     meta["breadth"], meta["calibrated_recall_at_10"] = calibrate(opened, queries, truth, target_recall)
     path = pathlib.Path(store_dir) / INDEX_FILE
-    tmp = path.with_suffix(".tmp")
+    tmp = files.temporary_path(path)
     faiss.write_index(index, str(tmp))
     meta["bytes_per_item"] = round(tmp.stat().st_size / n, 1)
     os.replace(tmp, path)
-    (path.parent / f"{META_FILE}.tmp").write_text(json.dumps(meta, indent=2))
-    os.replace(path.parent / f"{META_FILE}.tmp", path.parent / META_FILE)
+    files.write_text(path.parent / META_FILE, json.dumps(meta, indent=2))
     log.info("index: %s", meta)
     return path
 

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pathlib
 import re
 import shlex
@@ -38,6 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from prodclip import files
 from prodclip.sweep_grid import Plot, Run, Sweep, SweepError, expand, load_sweep_file, run_config
 
 log = logging.getLogger("prodclip")
@@ -81,9 +81,7 @@ def write_definition(workdir: pathlib.Path, definition: dict) -> None:
                 raise SweepError(f"{workdir} holds another sweep ({key} differs: {old.get(key)!r} vs "
                                  f"{definition[key]!r}); use a new --workdir or delete {path}")
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # emitted runs may start together: write, then rename
-    tmp.write_text(json.dumps(definition, indent=2))
-    tmp.replace(path)
+    files.write_text(path, json.dumps(definition, indent=2))  # emitted runs may start together
 
 
 def _check_finished_config(run_dir: pathlib.Path, config, run: Run) -> None:

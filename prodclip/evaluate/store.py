@@ -25,14 +25,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import pathlib
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from prodclip import errors, trees
+from prodclip import errors, files, trees
 from prodclip.data.sources import RowRange
 from prodclip.evaluate import store_codec
 from prodclip.models import inference
@@ -89,12 +88,6 @@ def _record_path(store: pathlib.Path, index: int) -> pathlib.Path:
     return _shard_path(store, index).with_suffix(".json")
 
 
-def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def write_shard(store: pathlib.Path, index: int, rows: np.ndarray, dtype: str) -> None:
     """Writes shard `index` of `store` from [n, D] float32 rows, encoded as `dtype`, then its record.
 
@@ -104,14 +97,12 @@ def write_shard(store: pathlib.Path, index: int, rows: np.ndarray, dtype: str) -
     stored, scales = store_codec.encode_rows(rows, dtype)
     record = {"rows": int(rows.shape[0]), "dim": int(rows.shape[1])}
     if scales is not None:
-        _save_atomic(_scale_path(store, index), scales)
+        files.save_npy(_scale_path(store, index), scales)
         record["scale_sha256"] = trees.file_sha256(_scale_path(store, index))
     path = _shard_path(store, index)
-    _save_atomic(path, stored)
+    files.save_npy(path, stored)
     record.update(bytes=path.stat().st_size, sha256=trees.file_sha256(path))
-    tmp = _record_path(store, index).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, _record_path(store, index))
+    files.write_text(_record_path(store, index), json.dumps(record))
 
 
 def shard_problem(store: pathlib.Path, index: int, rows: int | None = None) -> str | None:
@@ -137,7 +128,7 @@ def shard_problem(store: pathlib.Path, index: int, rows: int | None = None) -> s
 
 
 # Files a store directory may hold before its header exists (an embed killed while starting).
-_STORE_FILES = {HEADER, ITEMS, f"{HEADER}.tmp", f"{ITEMS}.tmp", "shards", "skipped_rows.jsonl"}
+_STORE_FILES = {HEADER, ITEMS, "shards", "skipped_rows.jsonl"}
 
 
 def check_store_dir(store: str | pathlib.Path) -> None:
@@ -147,7 +138,8 @@ def check_store_dir(store: str | pathlib.Path) -> None:
         raise StoreError(f"--out {store} is a file; give a new or existing store directory")
     if not store.is_dir() or (store / HEADER).exists():
         return
-    others = sorted(p.name for p in store.iterdir() if p.name not in _STORE_FILES)
+    others = sorted(p.name for p in store.iterdir() if p.name not in _STORE_FILES
+                    and not files.is_temporary(p.name))
     if others:
         raise StoreError(f"--out {store} is not empty and is not an embedding store (it holds "
                          f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); give a new directory")
@@ -186,12 +178,9 @@ def _open_or_create(store: pathlib.Path, header: dict, source) -> None:
         return
     (store / "shards").mkdir(parents=True, exist_ok=True)
     titles = source.titles if hasattr(source, "titles") else [source[i]["title"] for i in range(len(source))]
-    with open(store / f"{ITEMS}.tmp", "w") as f:
-        for item_id, title in zip(_source_ids(source), titles):
-            f.write(json.dumps({"id": item_id, "title": title}) + "\n")
-    os.replace(store / f"{ITEMS}.tmp", store / ITEMS)
-    (store / f"{HEADER}.tmp").write_text(json.dumps(header, indent=2))
-    os.replace(store / f"{HEADER}.tmp", store / HEADER)
+    files.write_text(store / ITEMS, (json.dumps({"id": item_id, "title": title}) + "\n"
+                                     for item_id, title in zip(_source_ids(source), titles)))
+    files.write_text(store / HEADER, json.dumps(header, indent=2))  # last: a store with a header is whole
 
 
 def embed_catalog_views(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict,
