@@ -81,6 +81,15 @@ def text_cache_on(config: ml_collections.ConfigDict) -> bool:
     return config.train.text_cache == "auto" and config.optim.lock_text and not augmented
 
 
+def first_unlocked_text_block(config: ml_collections.ConfigDict) -> int | None:
+    """The index of the first BERT text block that trains under optim.lock_text (optim.unlock_text_blocks),
+    or None when the locked text tower is locked whole."""
+    n = config.optim.unlock_text_blocks
+    if not (config.optim.lock_text and n > 0):
+        return None
+    return tower_dims(config.model.text, TEXT_PRESETS)["depth"] - n
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key prodclip understands, with its default. Config files start here."""
     c = ml_collections.ConfigDict()
@@ -256,6 +265,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Partial fine-tuning (LiT): locked towers and parameters get no updates.
     c.optim.lock_image = False
     c.optim.lock_text = False
+    # With optim.lock_text and a BERT text tower: its last N blocks still train (lr * text_lr_mult); the text
+    # cache then holds the token states entering them, and each step runs those blocks and the pooling.
+    c.optim.unlock_text_blocks = 0
     c.optim.frozen_patterns = ()  # regexes, matched in full against paths like 'text_tower/encoder/blocks/0/attn/query/kernel'
     c.optim.image_lr_mult = 1.0  # the image tower's learning rate = learning_rate * image_lr_mult
     c.optim.text_lr_mult = 1.0

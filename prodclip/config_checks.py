@@ -18,6 +18,27 @@ from prodclip.config import (NEGATIVE_KINDS, TEXT_PRESETS, VIT_PRESETS, allowed_
 from prodclip.errors import ConfigError
 
 
+def _validate_text_unlock(config) -> None:
+    """optim.unlock_text_blocks: the last blocks of a locked BERT text tower."""
+    n = config.optim.unlock_text_blocks
+    if n < 0:
+        raise ConfigError(f"'optim.unlock_text_blocks' must be >= 0 (0 = the locked tower stays whole), got {n}")
+    if n == 0:
+        return
+    if not config.optim.lock_text:
+        raise ConfigError(f"optim.unlock_text_blocks={n} unlocks blocks of a locked text tower, but optim.lock_text "
+                          "is False (the whole tower trains); set optim.lock_text=True or unlock_text_blocks=0")
+    if config.model.text.kind != "bert":
+        raise ConfigError(f"optim.unlock_text_blocks={n} needs model.text.kind='bert', got "
+                          f"{config.model.text.kind!r}")
+    depth = tower_dims(config.model.text, TEXT_PRESETS)["depth"]
+    if n > depth:
+        raise ConfigError(f"optim.unlock_text_blocks={n} exceeds the text tower's {depth} blocks")
+    if config.model.fusion.enabled:
+        raise ConfigError(f"optim.unlock_text_blocks={n} does not work with model.fusion.enabled (the fusion "
+                          "encoder reads cached final token states); set one of them off")
+
+
 def _check_choice(config, key: str, choices: Sequence[str]) -> None:
     value = config
     for part in key.split("."):
@@ -114,6 +135,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         except re.error as e:
             raise ConfigError(f"optim.frozen_patterns: {pattern!r} is not a valid regex: {e}") from e
     _validate_match(config)
+    _validate_text_unlock(config)
     if config.data.name == "catalog" and not config.data.path:
         raise ConfigError("data.name='catalog' needs data.path (a parquet/CSV/JSONL manifest or a folder)")
 

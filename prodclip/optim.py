@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from prodclip import config as config_lib, trees
 from prodclip.trees import path_str
 
 
@@ -31,17 +32,23 @@ def decay_mask(params: Any) -> Any:
 def trainable_labels(params: Any, config: ml_collections.ConfigDict) -> Any:
     """'image', 'text', 'other' or 'frozen' per parameter.
 
-    Frozen: a locked tower (optim.lock_image / lock_text, LiT), a path fully matching one of
+    Frozen: a locked tower (optim.lock_image / lock_text, LiT; the last optim.unlock_text_blocks blocks
+    of a locked BERT text tower still train), a path fully matching one of
     optim.frozen_patterns, or the logit scale when the temperature is fixed. The other labels
     pick the learning-rate multiplier (optim.image_lr_mult / text_lr_mult).
     """
     o = config.optim
     patterns = [re.compile(p) for p in o.frozen_patterns]
+    unlocked_from = config_lib.first_unlocked_text_block(config)
 
     def label(path, _):
         name = getattr(path[0], "key", None)
         if name == "log_logit_scale" and not config.model.learn_temperature:
             return "frozen"
+        if name == "text_tower" and unlocked_from is not None:
+            block = trees.block_index(path)
+            if block is not None and block >= unlocked_from:
+                return "text"
         if (name == "image_tower" and o.lock_image) or (name == "text_tower" and o.lock_text):
             return "frozen"
         if any(p.fullmatch(path_str(path)) for p in patterns):

@@ -11,6 +11,9 @@ A cache lives in `<train.text_cache_dir or workdir/text_cache>/<key>/`:
     text_emb.npy    [N, D] float32  their L2-normalised embeddings, memory-mapped when read
     text_tokens.npy [N, L, W] float16  with a fusion encoder only: the tower's token states (zero past
                                        each title's padded length), what the fusion encoder reads
+    text_states.npy [N, L, W] float16  instead of both, with optim.unlock_text_blocks = n: the token states
+                                       entering the first of the last n blocks, which train; the step
+                                       runs those blocks and the pooling on them
 
 `key` is a SHA-256 over the text tower's weights, the tokenizer's vocabulary and settings,
 and the text model's config, so runs (e.g. seeds) sharing a locked tower share its cache,
@@ -23,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import time
 from typing import Any, Sequence
@@ -31,7 +33,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from prodclip import config as config_lib, trees
+from prodclip import config as config_lib, files, trees
 from prodclip.data import pipeline
 from prodclip.models import inference
 
@@ -42,10 +44,25 @@ class TextCacheMiss(KeyError):
     """A batch holds a title the cache has no embedding for."""
 
 
-def cache_key(text_params: Any, tokenizer, config: ml_collections.ConfigDict) -> str:
-    """16 hex chars identifying what maps token ids to text embeddings (weights, tokenizer, text config)."""
+CACHED_ARRAYS = ("text_emb", "text_tokens", "text_states")  # what a cache directory may hold besides token_ids
+
+
+def cache_key(text_params: Any, tokenizer, config: ml_collections.ConfigDict, states_before: int | None = None) -> str:
+    """16 hex chars identifying what maps token ids to the cached rows (weights, tokenizer, text config).
+
+    states_before: None (the whole tower's outputs), or a block index: the rows are the states entering
+    that block, so only the weights below it count (the blocks from it on train).
+    """
     h = hashlib.sha256()
-    trees.hash_tree(h, text_params)
+    if states_before is None:
+        trees.hash_tree(h, text_params)
+    else:
+        def before_the_cut(path) -> bool:  # the embeddings and the blocks that run before the cached states
+            block = trees.block_index(path)
+            return block is None or block < states_before
+
+        trees.hash_tree(h, text_params, keep=before_the_cut)
+        h.update(f"states-before-block:{states_before}".encode())
     h.update(json.dumps(sorted(tokenizer.hf.get_vocab().items())).encode())
     h.update(f"{tokenizer.context_length}:{tokenizer.lowercase}:{tokenizer.pad_id}".encode())
     h.update(json.dumps({"text": config.model.text.to_dict(), "embed_dim": config.model.embed_dim,
@@ -54,25 +71,29 @@ def cache_key(text_params: Any, tokenizer, config: ml_collections.ConfigDict) ->
 
 
 class TextCache:
-    """Looks up the cached embedding of each tokenized title.
+    """Looks up the cached rows of each tokenized title.
 
-    token_ids: [N, L] int32 distinct rows; text_emb: [N, D] float32 (a memmap is fine); text_tokens:
-    None, or [N, L, W] the rows' token states (a run with a fusion encoder).
+    token_ids: [N, L] int32 distinct rows; arrays: {name: [N, ...]} their cached values (memmaps are
+    fine), named as a batch carries them: "text_emb" [N, D] float32 (the locked tower's features),
+    "text_tokens" [N, L, W] (its final token states, with a fusion encoder) or "text_states" [N, L, W]
+    (the states entering the first unlocked block, with optim.unlock_text_blocks).
     """
 
-    def __init__(self, token_ids: np.ndarray, text_emb: np.ndarray, directory: pathlib.Path | None = None,
-                 text_tokens: np.ndarray | None = None):
+    def __init__(self, token_ids: np.ndarray, arrays: dict[str, np.ndarray], directory: pathlib.Path | None = None):
         self.token_ids = token_ids
-        self.text_emb = text_emb
-        self.text_tokens = text_tokens
+        self.arrays = arrays
         self.directory = directory
         self.index = {row.tobytes(): i for i, row in enumerate(np.ascontiguousarray(token_ids, np.int32))}
+
+    @property
+    def text_emb(self) -> np.ndarray | None:
+        return self.arrays.get("text_emb")
 
     def __len__(self) -> int:
         return len(self.index)
 
     def lookup(self, token_ids: np.ndarray) -> np.ndarray:
-        """[B, L] int32 -> [B, D] float32. Raises TextCacheMiss naming the first unknown row."""
+        """[B, L] int32 -> [B, D] float32 text_emb. Raises TextCacheMiss naming the first unknown row."""
         return np.asarray(self.text_emb[self.rows(token_ids)], np.float32)
 
     def rows(self, token_ids: np.ndarray) -> np.ndarray:
@@ -88,21 +109,22 @@ class TextCache:
         return np.asarray(rows, np.int64)
 
     def attach(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The batch plus 'text_emb' [B, D] float32 for its token_ids (and 'negative_text_emb' for its
-        negative_token_ids, which it then drops); with token states, also 'text_tokens' [B, L, W] (and
-        'negative_text_tokens', keeping negative_token_ids)."""
+        """The batch plus every cached array's rows for its token_ids ('text_emb' [B, D] float32, token
+        states [B, L, W]); for its negative_token_ids the same arrays prefixed 'negative_'. The negative
+        ids are dropped unless token states need them for the padding mask."""
         rows = self.rows(batch["token_ids"])
-        out = {**batch, "text_emb": np.asarray(self.text_emb[rows], np.float32)}
-        if self.text_tokens is not None:
-            out["text_tokens"] = np.asarray(self.text_tokens[rows])
+        out = {**batch, **{name: self.read(name, rows) for name in self.arrays}}
         if "negative_token_ids" in out:
             negative_rows = self.rows(out["negative_token_ids"])
-            out["negative_text_emb"] = np.asarray(self.text_emb[negative_rows], np.float32)
-            if self.text_tokens is not None:  # the fusion encoder reads them, and their ids for the mask
-                out["negative_text_tokens"] = np.asarray(self.text_tokens[negative_rows])
-            else:
+            out.update({f"negative_{name}": self.read(name, negative_rows) for name in self.arrays})
+            if all(a.ndim == 2 for a in self.arrays.values()):
                 del out["negative_token_ids"]
         return out
+
+    def read(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """The cached `name` of `rows` in memory: text_emb as float32, token states in their stored dtype."""
+        part = np.asarray(self.arrays[name][rows])
+        return part.astype(np.float32) if name == "text_emb" else part
 
 
 def embed_by_length(encode_text, token_ids: np.ndarray, batch_size: int, pad_id: int | None,
@@ -141,24 +163,22 @@ def embed_by_length(encode_text, token_ids: np.ndarray, batch_size: int, pad_id:
 
 
 def build_or_load(directory: str | pathlib.Path, token_ids: np.ndarray, encode_text, batch_size: int,
-                  pad_id: int | None = None, with_tokens: bool = False) -> TextCache:
+                  pad_id: int | None = None, names: Sequence[str] = ("text_emb",)) -> TextCache:
     """The cache in `directory` if it covers every row of `token_ids`, else one extended by the missing rows.
 
-    token_ids: [M, L] int32 (duplicates allowed). encode_text: [b, L'] int32 -> [b, D] float32
-    for b = batch_size (the last chunk is padded to it, so one compilation serves each L'), or, with
-    `with_tokens`, -> ([b, D], token states [b, L', W]). With `pad_id`, rows are cut to their length
-    (`embed_by_length`), L' <= L; without, L' = L. Only rows the stored cache lacks are embedded; the
-    stored rows are kept as they are.
+    token_ids: [M, L] int32 (duplicates allowed). encode_text: [b, L'] int32 -> one array per name of
+    `names` (a tuple, or the array alone): [b, D] float32 or token states [b, L', W]; b = batch_size
+    (the last chunk is padded to it, so one compilation serves each L'). With `pad_id`, rows are cut
+    to their length (`embed_by_length`), L' <= L; without, L' = L. Only rows the stored cache lacks
+    are embedded; the stored rows are kept as they are.
     """
     directory = pathlib.Path(directory)
     distinct = np.unique(np.asarray(token_ids, np.int32), axis=0)
-    paths = {"token_ids": directory / "token_ids.npy", "text_emb": directory / "text_emb.npy"}
-    if with_tokens:
-        paths["text_tokens"] = directory / "text_tokens.npy"
+    paths = {name: directory / f"{name}.npy" for name in ("token_ids", *names)}
     stored = None
-    cache = load(directory, with_tokens) if all(path.is_file() for path in paths.values()) else None
-    if cache is not None and all(len(a) == len(cache.token_ids) for a in (cache.text_emb, cache.text_tokens)
-                                 if a is not None):  # an interrupted write leaves other lengths: rebuilt
+    cache = load(directory, names) if all(path.is_file() for path in paths.values()) else None
+    if cache is not None and all(len(a) == len(cache.token_ids) for a in cache.arrays.values()):
+        # an interrupted write leaves other lengths: rebuilt
         missing = np.asarray([row.tobytes() not in cache.index for row in distinct], bool)
         if not missing.any():
             log.info("text cache: %d titles read from %s", len(cache), directory)
@@ -169,30 +189,24 @@ def build_or_load(directory: str | pathlib.Path, token_ids: np.ndarray, encode_t
     num_new = len(distinct)
     if stored is not None:
         distinct = np.concatenate([stored.token_ids, distinct])
-        new = [np.concatenate([np.asarray(old), part]) for old, part in
-               zip((stored.text_emb, stored.text_tokens)[:len(new)], new)]
+        new = [np.concatenate([np.asarray(stored.arrays[name]), part]) for name, part in zip(names, new)]
     distinct, order = np.unique(distinct, axis=0, return_index=True)
-    arrays = {"token_ids": distinct, "text_emb": new[0][order].astype(np.float32)}
-    if with_tokens:
-        arrays["text_tokens"] = new[1][order]
+    arrays = {name: part[order] for name, part in zip(names, new)}
     directory.mkdir(parents=True, exist_ok=True)
-    if not with_tokens:  # token states of fewer rows than token_ids would be read as the wrong rows
-        (directory / "text_tokens.npy").unlink(missing_ok=True)
-    for name in ("text_emb", "text_tokens", "token_ids"):  # token_ids last: it marks the rows the others hold
-        if name in arrays:
-            tmp = paths[name].with_name(f".{paths[name].name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, arrays[name])
-            os.replace(tmp, paths[name])
+    for other in CACHED_ARRAYS:  # arrays of fewer rows than token_ids would be read as the wrong rows
+        if other not in names:
+            (directory / f"{other}.npy").unlink(missing_ok=True)
+    for name in (*names, "token_ids"):  # token_ids last: it marks the rows the others hold
+        files.save_npy(paths[name], distinct if name == "token_ids" else arrays[name])
     log.info("text cache: embedded %d new distinct titles in %.1f s into %s (%d in all)", num_new, time.time() - t0,
              directory, len(distinct))
-    return load(directory, with_tokens)
+    return load(directory, names)
 
 
-def load(directory: pathlib.Path, with_tokens: bool = False) -> TextCache:
-    """The cache stored in `directory`, memory-mapped (token states too, with `with_tokens`)."""
-    return TextCache(np.load(directory / "token_ids.npy"), np.load(directory / "text_emb.npy", mmap_mode="r"),
-                     directory, np.load(directory / "text_tokens.npy", mmap_mode="r") if with_tokens else None)
+def load(directory: pathlib.Path, names: Sequence[str] = ("text_emb",)) -> TextCache:
+    """The cache stored in `directory`, its `names` memory-mapped."""
+    return TextCache(np.load(directory / "token_ids.npy"),
+                     {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in names}, directory)
 
 
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
@@ -201,11 +215,18 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
     `config.text_cache_on(config)` is False."""
     if not config_lib.text_cache_on(config):
         return None
-    with_tokens = bool(config.model.fusion.enabled)  # the fusion encoder reads the token states
-    encode = (inference.token_state_encoders(graphdef)[1] if with_tokens
-              else inference.feature_encoders(graphdef)[1])  # the text head runs in the step
-    key = cache_key(params["text_tower"], tokenizer, config)
+    first_unlocked = config_lib.first_unlocked_text_block(config)
+    if first_unlocked is not None:  # the states entering the unlocked blocks, which run in the step
+        names = ("text_states",)
+        encode = inference.text_state_encoder(graphdef, first_unlocked)
+    elif config.model.fusion.enabled:  # the fusion encoder reads the final token states
+        names = ("text_emb", "text_tokens")
+        encode = inference.token_state_encoders(graphdef)[1]
+    else:  # the text head runs in the step
+        names = ("text_emb",)
+        encode = inference.feature_encoders(graphdef)[1]
+    key = cache_key(params["text_tower"], tokenizer, config, first_unlocked)
     root = pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else workdir / "text_cache"
     token_ids = tokenizer(list(titles) if titles is not None else pipeline.source_titles(train_source))
     return build_or_load(root / key, token_ids, lambda t: encode(params, t), config.eval.batch_size,
-                         pad_id=tokenizer.pad_id, with_tokens=with_tokens)
+                         pad_id=tokenizer.pad_id, names=names)

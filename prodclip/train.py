@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from prodclip import checkpoint, compile_cache, config_checks, errors, faults, gradcache, losses, optim, parallel
+from prodclip import (checkpoint, compile_cache, config as config_lib, config_checks, errors, faults, gradcache, losses,
+                      optim, parallel)
 from prodclip.data import pipeline, sources, view_augment
 from prodclip.evaluate import matching, pairs, suite
 from prodclip.metrics_writer import MetricsWriter
@@ -59,20 +60,27 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, graphdef, pair_loss: 
     pair_loss = pair_loss or make_pair_loss(config)
     accum = config.train.grad_accum_steps
 
+    first_unlocked = config_lib.first_unlocked_text_block(config)
+
+    def embed_titles(model, batch, prefix=""):
+        # A locked text tower's features, or the states entering its unlocked blocks, may come with the
+        # batch (text_cache.py): then only those blocks and the head run.
+        if f"{prefix}text_states" in batch:
+            return model.embed_text_features(model.text_features_from_states(
+                batch[f"{prefix}text_states"], batch[f"{prefix}token_ids"], first_unlocked))
+        if f"{prefix}text_emb" in batch:
+            return model.embed_text_features(batch[f"{prefix}text_emb"])
+        return model.encode_text(batch[f"{prefix}token_ids"])
+
     def embed(params, batch):
         model = merge_model(graphdef, params)
-        # A locked tower's features may come with the batch (text_cache.py, image_cache.py): only the heads run.
-        text_emb = (model.embed_text_features(batch["text_emb"]) if "text_emb" in batch
-                    else model.encode_text(batch["token_ids"]))
+        # A locked image tower's features may come with the batch (image_cache.py): only its head runs.
         image_emb = (model.embed_image_features(batch["image_features"]) if "image_features" in batch
                      else model.encode_image(batch["images"]))
-        return image_emb, text_emb
+        return image_emb, embed_titles(model, batch)
 
     def embed_negatives(params, batch):
-        model = merge_model(graphdef, params)
-        if "negative_text_emb" in batch:
-            return model.embed_text_features(batch["negative_text_emb"])
-        return model.encode_text(batch["negative_token_ids"])
+        return embed_titles(merge_model(graphdef, params), batch, "negative_")
 
     def loss_on_embeddings(params, image_emb, text_emb, batch):
         model = merge_model(graphdef, params)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -20,13 +20,24 @@ def path_keys(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
 
 
-def hash_tree(h, tree: Any) -> None:
-    """Feeds every leaf of `tree` (key path, dtype, shape, bytes) into the hashlib object `h`, in key order."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+def hash_tree(h, tree: Any, keep: Callable[[tuple], bool] | None = None) -> None:
+    """Feeds every leaf of `tree` (key path, dtype, shape, bytes) into the hashlib object `h`, in key order;
+    with `keep`, only the leaves whose key path it accepts."""
+    leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if keep is None or keep(path)]
     for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
         array = np.asarray(jax.device_get(leaf))
         h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
         h.update(np.ascontiguousarray(array).tobytes())
+
+
+def block_index(path: tuple) -> int | None:
+    """i of the first 'blocks/<i>' in a key path (e.g. text_tower/blocks/5/attn/...), or None."""
+    keys = path_keys(path)
+    for name, index in zip(keys, keys[1:]):
+        if name == "blocks":
+            return int(index)
+    return None
 
 
 def file_sha256(path: str | pathlib.Path) -> str:

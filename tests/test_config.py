@@ -1,5 +1,6 @@
 """Config loading, overrides and validation: bad configs fail before any compute."""
 
+import functools
 import pathlib
 
 import pytest
@@ -18,6 +19,23 @@ def test_quickstart_loads_and_validates():
     c = quickstart()
     config_checks.validate(c)
     assert c.data.name == "synthetic"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path, monkeypatch):
+    monkeypatch.setenv("PRODCLIP_MYNTRA_DIR", "/no/such/dir")  # data paths are checked when data is read
+    config = config_loading.load(path)
+    assert config.train.num_steps > 0
+
+
+def test_the_unlock_config_is_the_pretrained_one_with_minilm_s_last_block_trained():
+    flat = {}
+    for name in ("myntra_pretrained", "myntra_pretrained_unlock"):
+        config = config_loading.load(ROOT / "configs" / f"{name}.py")
+        flat[name] = {key: repr(functools.reduce(getattr, key.split("."), config))
+                      for key in config_loading.flat_keys(config)}
+    changed = {k for k, v in flat["myntra_pretrained_unlock"].items() if flat["myntra_pretrained"].get(k) != v}
+    assert changed == {"optim.unlock_text_blocks", "optim.text_lr_mult", "tokenizer.context_length"}
 
 
 def test_override_sets_typed_values():

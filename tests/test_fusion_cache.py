@@ -161,7 +161,7 @@ def test_text_cache_keeps_token_states_and_drops_stale_ones(tmp_path):
     graphdef, params = build(config)
     encode = inference.token_state_encoders(graphdef)[1]
     ids = tiny_batch(config, 0)["token_ids"][:10]
-    cache = text_cache.build_or_load(tmp_path, ids, lambda t: encode(params, t), 4, pad_id=0, with_tokens=True)
+    cache = text_cache.build_or_load(tmp_path, ids, lambda t: encode(params, t), 4, pad_id=0, names=("text_emb", "text_tokens"))
     want_emb, want_states = map(np.asarray, encode(params, ids))
     batch = cache.attach({"token_ids": ids})
     np.testing.assert_allclose(batch["text_emb"], want_emb, rtol=1e-5, atol=1e-6)
@@ -174,8 +174,8 @@ def test_text_cache_keeps_token_states_and_drops_stale_ones(tmp_path):
     text_cache.build_or_load(tmp_path, more, lambda t: encode(params, t)[0], 4, pad_id=0)
     assert not (tmp_path / "text_tokens.npy").exists()
     again = text_cache.build_or_load(tmp_path, np.concatenate([ids, more]), lambda t: encode(params, t), 4,
-                                     pad_id=0, with_tokens=True)
-    assert len(again.text_tokens) == len(again.token_ids) == len(np.unique(np.concatenate([ids, more]), axis=0))
+                                     pad_id=0, names=("text_emb", "text_tokens"))
+    assert len(again.arrays["text_tokens"]) == len(again.token_ids) == len(np.unique(np.concatenate([ids, more]), axis=0))
 
 
 def test_image_cache_keeps_pooled_tokens_under_its_own_key(tmp_path):

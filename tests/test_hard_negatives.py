@@ -98,7 +98,7 @@ def test_feature_rows_carry_negatives_and_mask_shortened_titles():
 def test_text_cache_replaces_negative_ids_with_embeddings():
     ids = np.arange(12, dtype=np.int32).reshape(4, 3)
     emb = np.arange(8, dtype=np.float32).reshape(4, 2)
-    cache = text_cache.TextCache(ids, emb)
+    cache = text_cache.TextCache(ids, {"text_emb": emb})
     out = cache.attach({"token_ids": ids[[0, 1]], "negative_token_ids": ids[[3, 2]], "negative_mask": np.ones(2, bool)})
     assert "negative_token_ids" not in out
     np.testing.assert_array_equal(out["negative_text_emb"], emb[[3, 2]])

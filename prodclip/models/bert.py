@@ -71,26 +71,42 @@ class BertTextTower(nnx.Module):
         """[B, L] bool: the tokens attention reads (everything but padding)."""
         return token_ids != self.pad_id
 
-    def __call__(self, token_ids: jax.Array, token_type_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """token_ids: [B, L] int32 padded with pad_id; token_type_ids: [B, L] int32 (default all 0).
-
-        Returns (embedding [B, embed_dim] not normalised, token states [B, L, width]).
-        """
+    def states_before(self, token_ids: jax.Array, block: int,
+                      token_type_ids: jax.Array | None = None) -> jax.Array:
+        """token_ids: [B, L] int32 padded with pad_id -> [B, L, width]: the token states entering
+        `blocks[block]` (block = depth: the final states). What a text cache holds when only the
+        blocks from `block` on train (optim.unlock_text_blocks)."""
         length = token_ids.shape[1]
         types = jnp.zeros_like(token_ids) if token_type_ids is None else token_type_ids
         x = (self.token_embed(token_ids) + self.pos_embed[...][:length][None]
              + jnp.take(self.type_embed[...], types, axis=0))
         x = self.embed_norm(x.astype(self.dtype))
-        valid = self.valid_tokens(token_ids)
-        mask = mask_from_valid(valid, causal=False)
-        for block in self.blocks:
+        return self.run_blocks(x, token_ids, 0, block)
+
+    def run_blocks(self, x: jax.Array, token_ids: jax.Array, start: int, stop: int) -> jax.Array:
+        """x [B, L, width], the states entering blocks[start] -> the states leaving blocks[stop - 1]."""
+        mask = mask_from_valid(self.valid_tokens(token_ids), causal=False)
+        for block in self.blocks[start:stop]:
             x = nnx.remat(lambda blk, h, m: blk(h, m))(block, x, mask) if self.remat else block(x, mask)
+        return x
+
+    def from_states(self, states: jax.Array, token_ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+        """states [B, L, width] entering `blocks[block]` (`states_before`), token_ids [B, L] -> what
+        `__call__` returns: the blocks from `block` on, then pooling and the projection."""
+        x = self.run_blocks(states.astype(self.dtype), token_ids, block, len(self.blocks))
         if self.pooling == "cls":
             pooled = x[:, 0]
         else:
-            weights = valid[..., None].astype(x.dtype)
+            weights = self.valid_tokens(token_ids)[..., None].astype(x.dtype)
             pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
         return (pooled if self.projection is None else self.projection(pooled)), x
+
+    def __call__(self, token_ids: jax.Array, token_type_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """token_ids: [B, L] int32 padded with pad_id; token_type_ids: [B, L] int32 (default all 0).
+
+        Returns (embedding [B, embed_dim] not normalised, token states [B, L, width]).
+        """
+        return self.from_states(self.states_before(token_ids, 0, token_type_ids), token_ids, 0)
 
 
 def build_bert(config, vocab_size: int, pad_id: int, dtype, rngs: nnx.Rngs) -> BertTextTower:

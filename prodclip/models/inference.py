@@ -74,6 +74,13 @@ def token_state_encoders(graphdef):
     return image, text
 
 
+@functools.lru_cache(maxsize=8)
+def text_state_encoder(graphdef, block: int):
+    """jitted (params, [B, L] int32) -> [B, L, W]: the BERT text tower's token states entering
+    `blocks[block]` (the text cache of a run with optim.unlock_text_blocks)."""
+    return jax.jit(lambda p, t: merge_model(graphdef, p).text_states(t, block))
+
+
 def embed_source(graphdef, params, source, tokenizer, config, *,
                  with_text: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """All images and titles of `source`: ([N, D], [N, D] or None) float32, L2-normalised, in source order."""

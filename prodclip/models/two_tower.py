@@ -78,6 +78,16 @@ class TwoTower(nnx.Module):
         features, tokens = self.text_tower(token_ids)
         return l2_normalize(features), tokens
 
+    def text_states(self, token_ids: jax.Array, block: int) -> jax.Array:
+        """token_ids [B, L] -> [B, L, W] the BERT text tower's token states entering `blocks[block]`: the
+        text cache's rows when only the last blocks train (optim.unlock_text_blocks)."""
+        return self.text_tower.states_before(token_ids, block)
+
+    def text_features_from_states(self, states: jax.Array, token_ids: jax.Array, block: int) -> jax.Array:
+        """states [B, L, W] entering `blocks[block]`, token_ids [B, L] -> `text_features` [B, F]: the rest of the
+        BERT text tower runs (its unlocked blocks, pooling)."""
+        return l2_normalize(self.text_tower.from_states(states, token_ids, block)[0])
+
     def embed_image_features(self, features: jax.Array) -> jax.Array:
         """[B, F] image-tower features -> [B, embed_dim] float32, L2-normalised (through the image head, if any)."""
         return l2_normalize(features if self.image_head is None else self.image_head(features))
