@@ -94,7 +94,7 @@ class TextCache:
 
     def lookup(self, token_ids: np.ndarray) -> np.ndarray:
         """[B, L] int32 -> [B, D] float32 text_emb. Raises TextCacheMiss naming the first unknown row."""
-        return np.asarray(self.text_emb[self.rows(token_ids)], np.float32)
+        return self.read("text_emb", self.rows(token_ids))
 
     def rows(self, token_ids: np.ndarray) -> np.ndarray:
         """[B, L] int32 -> [B] int64 rows of the cache. Raises TextCacheMiss naming the first unknown row."""
