@@ -30,6 +30,8 @@ import myntra_pretrained  # noqa: E402  (configs/myntra_pretrained.py)
 
 def get_config():
     c = myntra_pretrained.get_config()
+    # MiniLM's last layer alone, as measured in docs/pretrained.md (fusion with the layer means was not run).
+    c.model.text.bert.mean_layers = ()
     c.model.fusion.enabled = True
     c.model.fusion.depth = 2
     c.model.fusion.width = 128

@@ -222,6 +222,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text.bert.max_positions = 512  # rows of the position table (>= tokenizer.context_length)
     c.model.text.bert.layer_norm_eps = 1e-12
     c.model.text.bert.projection = True  # False: the pooled state is the embedding (needs embed_dim == width)
+    # Earlier layers (0: the embeddings, i: block i's output) whose token means follow the pooled state,
+    # L2-normalised together and scaled to its norm (models/bert.py); the output is width x (1 + len).
+    c.model.text.bert.mean_layers = ()
     # Trainable heads after the towers (prodclip/models/heads.py): none | linear | mlp. Outside the tower,
     # so a locked pretrained tower stays frozen (and cached) while its head trains.
     c.model.head = ml_collections.ConfigDict()

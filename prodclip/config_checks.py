@@ -37,6 +37,9 @@ def _validate_text_unlock(config) -> None:
     if config.model.fusion.enabled:
         raise ConfigError(f"optim.unlock_text_blocks={n} does not work with model.fusion.enabled (the fusion "
                           "encoder reads cached final token states); set one of them off")
+    if config.model.text.bert.mean_layers:
+        raise ConfigError(f"optim.unlock_text_blocks={n} does not work with model.text.bert.mean_layers (the cache "
+                          "holds only the states entering the unlocked blocks); set one of them off")
 
 
 def _check_choice(config, key: str, choices: Sequence[str]) -> None:
@@ -178,12 +181,20 @@ def _validate_baselines(config: ml_collections.ConfigDict) -> None:
         if m.text.bert.max_positions < config.tokenizer.context_length:
             raise ConfigError(f"model.text.bert.max_positions={m.text.bert.max_positions} is below "
                               f"tokenizer.context_length={config.tokenizer.context_length}")
-        width = tower_dims(m.text, TEXT_PRESETS)["width"]
+        dims = tower_dims(m.text, TEXT_PRESETS)
+        layers = tuple(m.text.bert.mean_layers)
+        if (not all(isinstance(i, int) and 0 <= i < dims["depth"] for i in layers)
+                or list(layers) != sorted(set(layers))):
+            raise ConfigError(f"model.text.bert.mean_layers={layers}: give increasing layer indices from 0 (the "
+                              f"embeddings) to {dims['depth'] - 1} (the block below the last), e.g. (0,)")
+        width = dims["width"] * (1 + len(layers))
         if not m.text.bert.projection and m.head.text == "none" and m.embed_dim != width:
             raise ConfigError(f"model.text.bert.projection=False needs model.embed_dim == the text width {width} "
                               f"(or a model.head.text), got {m.embed_dim}")
     elif m.text.pretrained:
         raise ConfigError("model.text.pretrained (a HF BERT dir) needs model.text.kind='bert'")
+    elif m.text.bert.mean_layers:
+        raise ConfigError("model.text.bert.mean_layers pools a BERT tower's layers; it needs model.text.kind='bert'")
     if m.matcher.kind != "none" and (m.matcher.hidden < 1 or m.matcher.depth < 1):
         raise ConfigError("model.matcher.hidden and model.matcher.depth must be >= 1")
     if config.train.max_train_seconds < 0:

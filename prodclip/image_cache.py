@@ -129,7 +129,7 @@ def build_or_load(directory: str | pathlib.Path, compute: Callable[[], dict[str,
     for name, path in paths.items():
         files.save_npy(path, arrays[name])
     first = arrays[names[0]]
-    (directory / "meta.json").write_text(json.dumps(
+    files.write_text(directory / "meta.json", json.dumps(
         {"rows": int(first.shape[0]), "width": int(first.shape[1]), "seconds": round(seconds, 2)}))
     log.info("image cache: %d images through the locked tower in %.1f s (%.0f images/s) into %s",
              num_rows, seconds, num_rows / max(seconds, 1e-9), directory)

@@ -103,6 +103,70 @@ def test_projection_is_kept_and_shapes_reach_the_model(tmp_path):
     assert config.tokenizer.path == str(tmp_path.absolute())
 
 
+@pytest.mark.parametrize("mean_layers", [(0,), (0, 2), (1,)])
+def test_layer_means_match_transformers_hidden_states(tmp_path, mean_layers):
+    hf_model = make_hf_bert(tmp_path, "3-layers-4-heads")
+    ids, token_types = inputs(SHAPES["3-layers-4-heads"][4])
+    with torch.no_grad():
+        hidden = hf_model(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                          attention_mask=torch.as_tensor(ids != 0, dtype=torch.long),
+                          token_type_ids=torch.as_tensor(token_types, dtype=torch.long),
+                          output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+    mask = (ids != 0)[..., None]
+    means = [(h.numpy() * mask).sum(1) / mask.sum(1) for h in hidden]
+    final = means[-1]
+    extra = np.concatenate([means[i] for i in mean_layers], axis=-1)
+    extra = extra / np.linalg.norm(extra, axis=-1, keepdims=True) * np.linalg.norm(final, axis=-1, keepdims=True)
+    expected = np.concatenate([final, extra], axis=-1)
+
+    config = config_lib.base_config()
+    convert_bert.use_pretrained_text(config, tmp_path, pooling="mean")
+    config.tokenizer.context_length = LENGTH
+    config.model.text.bert.projection = False
+    config.model.text.bert.mean_layers = mean_layers
+    config.model.head.text = "linear"
+    config_checks.validate(config)
+    assert two_tower.tower_output_dim(config, "text") == 32 * (1 + len(mean_layers))
+    model = two_tower.build_model(config, vocab_size=VOCAB, pad_id=0, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = convert_bert.load_text_tower(tmp_path, config, state.to_pure_dict())
+    model = nnx.merge(graphdef, nnx.State(params))
+    pooled, states = model.text_tower(jnp.asarray(ids), jnp.asarray(token_types))
+    np.testing.assert_allclose(np.asarray(pooled), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(states), hidden[-1].numpy(), atol=1e-4, rtol=0)
+    assert model.encode_text(jnp.asarray(ids)).shape == (4, config.model.embed_dim)
+    assert all(np.abs(means[i] - final).max() > 1e-2 for i in mean_layers)  # the layers differ from the last
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.text.bert.mean_layers": (3,)}, "increasing layer indices from 0"),
+    ({"model.text.bert.mean_layers": (2, 0)}, "increasing layer indices from 0"),
+    ({"model.text.bert.mean_layers": (0, 0)}, "increasing layer indices from 0"),
+    ({"model.text.bert.mean_layers": (0,), "optim.lock_text": True, "optim.unlock_text_blocks": 1},
+     "does not work with model.text.bert.mean_layers"),
+])
+def test_bad_mean_layers_are_refused(tmp_path, overrides, message):
+    make_hf_bert(tmp_path, "3-layers-4-heads")
+    config = config_lib.base_config()
+    convert_bert.use_pretrained_text(config, tmp_path, pooling="mean")
+    config.tokenizer.context_length = LENGTH
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_checks.validate(config)
+
+
+def test_mean_layers_need_a_bert_tower():
+    config = config_lib.base_config()
+    config.model.text.bert.mean_layers = (0,)
+    with pytest.raises(config_lib.ConfigError, match="needs model.text.kind='bert'"):
+        config_checks.validate(config)
+
+
 @pytest.fixture(scope="module")
 def saved_bert(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bert")

@@ -35,7 +35,8 @@ def test_the_unlock_config_is_the_pretrained_one_with_minilm_s_last_block_traine
         flat[name] = {key: repr(functools.reduce(getattr, key.split("."), config))
                       for key in config_loading.flat_keys(config)}
     changed = {k for k, v in flat["myntra_pretrained_unlock"].items() if flat["myntra_pretrained"].get(k) != v}
-    assert changed == {"optim.unlock_text_blocks", "optim.text_lr_mult", "tokenizer.context_length"}
+    assert changed == {"optim.unlock_text_blocks", "optim.text_lr_mult", "tokenizer.context_length",
+                       "model.text.bert.mean_layers"}
 
 
 def test_override_sets_typed_values():

@@ -46,6 +46,9 @@ class BertTextTower(nnx.Module):
       embed_dim: output embedding size.
       pooling: 'cls' (the first token's final state) or 'mean' (over non-pad tokens).
       pad_id: the padding id; padding keys are masked and left out of mean pooling.
+      mean_layers: earlier layers (0: the normalised embeddings, i: block i's output, i < depth) whose
+        token means follow the pooled state, L2-normalised together and scaled to its norm: the
+        lexical detail (a colour, a gender word) that a sentence encoder's last layer blurs.
       type_vocab_size, max_positions, layer_norm_eps: BERT's config fields.
       projection: a dense map width -> embed_dim after pooling; False: the pooled state is the
         embedding (a pretrained sentence encoder's own space; embed_dim must equal width).
@@ -53,8 +56,11 @@ class BertTextTower(nnx.Module):
 
     def __init__(self, *, vocab_size, width, depth, num_heads, mlp_ratio, embed_dim, rngs: nnx.Rngs, pooling="cls",
                  pad_id=0, type_vocab_size=2, max_positions=512, layer_norm_eps=1e-12, activation="gelu",
-                 projection=True, proj_bias=False, dtype=jnp.float32, remat=False):
+                 projection=True, proj_bias=False, dtype=jnp.float32, remat=False, mean_layers=()):
+        if any(not 0 <= i < depth for i in mean_layers) or list(mean_layers) != sorted(set(mean_layers)):
+            raise ValueError(f"mean_layers {tuple(mean_layers)} must be increasing layer indices below depth {depth}")
         self.pooling = pooling
+        self.mean_layers = tuple(int(i) for i in mean_layers)
         self.pad_id = pad_id
         self.dtype = dtype
         self.remat = remat
@@ -65,7 +71,9 @@ class BertTextTower(nnx.Module):
         self.embed_norm = _layer_norm(width, layer_norm_eps, rngs, dtype)
         self.blocks = nnx.List([PostLNBlock(width, num_heads, mlp_ratio, layer_norm_eps, rngs, activation=activation,
                                             dtype=dtype) for _ in range(depth)])
-        self.projection = layers.dense(width, embed_dim, rngs, dtype=dtype, use_bias=proj_bias) if projection else None
+        self.pooled_width = width * (1 + len(self.mean_layers))
+        self.projection = (layers.dense(self.pooled_width, embed_dim, rngs, dtype=dtype, use_bias=proj_bias)
+                           if projection else None)
 
     def valid_tokens(self, token_ids: jax.Array) -> jax.Array:
         """[B, L] bool: the tokens attention reads (everything but padding)."""
@@ -90,23 +98,37 @@ class BertTextTower(nnx.Module):
             x = nnx.remat(lambda blk, h, m: blk(h, m))(block, x, mask) if self.remat else block(x, mask)
         return x
 
-    def from_states(self, states: jax.Array, token_ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    def token_mean(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
+        """x [B, L, width] -> [B, width]: the mean over the non-pad tokens."""
+        weights = self.valid_tokens(token_ids)[..., None].astype(x.dtype)
+        return (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+
+    def from_states(self, states: jax.Array, token_ids: jax.Array, block: int,
+                    layer_means: list[jax.Array] = ()) -> tuple[jax.Array, jax.Array]:
         """states [B, L, width] entering `blocks[block]` (`states_before`), token_ids [B, L] -> what
-        `__call__` returns: the blocks from `block` on, then pooling and the projection."""
+        `__call__` returns: the blocks from `block` on, then pooling and the projection.
+        layer_means: the `token_mean`s [B, width] of the `mean_layers` (all below `block`)."""
+        if len(layer_means) != len(self.mean_layers):
+            raise ValueError(f"from_states needs the {len(self.mean_layers)} token means of mean_layers "
+                             f"{self.mean_layers}; got {len(layer_means)}")
         x = self.run_blocks(states.astype(self.dtype), token_ids, block, len(self.blocks))
-        if self.pooling == "cls":
-            pooled = x[:, 0]
-        else:
-            weights = self.valid_tokens(token_ids)[..., None].astype(x.dtype)
-            pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+        pooled = x[:, 0] if self.pooling == "cls" else self.token_mean(x, token_ids)
+        pooled = layers.append_scaled(pooled, list(layer_means))
         return (pooled if self.projection is None else self.projection(pooled)), x
 
     def __call__(self, token_ids: jax.Array, token_type_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """token_ids: [B, L] int32 padded with pad_id; token_type_ids: [B, L] int32 (default all 0).
 
-        Returns (embedding [B, embed_dim] not normalised, token states [B, L, width]).
+        Returns (embedding [B, embed_dim] not normalised (without a projection: [B, pooled_width], the
+        pooled state and the mean_layers' means), token states [B, L, width]).
         """
-        return self.from_states(self.states_before(token_ids, 0, token_type_ids), token_ids, 0)
+        x = self.states_before(token_ids, 0, token_type_ids)
+        means, block = [], 0
+        for layer in self.mean_layers:
+            x = self.run_blocks(x, token_ids, block, layer)
+            means.append(self.token_mean(x, token_ids).astype(jnp.float32))
+            block = layer
+        return self.from_states(x, token_ids, block, means)
 
 
 def build_bert(config, vocab_size: int, pad_id: int, dtype, rngs: nnx.Rngs) -> BertTextTower:
@@ -119,5 +141,5 @@ def build_bert(config, vocab_size: int, pad_id: int, dtype, rngs: nnx.Rngs) -> B
         vocab_size=vocab_size, mlp_ratio=m.text.mlp_ratio, embed_dim=m.embed_dim, pooling=m.text.pooling,
         pad_id=pad_id, type_vocab_size=b.type_vocab_size, max_positions=b.max_positions,
         layer_norm_eps=b.layer_norm_eps, activation=m.text.activation, projection=b.projection,
-        proj_bias=m.text.proj_bias, dtype=dtype, remat=m.remat, rngs=rngs,
+        proj_bias=m.text.proj_bias, dtype=dtype, remat=m.remat, rngs=rngs, mean_layers=tuple(b.mean_layers),
         **config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS))

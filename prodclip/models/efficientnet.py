@@ -172,12 +172,7 @@ class EfficientNetLite(nnx.Module):
         x = jax.nn.relu6(self.head(x))
         tokens = x.reshape(x.shape[0], -1, x.shape[-1])
         pooled = tokens.mean(axis=1)
-        if stage_means:
-            stages = jnp.concatenate(stage_means, axis=-1)
-            scale = jnp.linalg.norm(pooled.astype(jnp.float32), axis=-1, keepdims=True)
-            stages = stages * scale / jnp.maximum(jnp.linalg.norm(stages, axis=-1, keepdims=True), 1e-6)
-            pooled = jnp.concatenate([pooled, stages.astype(pooled.dtype)], axis=-1)
-        return pooled, tokens
+        return layers.append_scaled(pooled, stage_means), tokens
 
 
 class EfficientNetTower(nnx.Module):

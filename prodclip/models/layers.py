@@ -92,6 +92,17 @@ class Mlp(nnx.Module):
         return self.fc2(self.activation(self.fc1(x)))
 
 
+def append_scaled(pooled: jax.Array, parts: list[jax.Array]) -> jax.Array:
+    """pooled [B, F], parts [[B, F_i], ...] -> [B, F + sum F_i]: pooled, then the parts L2-normalised
+    together (float32) and scaled to pooled's norm, so all the parts together weigh as much as pooled."""
+    if not parts:
+        return pooled
+    extra = jnp.concatenate(parts, axis=-1)
+    scale = jnp.linalg.norm(pooled.astype(jnp.float32), axis=-1, keepdims=True)
+    extra = extra * scale / jnp.maximum(jnp.linalg.norm(extra, axis=-1, keepdims=True), 1e-6)
+    return jnp.concatenate([pooled, extra.astype(pooled.dtype)], axis=-1)
+
+
 def layer_norm(width: int, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNorm:
     return nnx.LayerNorm(width, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
