@@ -76,7 +76,9 @@ def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathli
 
     Returns {split: {metric: value}}, with "labels/<label>/unseen_rows" per label and, when the
     run's train split is readable and eval.linear_probe_labels is set, "baseline/..." metrics;
-    also written to workdir/catalog_eval.json and .md (the run's own eval.json is left alone).
+    also written to workdir/catalog_eval.json and .md beside the other catalogs evaluated at the same
+    step, confusion plots to workdir/catalog_eval_confusion (the run's own eval.json and plots are
+    left alone).
     """
     workdir = pathlib.Path(workdir)
     files = catalog_splits(config)  # raises DataError before anything is loaded or written
@@ -92,10 +94,29 @@ def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathli
     eval_config = copy.deepcopy(config)
     eval_config.data.eval_splits = tuple(files)
     results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, eval_config, label_stats,
-                                 plot_dir=workdir / "confusion")
+                                 plot_dir=workdir / "catalog_eval_confusion")
     for split in files:
         source = split_sources[split]
         for label in source.labels:
             results[split][f"labels/{label}/unseen_rows"] = sum(source.unseen_labels.get(label, {}).values())
-    suite.write_results(workdir, results, name="catalog_eval")
+    step = run.meta.get("step") if isinstance(run.meta, dict) else None
+    suite.write_results(workdir, {**earlier_catalogs(workdir, step), **results}, step=step, name="catalog_eval")
     return results
+
+
+def earlier_catalogs(workdir: pathlib.Path, step: int | None) -> dict:
+    """The results of other catalogs already in workdir/catalog_eval.json for the same checkpoint step,
+    kept beside a new catalog's (a catalog evaluated again, by its split name, is replaced)."""
+    path = workdir / "catalog_eval.json"
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("catalog_eval.json could not be read; it is replaced by this catalog's results")
+        return {}
+    if not isinstance(earlier, dict) or earlier.get("step") != step:
+        log.warning("catalog_eval.json held results of step %s; replaced by step %s",
+                    earlier.get("step") if isinstance(earlier, dict) else None, step)
+        return {}
+    return {split: metrics for split, metrics in earlier.items() if split != "step" and isinstance(metrics, dict)}

@@ -459,6 +459,10 @@ def test_eval_on_another_catalog_matches_numpy(run, shop, tmp_path, capsys, capl
     assert run_cli(["eval", "--workdir", run, f"--config.data.path={other}", "--config.data.num_val=50"],
                    capsys)[0] == 0
     assert json.loads((run / "catalog_eval.json").read_text())["other"] == results
+    second = write_parquet(tmp_path / "second.parquet", good_rows(20, seed=6, prefix="second"))
+    assert run_cli(["eval", "--workdir", run, f"--config.data.path={second}"], capsys)[0] == 0
+    both = json.loads((run / "catalog_eval.json").read_text())
+    assert both["other"] == results and "t2i/R@1" in both["second"]  # the first catalog's results are kept
 
     config = config_loading.load(run, [f"--config.data.path={other}"])
     loaded = run_lib.load_run(run, config)

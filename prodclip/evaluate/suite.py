@@ -10,6 +10,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from prodclip import files
 from prodclip.data import pipeline, view_augment
 from prodclip.evaluate import baselines, rerank, retrieval, zeroshot
 from prodclip.models import inference
@@ -201,5 +202,5 @@ def write_results(workdir: str | pathlib.Path, results: dict[str, Any], *, step:
                   name: str = "eval") -> None:
     workdir = pathlib.Path(workdir)
     payload = {"step": step, **results}
-    (workdir / f"{name}.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
-    (workdir / f"{name}.md").write_text(format_table(results) + "\n")
+    files.write_text(workdir / f"{name}.json", json.dumps(payload, indent=2, sort_keys=True))
+    files.write_text(workdir / f"{name}.md", format_table(results) + "\n")
