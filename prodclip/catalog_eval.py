@@ -99,7 +99,7 @@ def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathli
         source = split_sources[split]
         for label in source.labels:
             results[split][f"labels/{label}/unseen_rows"] = sum(source.unseen_labels.get(label, {}).values())
-    step = run.meta.get("step") if isinstance(run.meta, dict) else None
+    step = run.meta.get("step")
     suite.write_results(workdir, {**earlier_catalogs(workdir, step), **results}, step=step, name="catalog_eval")
     return results
 

@@ -145,7 +145,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _validate_baselines(config: ml_collections.ConfigDict) -> None:
     """The ResNet / BERT towers, the matcher and the LiT text cache (issue 14)."""
-    from prodclip.models import efficientnet, resnet
+    from prodclip.models import bert, efficientnet, resnet
 
     m = config.model
     if m.image.kind == "resnet":
@@ -187,7 +187,7 @@ def _validate_baselines(config: ml_collections.ConfigDict) -> None:
                 or list(layers) != sorted(set(layers))):
             raise ConfigError(f"model.text.bert.mean_layers={layers}: give increasing layer indices from 0 (the "
                               f"embeddings) to {dims['depth'] - 1} (the block below the last), e.g. (0,)")
-        width = dims["width"] * (1 + len(layers))
+        width = bert.pooled_width(dims["width"], layers)
         if not m.text.bert.projection and m.head.text == "none" and m.embed_dim != width:
             raise ConfigError(f"model.text.bert.projection=False needs model.embed_dim == the text width {width} "
                               f"(or a model.head.text), got {m.embed_dim}")

@@ -20,6 +20,11 @@ from prodclip.models import layers
 from prodclip.models.text import mask_from_valid
 
 
+def pooled_width(width: int, mean_layers) -> int:
+    """Width of the pooled feature: the pooled state, then one token mean per entry of `mean_layers`."""
+    return width * (1 + len(mean_layers))
+
+
 def _layer_norm(width, eps, rngs, dtype):
     return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, rngs=rngs)
 
@@ -71,9 +76,8 @@ class BertTextTower(nnx.Module):
         self.embed_norm = _layer_norm(width, layer_norm_eps, rngs, dtype)
         self.blocks = nnx.List([PostLNBlock(width, num_heads, mlp_ratio, layer_norm_eps, rngs, activation=activation,
                                             dtype=dtype) for _ in range(depth)])
-        self.pooled_width = width * (1 + len(self.mean_layers))
-        self.projection = (layers.dense(self.pooled_width, embed_dim, rngs, dtype=dtype, use_bias=proj_bias)
-                           if projection else None)
+        self.projection = (layers.dense(pooled_width(width, self.mean_layers), embed_dim, rngs, dtype=dtype,
+                                        use_bias=proj_bias) if projection else None)
 
     def valid_tokens(self, token_ids: jax.Array) -> jax.Array:
         """[B, L] bool: the tokens attention reads (everything but padding)."""
@@ -119,7 +123,7 @@ class BertTextTower(nnx.Module):
     def __call__(self, token_ids: jax.Array, token_type_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """token_ids: [B, L] int32 padded with pad_id; token_type_ids: [B, L] int32 (default all 0).
 
-        Returns (embedding [B, embed_dim] not normalised (without a projection: [B, pooled_width], the
+        Returns (embedding [B, embed_dim] not normalised (without a projection: [B, `pooled_width`], the
         pooled state and the mean_layers' means), token states [B, L, width]).
         """
         x = self.states_before(token_ids, 0, token_type_ids)

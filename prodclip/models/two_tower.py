@@ -165,5 +165,6 @@ def tower_output_dim(config: ml_collections.ConfigDict, tower: str) -> int:
     if tower == "image" and m.image.kind in efficientnet.VARIANTS and m.head.image != "none":
         return efficientnet.pooled_width(m.image.kind, m.image.pooling)
     if tower == "text" and m.text.kind == "bert" and not m.text.bert.projection:
-        return config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS)["width"] * (1 + len(m.text.bert.mean_layers))
+        width = config_lib.tower_dims(m.text, config_lib.TEXT_PRESETS)["width"]
+        return bert.pooled_width(width, m.text.bert.mean_layers)
     return m.embed_dim
