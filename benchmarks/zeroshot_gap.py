@@ -13,7 +13,9 @@ photos are classified twice with the same image embeddings:
 
 Only the text side's description of a class differs, so the gap between the two rows is what class
 naming costs, and the `titles` row is a bound of sorts on what better prompts could reach. The
-`titles` row uses train labels (it is not zero-shot); it is a diagnostic, not a result.
+`titles` row uses train labels (it is not zero-shot); it is a diagnostic, not a result. Each row
+comes again as "<row>, adapted prior": the same scores with the class shares that EM estimates
+from the val photos themselves (eval.zeroshot_adapt_prior, prodclip/evaluate/zeroshot.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from prodclip import run as run_lib  # noqa: E402
+from prodclip import losses, run as run_lib  # noqa: E402
 from prodclip.data import pipeline  # noqa: E402
 from prodclip.evaluate import suite, zeroshot  # noqa: E402
 from prodclip.models import inference  # noqa: E402
@@ -69,9 +71,14 @@ def main(argv=None) -> int:
            "val_items": int((val_labels >= 0).sum()), "titles_per_class": args.titles_per_class}
     rows = [("prompts", prompt_emb), ("titles", title_emb)]
     rows += [(f"prompts {t}", zeroshot.class_embeddings(encode, names, t.split("|"))) for t in args.templates]
+    scale = losses.trained_logit_scale(run.params, config.model.logit_scale_max)
     for name, class_emb in rows:
-        metrics = zeroshot.classify(image_emb, class_emb, val_labels)
-        out[name] = {k: round(v, 4) for k, v in metrics.items() if not k.startswith("class/")}
+        scores = image_emb @ class_emb.T
+        prior = zeroshot.estimate_class_prior(scores, scale)
+        for row, metrics in ((name, zeroshot.classify_scores(scores, val_labels)),
+                             (f"{name}, adapted prior", zeroshot.classify_scores(
+                                 zeroshot.adapted_scores(scores, scale, prior), val_labels))):
+            out[row] = {k: round(v, 4) for k, v in metrics.items() if not k.startswith("class/")}
     print(json.dumps(out, indent=1))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1) + "\n")

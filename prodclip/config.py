@@ -338,6 +338,10 @@ def base_config() -> ml_collections.ConfigDict:
     # A tuple of strings (not a dict) so it survives config.json and --config.eval.class_names=a,b.
     c.eval.class_names = ()
     c.eval.confusion_png = True
+    # True: also 'zeroshot/<label>/adapted/...', zero-shot with the class shares that EM estimates
+    # from the split's own photos (no labels read; evaluate/zeroshot.py). Catalogs are imbalanced and
+    # a zero-shot classifier assumes they are not.
+    c.eval.zeroshot_adapt_prior = False
     c.eval.linear_probe_labels = ()  # labels to fit a linear probe for (needs the train split)
     c.eval.min_class_count = 0  # zero-shot only over classes with at least this many train items  # write <workdir>/confusion/<split>_<label>.png
     # With model.fusion.enabled: re-score each query's two-tower top rerank_k with the fusion head

@@ -65,6 +65,11 @@ def clip_logit_scale(log_scale: jax.Array, max_scale: float = 100.0) -> jax.Arra
     return jnp.minimum(jnp.exp(log_scale), max_scale)
 
 
+def trained_logit_scale(params, max_scale: float = 100.0) -> float:
+    """The logit scale of a trained two-tower model's `params` (its `log_logit_scale`), as a python float."""
+    return float(clip_logit_scale(jnp.asarray(params["log_logit_scale"]), max_scale))
+
+
 def _logits(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
     """``[Bi, Bt]`` float32 ``scale * image_emb @ text_emb.T``."""
     dots = jnp.einsum("id,td->it", image_emb, text_emb, preferred_element_type=jnp.float32)

@@ -185,7 +185,7 @@ def fusion_reranker(graphdef, params, tokenizer, store: Store, config) -> Rerank
     from prodclip.evaluate import rerank as rerank_lib
 
     itm_fn = inference.fusion_itm_fn(graphdef, params, batch_size=max(1, config.eval.rerank_k), log_odds=True)
-    itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
+    itc_scale = losses.trained_logit_scale(params, config.model.logit_scale_max)
     catalog_source = []  # the store's catalog, opened on the first text query and kept
 
     def rerank(query: dict, hits: list[dict]) -> list[dict]:

@@ -83,3 +83,71 @@ def test_drop_title_words_keeps_order_and_at_least_one_word():
         positions = [title.split().index(w) for w in words]
         assert positions == sorted(positions)
     assert drop_title_words(title, rng, keep_prob=1.0) == title
+
+
+def softmax_rows(logits):
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def imbalanced_images(rng, shares, n=3000, noise=0.35):
+    """Unit class vectors (the first C axes of 8) and n images drawn with the class `shares`, each its
+    class vector plus Gaussian noise, L2-normalised: ([n, 8], [C, 8], [n] labels)."""
+    class_emb = np.eye(len(shares), 8)
+    labels = rng.choice(len(shares), size=n, p=shares)
+    images = class_emb[labels] + noise * rng.normal(size=(n, 8))
+    return images / np.linalg.norm(images, axis=1, keepdims=True), class_emb, labels
+
+
+def test_estimate_class_prior_recovers_the_shares_of_unlabelled_images():
+    rng = np.random.default_rng(0)
+    shares = np.array([0.7, 0.2, 0.1])
+    images, class_emb, _ = imbalanced_images(rng, shares)
+    prior = zeroshot.estimate_class_prior(images @ class_emb.T, logit_scale=20.0)
+    np.testing.assert_allclose(prior, shares, atol=0.03)
+    # Balanced images keep a balanced prior.
+    images, class_emb, _ = imbalanced_images(rng, np.full(3, 1 / 3))
+    np.testing.assert_allclose(zeroshot.estimate_class_prior(images @ class_emb.T, 20.0), 1 / 3, atol=0.03)
+
+
+def test_estimate_class_prior_is_the_em_fixed_point():
+    rng = np.random.default_rng(1)
+    scores, scale = rng.uniform(-1, 1, size=(400, 6)), 10.0
+    prior = zeroshot.estimate_class_prior(scores, scale, tol=1e-12, max_iter=20000)
+    assert prior.sum() == pytest.approx(1.0, abs=1e-12) and (prior >= 0).all()
+    posterior = softmax_rows(zeroshot.adapted_scores(scores, scale, prior))
+    np.testing.assert_allclose(posterior.mean(axis=0), prior, atol=1e-9)
+
+
+def test_adapted_scores_correct_a_classifier_that_assumes_balanced_classes():
+    rng = np.random.default_rng(2)
+    images, class_emb, labels = imbalanced_images(rng, np.array([0.85, 0.1, 0.05]), noise=0.9)
+    scores = images @ class_emb.T
+    plain = zeroshot.classify_scores(scores, labels)
+    prior = zeroshot.estimate_class_prior(scores, 20.0)
+    adapted = zeroshot.classify_scores(zeroshot.adapted_scores(scores, 20.0, prior), labels)
+    np.testing.assert_allclose(zeroshot.adapted_scores(scores, 20.0, prior), 20.0 * scores + np.log(prior))
+    assert plain == zeroshot.classify(images, class_emb, labels)
+    assert adapted["top1"] > plain["top1"] + 0.02
+
+
+def test_zeroshot_split_adds_prior_adapted_metrics_only_when_asked():
+    rng = np.random.default_rng(3)
+    images, class_emb, labels = imbalanced_images(rng, np.array([0.85, 0.1, 0.05]), n=600, noise=0.9)
+    labels[:7] = -1  # unlabelled photos still count towards the estimated shares
+    table = {name: vector for name, vector in zip(("mug", "tee", "cap"), class_emb)}
+    source = types.SimpleNamespace(label_names={"kind": ("mug", "tee", "cap")}, labels={"kind": labels})
+    config = config_lib.base_config()
+    config.eval.zeroshot_labels = ("kind",)
+    config.eval.prompt_templates = ("{}",)
+    plain = suite.zeroshot_split(images, source, fake_encoder(table), config, logit_scale=20.0)
+    assert not [k for k in plain if "/adapted/" in k]
+    config.eval.zeroshot_adapt_prior = True
+    both = suite.zeroshot_split(images, source, fake_encoder(table), config, logit_scale=20.0)
+    scores = images @ class_emb.T
+    expect = zeroshot.classify_scores(
+        zeroshot.adapted_scores(scores, 20.0, zeroshot.estimate_class_prior(scores, 20.0)), labels)
+    for name in ("top1", "mean_per_class", "weighted_f1"):
+        assert both[f"zeroshot/kind/adapted/{name}"] == pytest.approx(expect[name])
+        assert both[f"zeroshot/kind/{name}"] == pytest.approx(plain[f"zeroshot/kind/{name}"])
+    assert both["zeroshot/kind/adapted/top1"] > both["zeroshot/kind/top1"]

@@ -169,7 +169,7 @@ def pair_scorer(graphdef, params, split: dict[str, np.ndarray], direction: str, 
 def two_way_reranked(graphdef, params, split: dict[str, np.ndarray], keys: np.ndarray,
                      config: ml_collections.ConfigDict, *, pair_batch: int = 1024) -> dict[str, float]:
     """'i2t/rerank/R@1', ..., 't2i/rerank/ms_per_query' for a split embedded by `embed_split`."""
-    itc_scale = float(losses.clip_logit_scale(np.asarray(params["log_logit_scale"]), config.model.logit_scale_max))
+    itc_scale = losses.trained_logit_scale(params, config.model.logit_scale_max)
     metrics = {}
     for direction, (query, gallery) in {"i2t": ("image_emb", "text_emb"), "t2i": ("text_emb", "image_emb")}.items():
         scores = pair_scorer(graphdef, params, split, direction, pair_batch, itc_scale)

@@ -10,7 +10,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from prodclip import files
+from prodclip import files, losses
 from prodclip.data import pipeline, view_augment
 from prodclip.evaluate import baselines, rerank, retrieval, zeroshot
 from prodclip.models import inference
@@ -61,9 +61,12 @@ def zeroshot_classes(label: str, source, config: ml_collections.ConfigDict,
 
 def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections.ConfigDict, *,
                    label_stats: dict | None = None, plot_dir: str | pathlib.Path | None = None,
-                   split: str = "") -> dict[str, float]:
-    """'zeroshot/<label>/top1|top5|mean_per_class|num_classes|class/<name>' per configured label.
+                   split: str = "", logit_scale: float | None = None) -> dict[str, float]:
+    """'zeroshot/<label>/top1|top5|mean_per_class|weighted_f1|num_classes|class/<name>' per configured label.
 
+    With eval.zeroshot_adapt_prior and the model's `logit_scale`, also
+    'zeroshot/<label>/adapted/top1|top5|mean_per_class|weighted_f1': the same photos classified
+    with the class shares that EM estimates from all of them, labels unread (zeroshot.py).
     With `plot_dir` (and eval.confusion_png), a confusion-matrix PNG per label is written there.
     """
     metrics: dict[str, float] = {}
@@ -81,6 +84,12 @@ def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections
                 name = f"class/{raw_names[int(name[len('class/'):])]}"
             metrics[f"zeroshot/{label}/{name}"] = value
         metrics[f"zeroshot/{label}/num_classes"] = len(names)
+        if config.eval.zeroshot_adapt_prior and logit_scale is not None:
+            scores = image_emb @ class_emb.T
+            prior = zeroshot.estimate_class_prior(scores, logit_scale)
+            adapted = zeroshot.classify_scores(zeroshot.adapted_scores(scores, logit_scale, prior), labels)
+            metrics.update({f"zeroshot/{label}/adapted/{name}": value for name, value in adapted.items()
+                            if not name.startswith("class/")})
         if plot_dir is not None and config.eval.confusion_png:
             counts = zeroshot.confusion_matrix(image_emb, class_emb, labels)
             zeroshot.plot_confusion(counts, raw_names, pathlib.Path(plot_dir) / f"{split or 'split'}_{label}.png",
@@ -144,7 +153,8 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
     if with_zeroshot:
         encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
         metrics.update(zeroshot_split(image_emb, source, encode, config, label_stats=label_stats,
-                                      plot_dir=plot_dir, split=split))
+                                      plot_dir=plot_dir, split=split,
+                                      logit_scale=losses.trained_logit_scale(params, config.model.logit_scale_max)))
     return metrics
 
 

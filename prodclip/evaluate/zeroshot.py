@@ -7,6 +7,12 @@ that class's ensemble.
 
 Class names come from the dataset's label columns (`source.label_names`) and can
 be renamed for prompting with `eval.class_names` entries "label:raw=readable".
+
+A zero-shot classifier assumes every class equally likely; a catalog is not (a fifth of
+Myntra's photos are t-shirts). `estimate_class_prior` estimates the class shares of a set of
+unlabelled photos by EM (Saerens, Latinne & Decaestecker, "Adjusting the outputs of a
+classifier to new a priori probabilities", Neural Computation 2002), and `adapted_scores`
+adds their log to the logits: no label is read, only the photos being classified.
 """
 
 from __future__ import annotations
@@ -62,22 +68,56 @@ def class_embeddings(encode_titles: Callable[[Sequence[str]], np.ndarray], class
     return (emb / np.linalg.norm(emb, axis=-1, keepdims=True)).astype(np.float32)
 
 
+def estimate_class_prior(scores: np.ndarray, logit_scale: float, *, max_iter: int = 500,
+                         tol: float = 1e-7) -> np.ndarray:
+    """[C] float64 class shares of M unlabelled images, estimated by EM (Saerens et al., 2002).
+
+    scores: [M, C] cosines of the images to the class embeddings; logit_scale: the model's
+    inverse temperature, so that softmax(logit_scale * scores) is its posterior under equal
+    priors (the zero-shot classifier's implicit ones). Each step weighs every image's posterior
+    by the current shares and takes their mean as the next shares, until none moves by more
+    than `tol`. A class no image supports tends to share 0.
+    """
+    logits = logit_scale * np.asarray(scores, np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    likelihood = np.exp(logits)
+    prior = np.full(scores.shape[1], 1.0 / scores.shape[1])
+    for _ in range(max_iter):
+        posterior = likelihood * prior
+        posterior /= posterior.sum(axis=1, keepdims=True)
+        new_prior = posterior.mean(axis=0)
+        if np.max(np.abs(new_prior - prior)) < tol:
+            return new_prior
+        prior = new_prior
+    return prior
+
+
+def adapted_scores(scores: np.ndarray, logit_scale: float, prior: np.ndarray) -> np.ndarray:
+    """[N, C] logits with the class prior: logit_scale * scores + log(prior) (prior [C], shares)."""
+    return logit_scale * np.asarray(scores, np.float64) + np.log(np.maximum(prior, 1e-300))
+
+
 def classify(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
              ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """image_emb [N, D], class_emb [C, D], labels [N] int (negative = unlabelled, skipped).
 
     Returns "top{k}" accuracy for each k < C (top1 always), "mean_per_class" (the mean
-    of per-class top-1 accuracy over classes present in `labels`), and
+    of per-class top-1 accuracy over classes present in `labels`), "weighted_f1", and
     "class/{c}" per-class top-1 accuracy for each present class index c.
     Ties go to the lower class index.
     """
+    return classify_scores(image_emb @ class_emb.T, labels, ks)
+
+
+def classify_scores(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """`classify` on precomputed class scores [N, C] (higher = likelier), e.g. `adapted_scores`."""
     keep = labels >= 0
-    scores = image_emb[keep] @ class_emb.T
+    scores = scores[keep]
     labels = labels[keep]
     order = np.argsort(-scores, axis=1, kind="stable")
     out = {}
     for k in ks:
-        if k < class_emb.shape[0] or k == 1:
+        if k < scores.shape[1] or k == 1:
             out[f"top{k}"] = float(np.mean(np.any(order[:, :k] == labels[:, None], axis=1)))
     predicted = order[:, 0]
     per_class = {int(c): float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)}
