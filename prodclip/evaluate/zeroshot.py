@@ -8,8 +8,8 @@ that class's ensemble.
 Class names come from the dataset's label columns (`source.label_names`) and can
 be renamed for prompting with `eval.class_names` entries "label:raw=readable".
 
-A zero-shot classifier assumes every class equally likely; a catalog is not (a fifth of
-Myntra's photos are t-shirts). `estimate_class_prior` estimates the class shares of a set of
+A zero-shot classifier assumes every class equally likely; a catalog is not (18.5% of
+Myntra's val photos are t-shirts). `estimate_class_prior` estimates the class shares of a set of
 unlabelled photos by EM (Saerens, Latinne & Decaestecker, "Adjusting the outputs of a
 classifier to new a priori probabilities", Neural Computation 2002), and `adapted_scores`
 adds their log to the logits: no label is read, only the photos being classified.
