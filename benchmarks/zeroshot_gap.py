@@ -74,10 +74,8 @@ def main(argv=None) -> int:
     scale = losses.trained_logit_scale(run.params, config.model.logit_scale_max)
     for name, class_emb in rows:
         scores = image_emb @ class_emb.T
-        prior = zeroshot.estimate_class_prior(scores, scale)
         for row, metrics in ((name, zeroshot.classify_scores(scores, val_labels)),
-                             (f"{name}, adapted prior", zeroshot.classify_scores(
-                                 zeroshot.adapted_scores(scores, scale, prior), val_labels))):
+                             (f"{name}, adapted prior", zeroshot.classify_adapted(scores, val_labels, scale))):
             out[row] = {k: round(v, 4) for k, v in metrics.items() if not k.startswith("class/")}
     print(json.dumps(out, indent=1))
     if args.json:

@@ -183,8 +183,7 @@ def _validate_baselines(config: ml_collections.ConfigDict) -> None:
                               f"tokenizer.context_length={config.tokenizer.context_length}")
         dims = tower_dims(m.text, TEXT_PRESETS)
         layers = tuple(m.text.bert.mean_layers)
-        if (not all(isinstance(i, int) and 0 <= i < dims["depth"] for i in layers)
-                or list(layers) != sorted(set(layers))):
+        if not bert.valid_mean_layers(layers, dims["depth"]):
             raise ConfigError(f"model.text.bert.mean_layers={layers}: give increasing layer indices from 0 (the "
                               f"embeddings) to {dims['depth'] - 1} (the block below the last), e.g. (0,)")
         width = bert.pooled_width(dims["width"], layers)

@@ -79,15 +79,14 @@ def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections
                         label)
             continue
         class_emb = zeroshot.class_embeddings(encode, names, label_templates(label, config))
-        for name, value in zeroshot.classify(image_emb, class_emb, labels).items():
+        scores = image_emb @ class_emb.T
+        for name, value in zeroshot.classify_scores(scores, labels).items():
             if name.startswith("class/"):
                 name = f"class/{raw_names[int(name[len('class/'):])]}"
             metrics[f"zeroshot/{label}/{name}"] = value
         metrics[f"zeroshot/{label}/num_classes"] = len(names)
         if config.eval.zeroshot_adapt_prior and logit_scale is not None:
-            scores = image_emb @ class_emb.T
-            prior = zeroshot.estimate_class_prior(scores, logit_scale)
-            adapted = zeroshot.classify_scores(zeroshot.adapted_scores(scores, logit_scale, prior), labels)
+            adapted = zeroshot.classify_adapted(scores, labels, logit_scale)
             metrics.update({f"zeroshot/{label}/adapted/{name}": value for name, value in adapted.items()
                             if not name.startswith("class/")})
         if plot_dir is not None and config.eval.confusion_png:

@@ -20,6 +20,12 @@ from prodclip.models import layers
 from prodclip.models.text import mask_from_valid
 
 
+def valid_mean_layers(mean_layers, depth: int) -> bool:
+    """Whether `mean_layers` are increasing integer layer indices in 0..depth-1 (0: the embeddings)."""
+    return (all(isinstance(i, int) and 0 <= i < depth for i in mean_layers)
+            and list(mean_layers) == sorted(set(mean_layers)))
+
+
 def pooled_width(width: int, mean_layers) -> int:
     """Width of the pooled feature: the pooled state, then one token mean per entry of `mean_layers`."""
     return width * (1 + len(mean_layers))
@@ -62,7 +68,7 @@ class BertTextTower(nnx.Module):
     def __init__(self, *, vocab_size, width, depth, num_heads, mlp_ratio, embed_dim, rngs: nnx.Rngs, pooling="cls",
                  pad_id=0, type_vocab_size=2, max_positions=512, layer_norm_eps=1e-12, activation="gelu",
                  projection=True, proj_bias=False, dtype=jnp.float32, remat=False, mean_layers=()):
-        if any(not 0 <= i < depth for i in mean_layers) or list(mean_layers) != sorted(set(mean_layers)):
+        if not valid_mean_layers(mean_layers, depth):
             raise ValueError(f"mean_layers {tuple(mean_layers)} must be increasing layer indices below depth {depth}")
         self.pooling = pooling
         self.mean_layers = tuple(int(i) for i in mean_layers)
