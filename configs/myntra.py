@@ -85,6 +85,7 @@ def get_config():
     c.eval.zeroshot_labels = ("articleType", "baseColour", "gender")
     c.eval.min_class_count = 20
     c.eval.zeroshot_adapt_prior = True  # also zero-shot with the photos' own class shares (EM, no labels)
+    c.eval.zeroshot_train_prior = True  # and with the train photos' class shares (EM, no labels), photo by photo
     c.eval.linear_probe_labels = ("articleType",)
     c.eval.prompt_templates = ("{}", "men {}", "women {}")  # chosen on val among 4 sets (see README)
     c.eval.label_templates = (

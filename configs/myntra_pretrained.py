@@ -23,8 +23,9 @@ images and titles of the eval split, so any catalog file of the same shape can b
 Trade-off: cached image features cannot be augmented per step, so the augmentation is the one
 fixed extra view (data.augment=False). Results, the other recipes and the robustness check: docs/pretrained.md.
 On Myntra val (3 seeds, 17.9 min from a cold cache on the 2-core CPU): t→i R@1 0.425 / R@10 0.851,
-zero-shot articleType 0.672 / WF1 0.701 (0.751 / 0.745 with the class shares that EM estimates from
-the val photos, eval.zeroshot_adapt_prior in configs/myntra.py), probe 0.854. configs/myntra_pretrained_unlock.py trains
+zero-shot articleType 0.672 / WF1 0.701 (0.763 / 0.758 with the class shares that EM estimates from
+the unlabelled train photos, each photo labelled on its own, eval.zeroshot_train_prior in configs/myntra.py;
+0.751 / 0.745 with the val photos' own, eval.zeroshot_adapt_prior), probe 0.854. configs/myntra_pretrained_unlock.py trains
 MiniLM's last block instead of the layer means: 2.6x the time, no better.
 
 Match verdicts and audits score hubness-corrected cosines (match.hubness_k = 3, below). For a run

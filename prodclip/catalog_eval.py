@@ -12,7 +12,8 @@ What the numbers mean:
     ("labels/<label>/unseen_rows"); a label column the file lacks is skipped with a message;
   - the baselines (majority class, linear probe) are fitted on the run's own train split
     (the data config saved in the workdir), or not reported, with a message, when that split
-    cannot be read.
+    cannot be read; so are the class shares of eval.zeroshot_train_prior (the training
+    catalog's, not this one's).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pathlib
 
 import ml_collections
 
-from prodclip import errors
+from prodclip import errors, image_cache
 from prodclip import run as run_lib
 from prodclip.data import sources
 from prodclip.evaluate import suite
@@ -67,7 +68,7 @@ def run_train_source(workdir: pathlib.Path, config: ml_collections.ConfigDict, v
     try:
         return sources.make_source(own, "train", vocab)
     except errors.DataError as e:
-        log.warning("baselines not reported: the run's own train split cannot be read (%s)", e)
+        log.warning("baselines and train class shares not reported: the run's own train split cannot be read (%s)", e)
         return None
 
 
@@ -86,15 +87,17 @@ def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathli
     graphdef, params, tokenizer, label_stats = run.graphdef, run.params, run.tokenizer, run.label_stats
     vocab = {label: stats["names"] for label, stats in (label_stats or {}).items()}
     split_sources = {split: sources.open_catalog(config, path, label_vocab=vocab) for split, path in files.items()}
-    if config.eval.linear_probe_labels:
+    if suite.reads_train_photos(config):
         train_source = run_train_source(workdir, config, vocab)
         if train_source is not None:
             split_sources["train"] = train_source
     sources.report_skipped({s: split_sources[s] for s in files}, workdir, name="catalog_eval_skipped_rows.jsonl")
     eval_config = copy.deepcopy(config)
     eval_config.data.eval_splits = tuple(files)
+    train_emb = (image_cache.cached_train_embeddings(config, workdir, graphdef, params, split_sources["train"])
+                 if "train" in split_sources else None)
     results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, eval_config, label_stats,
-                                 plot_dir=workdir / "catalog_eval_confusion")
+                                 plot_dir=workdir / "catalog_eval_confusion", train_image_emb=train_emb)
     for split in files:
         source = split_sources[split]
         for label in source.labels:

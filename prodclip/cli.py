@@ -87,12 +87,15 @@ def cmd_eval(args, overrides) -> int:
         results = catalog_eval.evaluate_on_catalog(config, args.workdir)
         print(suite.format_table(results))
         return 0
-    splits = [*config.data.eval_splits, *(["train"] if config.eval.linear_probe_labels else [])]
+    splits = [*config.data.eval_splits, *(["train"] if suite.reads_train_photos(config) else [])]
     run = _load_run(args, config, splits)
     from prodclip.data import sources
     sources.report_skipped(run.sources, args.workdir, name="reeval_skipped_rows.jsonl")
+    from prodclip import image_cache
+    train_emb = (image_cache.cached_train_embeddings(run.config, args.workdir, run.graphdef, run.params,
+                                                     run.sources["train"]) if "train" in run.sources else None)
     results = suite.evaluate_all(run.graphdef, run.params, run.sources, run.tokenizer, run.config, run.label_stats,
-                                 plot_dir=pathlib.Path(args.workdir) / "confusion")
+                                 plot_dir=pathlib.Path(args.workdir) / "confusion", train_image_emb=train_emb)
     suite.write_results(args.workdir, results, step=run.meta.get("step"), name="reeval")
     print(suite.format_table(results))
     return 0

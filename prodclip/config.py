@@ -342,6 +342,10 @@ def base_config() -> ml_collections.ConfigDict:
     # from the split's own photos (no labels read; evaluate/zeroshot.py). Catalogs are imbalanced and
     # a zero-shot classifier assumes they are not.
     c.eval.zeroshot_adapt_prior = False
+    # True: also 'zeroshot/<label>/train_prior/...', each photo classified on its own with the class
+    # shares that EM estimates from the run's unlabelled train photos (needs the train split, like the
+    # probe): the same correction without the transduction, for photos labelled one at a time.
+    c.eval.zeroshot_train_prior = False
     c.eval.linear_probe_labels = ()  # labels to fit a linear probe for (needs the train split)
     c.eval.min_class_count = 0  # zero-shot only over classes with at least this many train items  # write <workdir>/confusion/<split>_<label>.png
     # With model.fusion.enabled: re-score each query's two-tower top rerank_k with the fusion head

@@ -248,6 +248,31 @@ def embed_features(graphdef, params: Any, features: np.ndarray, batch_size: int)
     return np.concatenate([b[0] for b in blocks])
 
 
+def cache_root(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+    """The folder holding a run's image caches, one subfolder per key: train.image_cache_dir or <workdir>/image_cache."""
+    return pathlib.Path(config.train.image_cache_dir) if config.train.image_cache_dir else pathlib.Path(workdir) / "image_cache"
+
+
+def cached_train_embeddings(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, graphdef, params: Any,
+                            train_source) -> np.ndarray | None:
+    """[N, D] float32 image embeddings of the train photos as they are (view 0 of the cache, through the
+    image head) when the run's cache holds them for these weights, preprocessing and catalog; else
+    None. Reads only: evaluation uses it instead of running the locked tower over the train photos."""
+    if not config_lib.image_cache_on(config):
+        return None
+    key = cache_key(params["image_tower"], config, catalog_digest(train_source))
+    path = cache_root(config, workdir) / key / "features.npy"
+    if not path.is_file():
+        return None
+    features = np.load(path, mmap_mode="r")
+    if features.shape[0] != config.train.image_cache_views * len(train_source):
+        log.warning("image cache %s is incomplete (%d rows); the train photos go through the tower", path.parent,
+                    features.shape[0])
+        return None
+    log.info("train photos: cached features read from %s", path.parent)
+    return embed_features(graphdef, params, features[:len(train_source)], config.eval.batch_size)
+
+
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
             train_source) -> dict[str, np.ndarray] | None:
     """The run's train features {"features": [V, N, F]} (V = train.image_cache_views), plus "tokens"
@@ -258,7 +283,7 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
     catalog = catalog_digest(train_source)
     key = cache_key(params["image_tower"], config, catalog)
     log.info("image cache: key %s (catalog hashed in %.1f s)", key, time.time() - t0)
-    root = pathlib.Path(config.train.image_cache_dir) if config.train.image_cache_dir else workdir / "image_cache"
+    root = cache_root(config, workdir)
     with_tokens = bool(config.model.fusion.enabled)
     encode = (inference.token_state_encoders(graphdef)[0] if with_tokens
               else inference.feature_encoders(graphdef)[0])

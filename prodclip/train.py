@@ -311,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # --- Final evaluation.
     train_image_emb = (image_cache_lib.embed_features(graphdef, state["params"], train_features[0], config.eval.batch_size)
-                       if train_features is not None and config.eval.linear_probe_labels else None)
+                       if train_features is not None and suite.reads_train_photos(config) else None)
     results = suite.evaluate_all(graphdef, state["params"], split_sources, tokenizer, config, label_stats,
                                  plot_dir=workdir / "confusion", train_image_emb=train_image_emb)
     results["train_seconds"] = train_seconds

@@ -5,6 +5,8 @@ Tolerance: losses rtol 1e-5 and params after 3 steps atol 1e-5 (the cached featu
 jit with another batch size, so they differ from the in-step ones by float noise only).
 """
 
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -144,6 +146,20 @@ def test_run_trains_on_cached_views_and_evaluates_on_images(tmp_path):
     assert 0.0 <= results["test"]["t2i/R@1"] <= results["test"]["t2i/R@10"] <= 1.0
     (cache_dir,) = list((tmp_path / "run" / "image_cache").iterdir())
     assert np.load(cache_dir / "features.npy").shape == (2 * 48, 8)  # the photos, then their augmented views
+
+    # Evaluation reads the train photos' embeddings from that cache: equal to running the tower on them.
+    from prodclip import run as run_lib
+    from prodclip.models import inference
+    run = run_lib.load_run(tmp_path / "run", c, splits=("train",))
+    train_source = run.sources["train"]
+    cached = image_cache.cached_train_embeddings(c, tmp_path / "run", run.graphdef, run.params, train_source)
+    through_tower = inference.embed_images(run.graphdef, run.params, train_source, run.tokenizer, c)
+    assert cached.shape == (48, 8)
+    np.testing.assert_allclose(cached, through_tower, atol=1e-5)
+    # Another preprocessing (here the number of views) has no cache: the caller runs the tower.
+    other = copy.deepcopy(c)
+    other.train.image_cache_views = 3
+    assert image_cache.cached_train_embeddings(other, tmp_path / "run", run.graphdef, run.params, train_source) is None
 
 
 def test_views_change_the_key_and_steps_read_every_view(tmp_path):

@@ -63,6 +63,7 @@ def test_pretrained_config_trains_and_evaluates_through_the_cli(tmp_path, capsys
     results = json.loads((workdir / "eval.json").read_text())
     assert 0.0 <= results["val"]["t2i/R@1"] <= results["val"]["t2i/R@10"] <= 1.0
     assert "zeroshot/articleType/top1" in results["val"] and "baseline/articleType/linear_probe/top1" in results["val"]
+    assert "zeroshot/articleType/train_prior/top1" in results["val"]  # from the cached train features
     assert (workdir / "pretrained" / "efficientnet_lite0").is_dir()  # converted from the wheel
     (cache,) = list((workdir / "image_cache").iterdir())
     assert np.load(cache / "features.npy").shape == (2 * 40, 2048)  # 2 views; the final map and the stage means
@@ -87,3 +88,5 @@ def test_pretrained_config_trains_and_evaluates_through_the_cli(tmp_path, capsys
                      "--config.eval.linear_probe_labels="]) == 0
     other_eval = json.loads((workdir / "catalog_eval.json").read_text())
     assert other_eval["other"]["num_items"] == 16
+    # eval.zeroshot_train_prior (configs/myntra.py) reads the run's own train photos, without the probe too.
+    assert 0.0 <= other_eval["other"]["zeroshot/articleType/train_prior/top1"] <= 1.0

@@ -151,3 +151,31 @@ def test_zeroshot_split_adds_prior_adapted_metrics_only_when_asked():
         assert both[f"zeroshot/kind/adapted/{name}"] == pytest.approx(expect[name])
         assert both[f"zeroshot/kind/{name}"] == pytest.approx(plain[f"zeroshot/kind/{name}"])
     assert both["zeroshot/kind/adapted/top1"] > both["zeroshot/kind/top1"]
+    assert not [k for k in both if "/train_prior/" in k]
+
+
+def test_zeroshot_split_classifies_with_the_train_photos_shares_when_given_them():
+    rng = np.random.default_rng(4)
+    shares = np.array([0.85, 0.1, 0.05])
+    images, class_emb, labels = imbalanced_images(rng, shares, n=600, noise=0.9)
+    train_images, _, _ = imbalanced_images(rng, shares, n=2000, noise=0.9)
+    table = {name: vector for name, vector in zip(("mug", "tee", "cap"), class_emb)}
+    source = types.SimpleNamespace(label_names={"kind": ("mug", "tee", "cap")}, labels={"kind": labels})
+    config = config_lib.base_config()
+    config.eval.zeroshot_labels = ("kind",)
+    config.eval.prompt_templates = ("{}",)
+    config.eval.zeroshot_train_prior = True
+    without_train = suite.zeroshot_split(images, source, fake_encoder(table), config, logit_scale=20.0)
+    assert not [k for k in without_train if "/train_prior/" in k]
+    metrics = suite.zeroshot_split(images, source, fake_encoder(table), config, logit_scale=20.0,
+                                   train_image_emb=train_images)
+    prior = zeroshot.estimate_class_prior(train_images @ class_emb.T, 20.0)
+    # The shares come from the train photos alone: the eval photos, classified one by one, do not move them.
+    expect = zeroshot.classify_scores(zeroshot.adapted_scores(images @ class_emb.T, 20.0, prior), labels)
+    for name in ("top1", "mean_per_class", "weighted_f1"):
+        assert metrics[f"zeroshot/kind/train_prior/{name}"] == pytest.approx(expect[name])
+    assert metrics["zeroshot/kind/train_prior/top1"] > metrics["zeroshot/kind/top1"] + 0.02
+    # Shares from a train split of another mix (mostly caps) pull the same photos elsewhere.
+    caps, _, _ = imbalanced_images(rng, np.array([0.05, 0.1, 0.85]), n=2000, noise=0.9)
+    other = suite.zeroshot_split(images, source, fake_encoder(table), config, logit_scale=20.0, train_image_emb=caps)
+    assert other["zeroshot/kind/train_prior/top1"] < metrics["zeroshot/kind/train_prior/top1"] - 0.05

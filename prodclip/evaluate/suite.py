@@ -61,12 +61,16 @@ def zeroshot_classes(label: str, source, config: ml_collections.ConfigDict,
 
 def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections.ConfigDict, *,
                    label_stats: dict | None = None, plot_dir: str | pathlib.Path | None = None,
-                   split: str = "", logit_scale: float | None = None) -> dict[str, float]:
+                   split: str = "", logit_scale: float | None = None,
+                   train_image_emb: np.ndarray | None = None) -> dict[str, float]:
     """'zeroshot/<label>/top1|top5|mean_per_class|weighted_f1|num_classes|class/<name>' per configured label.
 
     With eval.zeroshot_adapt_prior and the model's `logit_scale`, also
     'zeroshot/<label>/adapted/top1|top5|mean_per_class|weighted_f1': the same photos classified
     with the class shares that EM estimates from all of them, labels unread (zeroshot.py).
+    With eval.zeroshot_train_prior, `logit_scale` and `train_image_emb` ([N_train, D], the run's
+    train photos), also 'zeroshot/<label>/train_prior/...': each photo classified on its own, with
+    the class shares that EM estimates from the unlabelled train photos.
     With `plot_dir` (and eval.confusion_png), a confusion-matrix PNG per label is written there.
     """
     metrics: dict[str, float] = {}
@@ -88,6 +92,11 @@ def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections
         if config.eval.zeroshot_adapt_prior and logit_scale is not None:
             adapted = zeroshot.classify_adapted(scores, labels, logit_scale)
             metrics.update({f"zeroshot/{label}/adapted/{name}": value for name, value in adapted.items()
+                            if not name.startswith("class/")})
+        if config.eval.zeroshot_train_prior and logit_scale is not None and train_image_emb is not None:
+            prior = zeroshot.estimate_class_prior(train_image_emb @ class_emb.T, logit_scale)
+            inductive = zeroshot.classify_scores(zeroshot.adapted_scores(scores, logit_scale, prior), labels)
+            metrics.update({f"zeroshot/{label}/train_prior/{name}": value for name, value in inductive.items()
                             if not name.startswith("class/")})
         if plot_dir is not None and config.eval.confusion_png:
             counts = zeroshot.confusion_matrix(image_emb, class_emb, labels)
@@ -124,16 +133,23 @@ def embed_split(graphdef, params, source, tokenizer, config: ml_collections.Conf
     return {"image_emb": image_emb, "text_emb": text_emb}
 
 
+def reads_train_photos(config: ml_collections.ConfigDict) -> bool:
+    """True when evaluation needs the run's train photos: a linear probe, or the train class shares."""
+    return bool(config.eval.linear_probe_labels) or bool(config.eval.zeroshot_train_prior)
+
+
 def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict, *,
                    with_zeroshot: bool = True, label_stats: dict | None = None,
                    plot_dir: str | pathlib.Path | None = None, split: str = "",
-                   embedded: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+                   embedded: dict[str, np.ndarray] | None = None,
+                   train_image_emb: np.ndarray | None = None) -> dict[str, float]:
     """Flat metrics: 'i2t/R@1', ..., 't2i/R@10', and 'zeroshot/<label>/top1', ... for one split.
 
     Retrieval matches by product id when a product has several rows, else by identical
     title (see `retrieval_keys`). With a fusion encoder and eval.rerank_k > 0, also
     'i2t/rerank/R@1', ... for the fusion-re-ranked top-k (see rerank.py). `embedded`: the
     split's `embed_split` output when the caller has it (else it is computed here).
+    train_image_emb: [N_train, D] the train photos, for eval.zeroshot_train_prior (`zeroshot_split`).
     """
     if len(source) == 0:
         raise ValueError(f"split {split!r} has no items to evaluate")
@@ -152,7 +168,7 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
     if with_zeroshot:
         encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
         metrics.update(zeroshot_split(image_emb, source, encode, config, label_stats=label_stats,
-                                      plot_dir=plot_dir, split=split,
+                                      plot_dir=plot_dir, split=split, train_image_emb=train_image_emb,
                                       logit_scale=losses.trained_logit_scale(params, config.model.logit_scale_max)))
     return metrics
 
@@ -163,22 +179,24 @@ def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label
 
     Each split goes through the model once: retrieval, re-ranking, zero-shot and the probes
     all read the same embeddings. train_image_emb: [N_train, D] image embeddings of the train
-    split when already known (e.g. from the image feature cache), so the probe does not embed
-    the train images again.
+    split when already known (e.g. from the image feature cache), so the probe and the train
+    class shares (eval.zeroshot_train_prior) do not embed the train images again.
     """
     embedded = {split: embed_split(graphdef, params, split_sources[split], tokenizer, config)
                 for split in config.data.eval_splits if len(split_sources[split])}
-    results = {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config,
-                                     label_stats=label_stats, plot_dir=plot_dir, split=split,
-                                     embedded=embedded.get(split))
-               for split in config.data.eval_splits}
     probe_labels = [l for l in config.eval.linear_probe_labels
                     if l in getattr(split_sources.get("train"), "labels", {})
                     and all(l in getattr(split_sources[s], "labels", {}) for s in config.data.eval_splits)]
+    train_source = split_sources.get("train")
+    train_emb = train_image_emb
+    if train_emb is None and train_source is not None and len(train_source) and (
+            probe_labels or config.eval.zeroshot_train_prior):
+        train_emb = inference.embed_images(graphdef, params, train_source, tokenizer, config)
+    results = {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config,
+                                     label_stats=label_stats, plot_dir=plot_dir, split=split,
+                                     embedded=embedded.get(split), train_image_emb=train_emb)
+               for split in config.data.eval_splits}
     if probe_labels:
-        train_source = split_sources["train"]
-        train_emb = (train_image_emb if train_image_emb is not None
-                     else inference.embed_images(graphdef, params, train_source, tokenizer, config))
         for split in config.data.eval_splits:
             eval_emb = embedded[split]["image_emb"]
             for label in probe_labels:
