@@ -15,7 +15,9 @@ Only the text side's description of a class differs, so the gap between the two 
 naming costs, and the `titles` row is a bound of sorts on what better prompts could reach. The
 `titles` row uses train labels (it is not zero-shot); it is a diagnostic, not a result. Each row
 comes again as "<row>, adapted prior": the same scores with the class shares that EM estimates
-from the val photos themselves (eval.zeroshot_adapt_prior, prodclip/evaluate/zeroshot.py).
+from the val photos themselves (eval.zeroshot_adapt_prior, prodclip/evaluate/zeroshot.py), and
+as "<row>, train prior": with the shares EM estimates from the unlabelled train photos
+(eval.zeroshot_train_prior; their embeddings from the run's image cache when it has them).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from prodclip import losses, run as run_lib  # noqa: E402
+from prodclip import image_cache, losses, run as run_lib  # noqa: E402
 from prodclip.data import pipeline  # noqa: E402
 from prodclip.evaluate import suite, zeroshot  # noqa: E402
 from prodclip.models import inference  # noqa: E402
@@ -55,6 +57,9 @@ def main(argv=None) -> int:
     _, names, val_labels = suite.zeroshot_classes(args.label, val, config, run.label_stats)
     _, _, train_labels = suite.zeroshot_classes(args.label, train, config, run.label_stats)
     image_emb = inference.embed_images(run.graphdef, run.params, val, run.tokenizer, config)
+    train_emb = image_cache.cached_train_embeddings(config, args.workdir, run.graphdef, run.params, train)
+    if train_emb is None:
+        train_emb = inference.embed_images(run.graphdef, run.params, train, run.tokenizer, config)
     encode = inference.title_encoder(run.graphdef, run.params, run.tokenizer, config.eval.batch_size)
 
     prompt_emb = zeroshot.class_embeddings(encode, names, suite.label_templates(args.label, config))
@@ -74,8 +79,11 @@ def main(argv=None) -> int:
     scale = losses.trained_logit_scale(run.params, config.model.logit_scale_max)
     for name, class_emb in rows:
         scores = image_emb @ class_emb.T
+        train_prior = zeroshot.estimate_class_prior(train_emb @ class_emb.T, scale)
         for row, metrics in ((name, zeroshot.classify_scores(scores, val_labels)),
-                             (f"{name}, adapted prior", zeroshot.classify_adapted(scores, val_labels, scale))):
+                             (f"{name}, adapted prior", zeroshot.classify_adapted(scores, val_labels, scale)),
+                             (f"{name}, train prior", zeroshot.classify_scores(
+                                 zeroshot.adapted_scores(scores, scale, train_prior), val_labels))):
             out[row] = {k: round(v, 4) for k, v in metrics.items() if not k.startswith("class/")}
     print(json.dumps(out, indent=1))
     if args.json:
