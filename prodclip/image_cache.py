@@ -62,8 +62,10 @@ def catalog_digest(source) -> str:
 
 def preprocessing_description(config: ml_collections.ConfigDict) -> dict:
     """Everything besides the weights that decides what the tower sees and computes."""
+    # test_time_flip acts at inference only, on whole photos: the cached features are the same either way.
+    image = {k: v for k, v in config.model.image.to_dict().items() if k != "test_time_flip"}
     description = {"image_size": config.data.image_size, "resize": config.data.resize,
-                   "image": config.model.image.to_dict(), "embed_dim": config.model.embed_dim, "dtype": config.model.dtype}
+                   "image": image, "embed_dim": config.model.embed_dim, "dtype": config.model.dtype}
     if config.model.fusion.enabled:
         description["fusion_tokens"] = {"grid": config.model.fusion.image_grid, "dtype": "float16"}
     if config.train.image_cache_views > 1:

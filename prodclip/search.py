@@ -121,9 +121,9 @@ def decode_query_image(data: bytes, config, *, label: str = "query image") -> np
     return pipeline.fit_to_square(image, config.data.image_size, config.data.resize)
 
 
-def encode_image_queries(graphdef, params, images: np.ndarray) -> np.ndarray:
-    """[N, S, S, 3] uint8 -> [N, D] float32."""
-    return inference.image_encoder(graphdef, params)(images)
+def encode_image_queries(graphdef, params, images: np.ndarray, config) -> np.ndarray:
+    """[N, S, S, 3] uint8 -> [N, D] float32, embedded as the run's stores are (model.image.test_time_flip)."""
+    return inference.image_encoder(graphdef, params, bool(config.model.image.test_time_flip))(images)
 
 
 _OPEN_INDEXES: dict = {}

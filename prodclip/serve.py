@@ -241,7 +241,7 @@ class SearchService:
         k, rerank = self.check_k(k), self.check_rerank(rerank)
         image = self.check_image(data)
         return self._run({"image": image}, k, rerank, lambda: search.encode_image_queries(
-            self.graphdef, self.params, image[None]), label="image upload")
+            self.graphdef, self.params, image[None], self.config), label="image upload")
 
     def _run(self, query: dict, k: int, rerank: bool, encode, label: str) -> dict:
         start = time.perf_counter()

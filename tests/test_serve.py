@@ -106,7 +106,7 @@ def test_image_upload_finds_its_item(client, service):
     photo = _png(search.store_images(service.store, [7])[0])
     got = client.post("/api/search/image", files={"file": ("q.png", photo, "image/png")}, data={"k": K}).json()
     want = search.search(service.store, search.encode_image_queries(
-        service.graphdef, service.params, search.decode_query_image(photo, service.config)[None]), K)[0]
+        service.graphdef, service.params, search.decode_query_image(photo, service.config)[None], service.config), K)[0]
     _same_hits(got["hits"], want)
     assert 7 in [h["index"] for h in got["hits"]]
 

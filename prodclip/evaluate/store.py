@@ -50,12 +50,14 @@ def model_fingerprint(params: Any, tokenizer, config: ml_collections.ConfigDict)
     """16 hex chars identifying what maps inputs to embeddings.
 
     A SHA-256 over every parameter (path, dtype, shape, bytes), the tokenizer's
-    vocabulary and context length, and the image input size and resize mode.
+    vocabulary and context length, the image input size and resize mode, and the test-time flip.
     """
     h = hashlib.sha256()
     trees.hash_tree(h, params)
     h.update(json.dumps(sorted(tokenizer.hf.get_vocab().items())).encode())
     h.update(f"{tokenizer.context_length}:{tokenizer.lowercase}:{config.data.image_size}:{config.data.resize}".encode())
+    if config.model.image.test_time_flip:  # appended only when on: stores embedded without it keep their fingerprint
+        h.update(b":test_time_flip")
     return h.hexdigest()[:16]
 
 

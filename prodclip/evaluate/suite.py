@@ -191,7 +191,8 @@ def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label
     train_emb = train_image_emb
     if train_emb is None and train_source is not None and len(train_source) and (
             probe_labels or config.eval.zeroshot_train_prior):
-        train_emb = inference.embed_images(graphdef, params, train_source, tokenizer, config)
+        # One view per train photo, as the image cache holds them: the same numbers with or without a cache.
+        train_emb = inference.embed_images(graphdef, params, train_source, tokenizer, config, test_time_flip=False)
     results = {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config,
                                      label_stats=label_stats, plot_dir=plot_dir, split=split,
                                      embedded=embedded.get(split), train_image_emb=train_emb)

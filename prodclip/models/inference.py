@@ -43,10 +43,21 @@ def batched(fn: Callable, arrays: tuple[np.ndarray, ...], batch_size: int) -> li
     return out
 
 
-@functools.lru_cache(maxsize=8)
-def encoders(graphdef):
-    """(encode_image(params, [B, S, S, 3] uint8), encode_text(params, [B, L] int32)) -> [B, D], jitted, cached."""
-    encode_image = jax.jit(lambda p, x: merge_model(graphdef, p).encode_image(x))
+def flip_averaged(encode_image: Callable[[jax.Array], jax.Array], images: jax.Array) -> jax.Array:
+    """[B, D] L2-normalised mean of the embeddings of images [B, S, S, 3] and of their mirror images
+    (flipped left-right): a photo and its mirror get the same embedding (test-time flip)."""
+    both = encode_image(images) + encode_image(images[:, :, ::-1])
+    return both / jnp.maximum(jnp.linalg.norm(both, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.lru_cache(maxsize=16)
+def encoders(graphdef, test_time_flip: bool = False):
+    """(encode_image(params, [B, S, S, 3] uint8), encode_text(params, [B, L] int32)) -> [B, D], jitted, cached.
+    test_time_flip: encode_image returns `flip_averaged` embeddings (model.image.test_time_flip)."""
+    if test_time_flip:
+        encode_image = jax.jit(lambda p, x: flip_averaged(merge_model(graphdef, p).encode_image, x))
+    else:
+        encode_image = jax.jit(lambda p, x: merge_model(graphdef, p).encode_image(x))
     encode_text = jax.jit(lambda p, t: merge_model(graphdef, p).encode_text(t))
     return encode_image, encode_text
 
@@ -81,10 +92,12 @@ def text_state_encoder(graphdef, block: int):
     return jax.jit(lambda p, t: merge_model(graphdef, p).text_states(t, block))
 
 
-def embed_source(graphdef, params, source, tokenizer, config, *,
-                 with_text: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """All images and titles of `source`: ([N, D], [N, D] or None) float32, L2-normalised, in source order."""
-    encode_image, encode_text = encoders(graphdef)
+def embed_source(graphdef, params, source, tokenizer, config, *, with_text: bool = True,
+                 test_time_flip: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """All images and titles of `source`: ([N, D], [N, D] or None) float32, L2-normalised, in source order.
+    test_time_flip: None = config.model.image.test_time_flip."""
+    flip = config.model.image.test_time_flip if test_time_flip is None else test_time_flip
+    encode_image, encode_text = encoders(graphdef, bool(flip))
     batch_size = config.eval.batch_size
     images, texts = [], []
     for batch in pipeline.eval_batches(source, tokenizer, config, batch_size):
@@ -95,9 +108,10 @@ def embed_source(graphdef, params, source, tokenizer, config, *,
     return np.concatenate(images), (np.concatenate(texts) if with_text else None)
 
 
-def embed_images(graphdef, params, source, tokenizer, config) -> np.ndarray:
-    """[N, D] float32 image embeddings of a whole source, in source order."""
-    return embed_source(graphdef, params, source, tokenizer, config, with_text=False)[0]
+def embed_images(graphdef, params, source, tokenizer, config, *, test_time_flip: bool | None = None) -> np.ndarray:
+    """[N, D] float32 image embeddings of a whole source, in source order (test_time_flip: as embed_source)."""
+    return embed_source(graphdef, params, source, tokenizer, config, with_text=False,
+                        test_time_flip=test_time_flip)[0]
 
 
 def title_encoder(graphdef, params, tokenizer, batch_size: int) -> Callable[[list[str]], np.ndarray]:
@@ -110,9 +124,9 @@ def title_encoder(graphdef, params, tokenizer, batch_size: int) -> Callable[[lis
     return encode
 
 
-def image_encoder(graphdef, params) -> Callable[[np.ndarray], np.ndarray]:
+def image_encoder(graphdef, params, test_time_flip: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """A function: [N, S, S, 3] uint8 images -> [N, D] float32 (one call, no padding)."""
-    encode_image, _ = encoders(graphdef)
+    encode_image, _ = encoders(graphdef, test_time_flip)
     return lambda images: np.asarray(encode_image(params, images))
 
 
