@@ -57,9 +57,9 @@ def main(argv=None) -> int:
     _, names, val_labels = suite.zeroshot_classes(args.label, val, config, run.label_stats)
     _, _, train_labels = suite.zeroshot_classes(args.label, train, config, run.label_stats)
     image_emb = inference.embed_images(run.graphdef, run.params, val, run.tokenizer, config)
-    train_emb = image_cache.cached_train_embeddings(config, args.workdir, run.graphdef, run.params, train)
-    if train_emb is None:
-        train_emb = inference.embed_images(run.graphdef, run.params, train, run.tokenizer, config)
+    train_emb = suite.train_photo_embeddings(
+        run.graphdef, run.params, train, run.tokenizer, config,
+        image_cache.cached_train_embeddings(config, args.workdir, run.graphdef, run.params, train))
     encode = inference.title_encoder(run.graphdef, run.params, run.tokenizer, config.eval.batch_size)
 
     prompt_emb = zeroshot.class_embeddings(encode, names, suite.label_templates(args.label, config))
@@ -79,11 +79,10 @@ def main(argv=None) -> int:
     scale = losses.trained_logit_scale(run.params, config.model.logit_scale_max)
     for name, class_emb in rows:
         scores = image_emb @ class_emb.T
-        train_prior = zeroshot.estimate_class_prior(train_emb @ class_emb.T, scale)
         for row, metrics in ((name, zeroshot.classify_scores(scores, val_labels)),
                              (f"{name}, adapted prior", zeroshot.classify_adapted(scores, val_labels, scale)),
-                             (f"{name}, train prior", zeroshot.classify_scores(
-                                 zeroshot.adapted_scores(scores, scale, train_prior), val_labels))):
+                             (f"{name}, train prior", zeroshot.classify_adapted(
+                                 scores, val_labels, scale, prior_scores=train_emb @ class_emb.T))):
             out[row] = {k: round(v, 4) for k, v in metrics.items() if not k.startswith("class/")}
     print(json.dumps(out, indent=1))
     if args.json:

@@ -94,8 +94,7 @@ def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathli
     sources.report_skipped({s: split_sources[s] for s in files}, workdir, name="catalog_eval_skipped_rows.jsonl")
     eval_config = copy.deepcopy(config)
     eval_config.data.eval_splits = tuple(files)
-    train_emb = (image_cache.cached_train_embeddings(config, workdir, graphdef, params, split_sources["train"])
-                 if "train" in split_sources else None)
+    train_emb = image_cache.cached_train_embeddings(config, workdir, graphdef, params, split_sources.get("train"))
     results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, eval_config, label_stats,
                                  plot_dir=workdir / "catalog_eval_confusion", train_image_emb=train_emb)
     for split in files:

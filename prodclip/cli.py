@@ -92,8 +92,8 @@ def cmd_eval(args, overrides) -> int:
     from prodclip.data import sources
     sources.report_skipped(run.sources, args.workdir, name="reeval_skipped_rows.jsonl")
     from prodclip import image_cache
-    train_emb = (image_cache.cached_train_embeddings(run.config, args.workdir, run.graphdef, run.params,
-                                                     run.sources["train"]) if "train" in run.sources else None)
+    train_emb = image_cache.cached_train_embeddings(run.config, args.workdir, run.graphdef, run.params,
+                                                    run.sources.get("train"))
     results = suite.evaluate_all(run.graphdef, run.params, run.sources, run.tokenizer, run.config, run.label_stats,
                                  plot_dir=pathlib.Path(args.workdir) / "confusion", train_image_emb=train_emb)
     suite.write_results(args.workdir, results, step=run.meta.get("step"), name="reeval")

@@ -259,8 +259,9 @@ def cached_train_embeddings(config: ml_collections.ConfigDict, workdir: str | pa
                             train_source) -> np.ndarray | None:
     """[N, D] float32 image embeddings of the train photos as they are (view 0 of the cache, through the
     image head) when the run's cache holds them for these weights, preprocessing and catalog; else
-    None. Reads only: evaluation uses it instead of running the locked tower over the train photos."""
-    if not config_lib.image_cache_on(config):
+    None, also when `train_source` is None. Reads only: evaluation uses it instead of running the
+    locked tower over the train photos."""
+    if train_source is None or not config_lib.image_cache_on(config):
         return None
     key = cache_key(params["image_tower"], config, catalog_digest(train_source))
     path = cache_root(config, workdir) / key / "features.npy"

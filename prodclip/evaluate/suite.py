@@ -94,8 +94,7 @@ def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections
             metrics.update({f"zeroshot/{label}/adapted/{name}": value for name, value in adapted.items()
                             if not name.startswith("class/")})
         if config.eval.zeroshot_train_prior and logit_scale is not None and train_image_emb is not None:
-            prior = zeroshot.estimate_class_prior(train_image_emb @ class_emb.T, logit_scale)
-            inductive = zeroshot.classify_scores(zeroshot.adapted_scores(scores, logit_scale, prior), labels)
+            inductive = zeroshot.classify_adapted(scores, labels, logit_scale, prior_scores=train_image_emb @ class_emb.T)
             metrics.update({f"zeroshot/{label}/train_prior/{name}": value for name, value in inductive.items()
                             if not name.startswith("class/")})
         if plot_dir is not None and config.eval.confusion_png:
@@ -131,6 +130,16 @@ def embed_split(graphdef, params, source, tokenizer, config: ml_collections.Conf
         return rerank.embed_split(graphdef, params, source, tokenizer, config)
     image_emb, text_emb = inference.embed_source(graphdef, params, source, tokenizer, config)
     return {"image_emb": image_emb, "text_emb": text_emb}
+
+
+def train_photo_embeddings(graphdef, params, train_source, tokenizer, config: ml_collections.ConfigDict,
+                           cached: np.ndarray | None = None) -> np.ndarray:
+    """[N_train, D] the train photos that the probe and the train class shares read: `cached` when given
+    (image_cache.cached_train_embeddings), else each photo once through the model without the test-time
+    flip, as the image cache holds them, so that both give the same numbers."""
+    if cached is not None:
+        return cached
+    return inference.embed_images(graphdef, params, train_source, tokenizer, config, test_time_flip=False)
 
 
 def reads_train_photos(config: ml_collections.ConfigDict) -> bool:
@@ -188,11 +197,9 @@ def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label
                     if l in getattr(split_sources.get("train"), "labels", {})
                     and all(l in getattr(split_sources[s], "labels", {}) for s in config.data.eval_splits)]
     train_source = split_sources.get("train")
-    train_emb = train_image_emb
-    if train_emb is None and train_source is not None and len(train_source) and (
-            probe_labels or config.eval.zeroshot_train_prior):
-        # One view per train photo, as the image cache holds them: the same numbers with or without a cache.
-        train_emb = inference.embed_images(graphdef, params, train_source, tokenizer, config, test_time_flip=False)
+    train_emb = None
+    if train_source is not None and len(train_source) and (probe_labels or config.eval.zeroshot_train_prior):
+        train_emb = train_photo_embeddings(graphdef, params, train_source, tokenizer, config, train_image_emb)
     results = {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config,
                                      label_stats=label_stats, plot_dir=plot_dir, split=split,
                                      embedded=embedded.get(split), train_image_emb=train_emb)

@@ -97,11 +97,12 @@ def adapted_scores(scores: np.ndarray, logit_scale: float, prior: np.ndarray) ->
     return logit_scale * np.asarray(scores, np.float64) + np.log(np.maximum(prior, 1e-300))
 
 
-def classify_adapted(scores: np.ndarray, labels: np.ndarray, logit_scale: float,
-                     ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """`classify_scores` with the class prior that `estimate_class_prior` finds in all rows of `scores`
-    [N, C] (cosines; the unlabelled rows count too): labels are read for scoring only."""
-    prior = estimate_class_prior(scores, logit_scale)
+def classify_adapted(scores: np.ndarray, labels: np.ndarray, logit_scale: float, ks: Sequence[int] = (1, 5), *,
+                     prior_scores: np.ndarray | None = None) -> dict[str, float]:
+    """`classify_scores` with the class prior that `estimate_class_prior` finds in `prior_scores` [M, C]
+    (cosines of other unlabelled photos, e.g. the train photos), by default in all rows of `scores`
+    [N, C] (the unlabelled rows count too): labels are read for scoring only."""
+    prior = estimate_class_prior(scores if prior_scores is None else prior_scores, logit_scale)
     return classify_scores(adapted_scores(scores, logit_scale, prior), labels, ks)
 
 
