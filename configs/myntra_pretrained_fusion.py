@@ -33,6 +33,7 @@ def get_config():
     # MiniLM's last layer alone, as measured in docs/pretrained.md; with the layer means (0, 3) re-ranking
     # still loses 0.4 points of t->i R@1 and the audit is 0.643 for swaps (one seed, same page).
     c.model.text.bert.mean_layers = ()
+    c.model.image.pooling = "gap_stages"  # the pooled feature as measured there (the fusion reads the tokens)
     c.model.fusion.enabled = True
     c.model.image.test_time_flip = False  # the fusion encoder reads one view's tokens (config_checks)
     c.model.fusion.depth = 2

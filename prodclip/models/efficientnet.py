@@ -47,8 +47,11 @@ BASE_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
 STEM_CHANNELS = 32
 FEATURE_CHANNELS = 1280
-# gap: the mean of the final map; gap_stages: that and the means of every stage's output; map: attention pool
-POOLINGS = ("gap", "gap_stages", "map")
+# gap: the mean of the final map; gap_stages: that and the means of every stage's output; gap_stages_salient:
+# those, then the stage outputs and the pixels' colours averaged where the final map is active; map: attention pool
+POOLINGS = ("gap", "gap_stages", "gap_stages_salient", "map")
+STAGED_POOLINGS = ("gap_stages", "gap_stages_salient")
+COLOUR_BINS = 6  # per RGB channel: a 6 x 6 x 6 = 216-bin colour histogram in gap_stages_salient
 BN_EPS = 1e-3  # the reference's BatchNorm epsilon; the importer folds the statistics with it
 CHANNEL_DIVISOR = 8
 CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -69,11 +72,37 @@ def stage_ends(variant: str) -> list[int]:
 
 
 def pooled_width(variant: str, pooling: str) -> int:
-    """Width of the tower's pooled feature: 1280, plus every pooled stage output with 'gap_stages'."""
-    if pooling != "gap_stages":
+    """Width of the tower's pooled feature: 1280, plus every pooled stage output with 'gap_stages', plus
+    those again and the colour histogram (COLOUR_BINS ** 3) with 'gap_stages_salient'."""
+    if pooling not in STAGED_POOLINGS:
         return FEATURE_CHANNELS
     specs = block_specs(variant)
-    return FEATURE_CHANNELS + sum(specs[i].cout for i in stage_ends(variant))
+    stages = sum(specs[i].cout for i in stage_ends(variant))
+    return FEATURE_CHANNELS + stages + (stages + COLOUR_BINS ** 3 if pooling == "gap_stages_salient" else 0)
+
+
+def saliency(final_map: jax.Array) -> jax.Array:
+    """final_map [B, h, w, C] -> [B, h, w] weights summing to 1 per image: each location's share of the
+    channels' L2 norm (where the last stage responds: the product, more than a plain background)."""
+    norm = jnp.linalg.norm(final_map.astype(jnp.float32), axis=-1)
+    return norm / jnp.maximum(norm.sum(axis=(1, 2), keepdims=True), 1e-6)
+
+
+def resized_weights(weights: jax.Array, height: int, width: int) -> jax.Array:
+    """weights [B, h, w] -> [B, height, width], bilinearly resized, clipped at 0, summing to 1 per image."""
+    resized = jnp.maximum(jax.image.resize(weights, (weights.shape[0], height, width), "linear"), 0.0)
+    return resized / jnp.maximum(resized.sum(axis=(1, 2), keepdims=True), 1e-12)
+
+
+def colour_histogram(pixels: jax.Array, weights: jax.Array, bins: int = COLOUR_BINS) -> jax.Array:
+    """pixels [B, H, W, 3] on a 0..255 scale, weights [B, H, W] -> [B, bins ** 3]: the weighted share of
+    each RGB cell (bins levels per channel, red slowest), summing to the weights' sum."""
+    level = jnp.clip((pixels.astype(jnp.float32) * (bins / 256.0)).astype(jnp.int32), 0, bins - 1)
+    cell = (level[..., 0] * bins + level[..., 1]) * bins + level[..., 2]
+    batch = pixels.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, cell[0].size))
+    return jnp.zeros((batch, bins ** 3), jnp.float32).at[rows, cell.reshape(batch, -1)].add(
+        weights.reshape(batch, -1).astype(jnp.float32))
 
 
 def round_channels(channels: int, width_mult: float) -> int:
@@ -145,34 +174,49 @@ class EfficientNetLite(nnx.Module):
     """The convolutional backbone: normalised images -> (pooled feature, final feature map as tokens)."""
 
     def __init__(self, variant: str, rngs: nnx.Rngs, *, dtype=jnp.float32, formulation="auto", remat=False,
-                 pool_stages=False):
+                 pool_stages=False, salient=False):
         specs = block_specs(variant)
         kw = dict(dtype=dtype, formulation=formulation)
         self.variant = variant
         self.remat = remat
-        self.stage_ends = tuple(stage_ends(variant)) if pool_stages else ()
+        self.stage_ends = tuple(stage_ends(variant)) if pool_stages or salient else ()
+        self.salient = salient
         self.stem = ConvAffine(3, STEM_CHANNELS, 3, 2, rngs, **kw)
         self.blocks = nnx.List([MBConv(spec, rngs, **kw) for spec in specs])
         self.head = ConvAffine(specs[-1].cout, FEATURE_CHANNELS, 1, 1, rngs, **kw)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: [B, H, W, 3] normalised pixels.
+    def __call__(self, x: jax.Array, pixels: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x: [B, H, W, 3] normalised pixels; pixels: the same images on a 0..255 scale (salient only).
 
         Returns (pooled [B, 1280]: the mean of the final map, tokens [B, ceil(H/32) * ceil(W/32), 1280]).
         With pool_stages, pooled is [B, pooled_width]: the mean of the final map, then the spatial means
         of every stage's output (stages 2-7) L2-normalised together and scaled to the final mean's norm,
-        so the earlier, colour- and texture-rich stages weigh as much as the last one.
+        so the earlier, colour- and texture-rich stages weigh as much as the last one. With salient,
+        two more parts follow, each L2-normalised and scaled to that norm: the stage outputs averaged
+        with the final map's saliency as weights, and the square root of the pixels' colour histogram
+        under the same weights. Both describe the product's colour and texture where a plain mean
+        mixes them with the background.
         """
         x = jax.nn.relu6(self.stem(x))
-        stage_means = []
+        stage_maps = []
         for i, block in enumerate(self.blocks):
             x = nnx.remat(lambda blk, h: blk(h))(block, x) if self.remat else block(x)
             if i in self.stage_ends:
-                stage_means.append(x.astype(jnp.float32).mean(axis=(1, 2)))
+                stage_maps.append(x.astype(jnp.float32))
         x = jax.nn.relu6(self.head(x))
         tokens = x.reshape(x.shape[0], -1, x.shape[-1])
         pooled = tokens.mean(axis=1)
-        return layers.append_scaled(pooled, stage_means), tokens
+        out = layers.append_scaled(pooled, [m.mean(axis=(1, 2)) for m in stage_maps])
+        if not self.salient:
+            return out, tokens
+        if pixels is None:
+            raise ValueError("salient pooling needs the images' pixels on a 0..255 scale")
+        weights = saliency(x)
+        salient_stages = jnp.concatenate(
+            [jnp.einsum("bhwc,bhw->bc", m, resized_weights(weights, m.shape[1], m.shape[2])) for m in stage_maps], -1)
+        colours = colour_histogram(pixels, resized_weights(weights, pixels.shape[1], pixels.shape[2]))
+        parts = [layers.scaled_to_norm(p, pooled) for p in (salient_stages, jnp.sqrt(colours))]
+        return jnp.concatenate([out, *(p.astype(out.dtype) for p in parts)], axis=-1), tokens
 
 
 class EfficientNetTower(nnx.Module):
@@ -193,7 +237,8 @@ class EfficientNetTower(nnx.Module):
         self.pooling = pooling
         self.width = FEATURE_CHANNELS
         self.backbone = EfficientNetLite(variant, rngs, dtype=dtype, formulation=formulation, remat=remat,
-                                         pool_stages=pooling == "gap_stages")
+                                         pool_stages=pooling in STAGED_POOLINGS,
+                                         salient=pooling == "gap_stages_salient")
         self.map_head = (layers.AttentionPool(FEATURE_CHANNELS, pool_heads, mlp_ratio, rngs, activation=activation,
                                               dtype=dtype) if pooling == "map" else None)
         # embed_dim None: no projection, the pooled feature is the output (a head after the tower maps it).
@@ -202,8 +247,9 @@ class EfficientNetTower(nnx.Module):
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images: [B, S, S, 3], uint8 or float on a 0..255 scale. Returns (embedding, tokens); not normalised."""
-        x = (images.astype(jnp.float32) - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
-        pooled, tokens = self.backbone(x)
+        pixels = images.astype(jnp.float32)
+        x = (pixels - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
+        pooled, tokens = self.backbone(x, pixels)
         pooled = self.map_head(tokens) if self.pooling == "map" else pooled
         return (pooled if self.projection is None else self.projection(pooled)), tokens
 

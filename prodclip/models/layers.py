@@ -97,10 +97,14 @@ def append_scaled(pooled: jax.Array, parts: list[jax.Array]) -> jax.Array:
     together (float32) and scaled to pooled's norm, so all the parts together weigh as much as pooled."""
     if not parts:
         return pooled
-    extra = jnp.concatenate(parts, axis=-1)
-    scale = jnp.linalg.norm(pooled.astype(jnp.float32), axis=-1, keepdims=True)
-    extra = extra * scale / jnp.maximum(jnp.linalg.norm(extra, axis=-1, keepdims=True), 1e-6)
+    extra = scaled_to_norm(jnp.concatenate(parts, axis=-1), pooled)
     return jnp.concatenate([pooled, extra.astype(pooled.dtype)], axis=-1)
+
+
+def scaled_to_norm(x: jax.Array, reference: jax.Array) -> jax.Array:
+    """x [B, F] L2-normalised per row (float32) and scaled to the norm of reference's row ([B, F'])."""
+    scale = jnp.linalg.norm(reference.astype(jnp.float32), axis=-1, keepdims=True)
+    return x * scale / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
 def layer_norm(width: int, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNorm:
