@@ -91,11 +91,13 @@ def main(argv=None) -> int:
             row = {"variant": variant, "image_size": int(size), "flip": args.flip, "train_items": len(f["train"]),
                    "val_items": len(f["val"]), "ms_per_photo": round(1000 * f["seconds_per_photo"], 2),
                    "cache_seconds_33728": round(33728 * f["seconds_per_photo"])}
+            # column ends of the parts: final map, stage means, salient stage means, then the colours
             final = efficientnet.FEATURE_CHANNELS
-            stages = final + sum(efficientnet.block_specs(variant)[i].cout for i in efficientnet.stage_ends(variant))
-            salient = stages + stages - final
-            parts = {"final": [(0, final)], "final+stages": [(0, final), (final, stages)],
-                     "final+stages+salient": [(0, final), (final, stages), (stages, salient), (salient, None)]}
+            stage_width = sum(efficientnet.block_specs(variant)[i].cout for i in efficientnet.stage_ends(variant))
+            stages_end, salient_end = final + stage_width, final + 2 * stage_width
+            parts = {"final": [(0, final)], "final+stages": [(0, final), (final, stages_end)],
+                     "final+stages+salient": [(0, final), (final, stages_end), (stages_end, salient_end),
+                                              (salient_end, None)]}
             for name, spans in parts.items():
                 train, val = ([l2(x[:, a:b]) for a, b in spans] for x in (f["train"], f["val"]))
                 for label in LABELS:

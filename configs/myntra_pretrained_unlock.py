@@ -33,4 +33,5 @@ def get_config():
     c.optim.text_lr_mult = 0.1
     c.tokenizer.context_length = 16
     c.model.text.bert.mean_layers = ()  # the cache holds only the states entering the unlocked block
+    c.model.image.pooling = "gap_stages"  # the image feature as measured in docs/pretrained.md
     return c

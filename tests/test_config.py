@@ -36,7 +36,7 @@ def test_the_unlock_config_is_the_pretrained_one_with_minilm_s_last_block_traine
                       for key in config_loading.flat_keys(config)}
     changed = {k for k, v in flat["myntra_pretrained_unlock"].items() if flat["myntra_pretrained"].get(k) != v}
     assert changed == {"optim.unlock_text_blocks", "optim.text_lr_mult", "tokenizer.context_length",
-                       "model.text.bert.mean_layers"}
+                       "model.text.bert.mean_layers", "model.image.pooling"}
 
 
 def test_override_sets_typed_values():

@@ -18,7 +18,7 @@ from test_parallel import assert_same_training, one_device_mesh, run_steps
 
 from prodclip import convert_efficientnet, parallel
 from prodclip.errors import CheckpointError, ConfigError
-from prodclip.models import efficientnet
+from prodclip.models import efficientnet, salient_pooling
 
 torch = pytest.importorskip("torch")
 reference_lib = pytest.importorskip("efficientnet_lite_pytorch")
@@ -157,38 +157,29 @@ def test_salient_pooling_appends_weighted_stages_and_colours_at_the_final_means_
     staged = efficientnet.EfficientNetLite("efficientnet_lite0", nnx.Rngs(0), pool_stages=True)
     salient = efficientnet.EfficientNetLite("efficientnet_lite0", nnx.Rngs(0), salient=True)
     pixels = np.random.default_rng(0).uniform(0, 255, size=(2, 64, 64, 3)).astype(np.float32)
+    pixels[1, :32] = (250, 20, 20)  # the second image half red: its colour part must differ from the first's
     x = (pixels - 127.0) / 128.0
     (pooled, tokens), (pooled_s, tokens_s) = staged(x), salient(x, pixels)
     width = efficientnet.pooled_width("efficientnet_lite0", "gap_stages_salient")
-    stages, bins = 24 + 40 + 80 + 112 + 192 + 320, efficientnet.COLOUR_BINS ** 3
+    stages, bins = 24 + 40 + 80 + 112 + 192 + 320, salient_pooling.COLOUR_BINS ** 3
     assert pooled_s.shape == (2, width) and width == 1280 + 2 * stages + bins
     np.testing.assert_array_equal(pooled_s[:, :1280 + stages], pooled)
     np.testing.assert_array_equal(tokens_s, tokens)
     final_norm = np.linalg.norm(pooled[:, :1280], axis=1)
     for part in (pooled_s[:, 1280 + stages:1280 + 2 * stages], pooled_s[:, -bins:]):
         np.testing.assert_allclose(np.linalg.norm(part, axis=1), final_norm, rtol=1e-5)
+    # the colour part, rebuilt from the returned final map and the pixels
+    weights = salient_pooling.saliency(tokens.reshape(2, 2, 2, 1280))
+    carried = salient_pooling.carried_weights(weights, (64, 64), salient.spatial_convs, [])
+    colours = np.sqrt(np.asarray(salient_pooling.colour_histogram(pixels, carried)))
+    want = colours / np.linalg.norm(colours, axis=1, keepdims=True) * final_norm[:, None]
+    np.testing.assert_allclose(pooled_s[:, -bins:], want, rtol=1e-4, atol=1e-6)
+    red = (5 * salient_pooling.COLOUR_BINS + 0) * salient_pooling.COLOUR_BINS + 0
+    assert want[1, red] > 3 * want[0, red]
     with pytest.raises(ValueError, match="pixels"):
         salient(x)
     with pytest.raises(ConfigError, match="gap_stages_salient"):
         tiny_config(**{"model.image.pooling": "gap_stages_salient"})  # a ViT
-
-
-def test_colour_histogram_counts_weighted_cells_and_saliency_follows_the_active_map():
-    pixels = np.zeros((1, 4, 4, 3), np.float32)
-    pixels[0, :2] = (255, 0, 0)  # top half red, bottom half black
-    weights = np.zeros((1, 4, 4), np.float32)
-    weights[0, 0, 0], weights[0, 3, 3] = 0.75, 0.25
-    hist = np.asarray(efficientnet.colour_histogram(pixels, weights, bins=6))
-    red, black = 5 * 36, 0
-    assert hist[0, red] == pytest.approx(0.75) and hist[0, black] == pytest.approx(0.25) and hist.sum() == pytest.approx(1)
-    final_map = np.zeros((1, 2, 2, 8), np.float32)
-    final_map[0, 0, 1] = 3.0
-    final_map[0, 1, 0] = 1.0
-    weights = np.asarray(efficientnet.saliency(final_map))
-    np.testing.assert_allclose(weights[0], [[0, 0.75], [0.25, 0]], atol=1e-6)
-    resized = np.asarray(efficientnet.resized_weights(weights, 8, 8))
-    quadrants = [resized[0, a:a + 4, b:b + 4].sum() for a in (0, 4) for b in (0, 4)]  # TL, TR, BL, BR
-    assert resized.sum() == pytest.approx(1, abs=1e-6) and quadrants[1] > quadrants[2] > max(quadrants[0], quadrants[3])
 
 
 # ----------------------------------------------------------------------------- training

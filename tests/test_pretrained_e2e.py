@@ -18,7 +18,7 @@ from prodclip import cli  # noqa: E402
 from prodclip import run as run_lib  # noqa: E402
 from prodclip import config_loading  # noqa: E402
 from prodclip.data import robustness, synthetic  # noqa: E402
-from prodclip.models import efficientnet  # noqa: E402
+from prodclip.models import salient_pooling  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GENDERS = ("Men", "Women")
@@ -68,7 +68,7 @@ def test_pretrained_config_trains_and_evaluates_through_the_cli(tmp_path, capsys
     assert (workdir / "pretrained" / "efficientnet_lite0").is_dir()  # converted from the wheel
     (cache,) = list((workdir / "image_cache").iterdir())
     # 2 views; the final map, the stage means, the salient stage means and colours
-    assert np.load(cache / "features.npy").shape == (2 * 40, 1280 + 2 * 768 + efficientnet.COLOUR_BINS ** 3)
+    assert np.load(cache / "features.npy").shape == (2 * 40, 1280 + 2 * 768 + salient_pooling.COLOUR_BINS ** 3)
     (text_emb,) = list((workdir / "text_cache").glob("*/text_emb.npy"))
     import pyarrow.parquet as pq
     distinct_titles = len(set(pq.read_table(data / "train.parquet").column("title").to_pylist()))

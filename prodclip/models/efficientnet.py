@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prodclip.models import convolution, layers
+from prodclip.models.salient_pooling import COLOUR_BINS, salient_parts
 from prodclip.models.vit import PIXEL_STATS
 
 # variant -> (width multiplier, depth multiplier, native resolution)
@@ -51,7 +52,6 @@ FEATURE_CHANNELS = 1280
 # those, then the stage outputs and the pixels' colours averaged where the final map is active; map: attention pool
 POOLINGS = ("gap", "gap_stages", "gap_stages_salient", "map")
 STAGED_POOLINGS = ("gap_stages", "gap_stages_salient")
-COLOUR_BINS = 6  # per RGB channel: a 6 x 6 x 6 = 216-bin colour histogram in gap_stages_salient
 BN_EPS = 1e-3  # the reference's BatchNorm epsilon; the importer folds the statistics with it
 CHANNEL_DIVISOR = 8
 CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -79,30 +79,6 @@ def pooled_width(variant: str, pooling: str) -> int:
     specs = block_specs(variant)
     stages = sum(specs[i].cout for i in stage_ends(variant))
     return FEATURE_CHANNELS + stages + (stages + COLOUR_BINS ** 3 if pooling == "gap_stages_salient" else 0)
-
-
-def saliency(final_map: jax.Array) -> jax.Array:
-    """final_map [B, h, w, C] -> [B, h, w] weights summing to 1 per image: each location's share of the
-    channels' L2 norm (where the last stage responds: the product, more than a plain background)."""
-    norm = jnp.linalg.norm(final_map.astype(jnp.float32), axis=-1)
-    return norm / jnp.maximum(norm.sum(axis=(1, 2), keepdims=True), 1e-6)
-
-
-def resized_weights(weights: jax.Array, height: int, width: int) -> jax.Array:
-    """weights [B, h, w] -> [B, height, width], bilinearly resized, clipped at 0, summing to 1 per image."""
-    resized = jnp.maximum(jax.image.resize(weights, (weights.shape[0], height, width), "linear"), 0.0)
-    return resized / jnp.maximum(resized.sum(axis=(1, 2), keepdims=True), 1e-12)
-
-
-def colour_histogram(pixels: jax.Array, weights: jax.Array, bins: int = COLOUR_BINS) -> jax.Array:
-    """pixels [B, H, W, 3] on a 0..255 scale, weights [B, H, W] -> [B, bins ** 3]: the weighted share of
-    each RGB cell (bins levels per channel, red slowest), summing to the weights' sum."""
-    level = jnp.clip((pixels.astype(jnp.float32) * (bins / 256.0)).astype(jnp.int32), 0, bins - 1)
-    cell = (level[..., 0] * bins + level[..., 1]) * bins + level[..., 2]
-    batch = pixels.shape[0]
-    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, cell[0].size))
-    return jnp.zeros((batch, bins ** 3), jnp.float32).at[rows, cell.reshape(batch, -1)].add(
-        weights.reshape(batch, -1).astype(jnp.float32))
 
 
 def round_channels(channels: int, width_mult: float) -> int:
@@ -179,8 +155,10 @@ class EfficientNetLite(nnx.Module):
         kw = dict(dtype=dtype, formulation=formulation)
         self.variant = variant
         self.remat = remat
-        self.stage_ends = tuple(stage_ends(variant)) if pool_stages or salient else ()
+        self.stage_ends = tuple(stage_ends(variant)) if pool_stages or salient else ()  # salient pools the stages too
         self.salient = salient
+        # (kernel, stride) of every convolution that moves the grid, in order: the stem, each depthwise
+        self.spatial_convs = ((3, 2), *((spec.kernel, spec.stride) for spec in specs))
         self.stem = ConvAffine(3, STEM_CHANNELS, 3, 2, rngs, **kw)
         self.blocks = nnx.List([MBConv(spec, rngs, **kw) for spec in specs])
         self.head = ConvAffine(specs[-1].cout, FEATURE_CHANNELS, 1, 1, rngs, **kw)
@@ -194,8 +172,8 @@ class EfficientNetLite(nnx.Module):
         so the earlier, colour- and texture-rich stages weigh as much as the last one. With salient,
         two more parts follow, each L2-normalised and scaled to that norm: the stage outputs averaged
         with the final map's saliency as weights, and the square root of the pixels' colour histogram
-        under the same weights. Both describe the product's colour and texture where a plain mean
-        mixes them with the background.
+        under the same weights (models/salient_pooling.py). Both describe the product's colour and
+        texture where a plain mean mixes them with the background.
         """
         x = jax.nn.relu6(self.stem(x))
         stage_maps = []
@@ -211,10 +189,8 @@ class EfficientNetLite(nnx.Module):
             return out, tokens
         if pixels is None:
             raise ValueError("salient pooling needs the images' pixels on a 0..255 scale")
-        weights = saliency(x)
-        salient_stages = jnp.concatenate(
-            [jnp.einsum("bhwc,bhw->bc", m, resized_weights(weights, m.shape[1], m.shape[2])) for m in stage_maps], -1)
-        colours = colour_histogram(pixels, resized_weights(weights, pixels.shape[1], pixels.shape[2]))
+        stage_convs = [self.spatial_convs[:i + 2] for i in self.stage_ends]  # the stem and blocks 0..i
+        salient_stages, colours = salient_parts(stage_maps, stage_convs, x, self.spatial_convs, pixels)
         parts = [layers.scaled_to_norm(p, pooled) for p in (salient_stages, jnp.sqrt(colours))]
         return jnp.concatenate([out, *(p.astype(out.dtype) for p in parts)], axis=-1), tokens
 
@@ -223,8 +199,8 @@ class EfficientNetTower(nnx.Module):
     """Image tower: uint8 images (0..255) -> (embedding [B, embed_dim], tokens [B, h*w, 1280]).
 
     The same interface as the ViT and the ResNet. `backbone` holds the (importable) EfficientNet-Lite
-    weights; `projection` maps the pooled 1280-d feature (gap) or an attention pool over the tokens
-    (map) to the embedding.
+    weights; `projection` maps the pooled feature (1280-d with gap, `pooled_width` with the staged
+    poolings) or an attention pool over the tokens (map) to the embedding.
     """
 
     def __init__(self, variant: str, *, embed_dim: int, rngs: nnx.Rngs, pooling="gap", pool_heads=8,
