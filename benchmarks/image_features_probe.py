@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                    "cache_seconds_33728": round(33728 * f["seconds_per_photo"])}
             # column ends of the parts: final map, stage means, salient stage means, then the colours
             final = efficientnet.FEATURE_CHANNELS
-            stage_width = sum(efficientnet.block_specs(variant)[i].cout for i in efficientnet.stage_ends(variant))
+            stage_width = efficientnet.pooled_width(variant, "gap_stages") - final
             stages_end, salient_end = final + stage_width, final + 2 * stage_width
             parts = {"final": [(0, final)], "final+stages": [(0, final), (final, stages_end)],
                      "final+stages+salient": [(0, final), (final, stages_end), (stages_end, salient_end),

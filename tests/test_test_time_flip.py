@@ -6,36 +6,17 @@ Tolerance: 1e-6 (float32 embeddings of one jitted function, or of two applied to
 
 import numpy as np
 import pytest
-from flax import nnx
+from multihost_worker import tiny_config, tiny_model
 
-from prodclip import config as config_lib, config_checks, config_loading, image_cache
+from prodclip import config as config_lib, image_cache
 from prodclip.data import synthetic
 from prodclip.evaluate import store as store_lib
-from prodclip.models import inference, two_tower
-
-
-def tiny(**overrides):
-    c = config_lib.base_config()
-    c.data.image_size = 16
-    c.tokenizer.context_length = 8
-    c.model.embed_dim = 8
-    for tower in (c.model.image, c.model.text):
-        tower.update(dict(preset="mu", width=16, depth=1, num_heads=2, mlp_ratio=2.0))
-    c.model.image.patch_size = 8
-    for key, value in overrides.items():
-        config_loading.set_field(c, key, value)
-    config_checks.validate(c)
-    return c
-
-
-def model(config):
-    graphdef, params = nnx.split(two_tower.build_model(config, vocab_size=40, pad_id=0, rngs=nnx.Rngs(0)), nnx.Param)
-    return graphdef, params.to_pure_dict()
+from prodclip.models import inference
 
 
 def test_a_photo_and_its_mirror_get_one_embedding_only_with_the_flip():
-    config = tiny()
-    graphdef, params = model(config)
+    config = tiny_config()
+    graphdef, params = tiny_model(config)[:2]
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
     mirrored = images[:, :, ::-1]
     plain = inference.image_encoder(graphdef, params)
@@ -48,8 +29,8 @@ def test_a_photo_and_its_mirror_get_one_embedding_only_with_the_flip():
 
 
 def test_embed_source_follows_the_config_and_the_override():
-    config = tiny(**{"model.image.test_time_flip": True, "data.image_size": 32})
-    graphdef, params = model(config)
+    config = tiny_config(**{"model.image.test_time_flip": True, "data.image_size": 32})
+    graphdef, params = tiny_model(config)[:2]
     source = synthetic.make_catalog("val", 6, seed=0, image_size=32)
     from prodclip.data import tokenizer as tokenizer_lib
     tok = tokenizer_lib.tokenizer_from_config(config, [source[i]["title"] for i in range(len(source))], None)
@@ -61,8 +42,8 @@ def test_embed_source_follows_the_config_and_the_override():
 
 
 def test_the_flip_leaves_the_cache_key_and_changes_the_store_fingerprint():
-    off, on = tiny(), tiny(**{"model.image.test_time_flip": True})
-    graphdef, params = model(off)
+    off, on = tiny_config(), tiny_config(**{"model.image.test_time_flip": True})
+    graphdef, params = tiny_model(off)[:2]
     assert image_cache.cache_key(params["image_tower"], off, "abc") == image_cache.cache_key(params["image_tower"], on, "abc")
     tok = type("Tok", (), {"hf": type("HF", (), {"get_vocab": lambda self: {"a": 0}})(), "context_length": 8,
                            "lowercase": True})()
@@ -71,4 +52,4 @@ def test_the_flip_leaves_the_cache_key_and_changes_the_store_fingerprint():
 
 def test_the_flip_is_refused_with_a_fusion_encoder():
     with pytest.raises(config_lib.ConfigError, match="test_time_flip"):
-        tiny(**{"model.image.test_time_flip": True, "model.fusion.enabled": True})
+        tiny_config(**{"model.image.test_time_flip": True, "model.fusion.enabled": True})
