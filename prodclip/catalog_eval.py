@@ -25,7 +25,7 @@ import pathlib
 
 import ml_collections
 
-from prodclip import errors, image_cache
+from prodclip import errors, image_cache, text_cache
 from prodclip import run as run_lib
 from prodclip.data import sources
 from prodclip.evaluate import suite
@@ -68,8 +68,19 @@ def run_train_source(workdir: pathlib.Path, config: ml_collections.ConfigDict, v
     try:
         return sources.make_source(own, "train", vocab)
     except errors.DataError as e:
-        log.warning("baselines and train class shares not reported: the run's own train split cannot be read (%s)", e)
+        log.warning("baselines, train class shares and querybank metrics not reported: the run's own train split "
+                    "cannot be read (%s)", e)
         return None
+
+
+def cached_train_embeddings(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, run,
+                            train_source) -> dict:
+    """{"train_image_emb", "train_title_emb"}: the train photos' and distinct train titles' embeddings from
+    the run's image and text caches where they hold them (else None: evaluation runs the towers)."""
+    return {"train_image_emb": image_cache.cached_train_embeddings(config, workdir, run.graphdef, run.params,
+                                                                   train_source),
+            "train_title_emb": text_cache.cached_train_titles(config, workdir, run.graphdef, run.params,
+                                                              run.tokenizer, train_source)}
 
 
 def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -87,16 +98,14 @@ def evaluate_on_catalog(config: ml_collections.ConfigDict, workdir: str | pathli
     graphdef, params, tokenizer, label_stats = run.graphdef, run.params, run.tokenizer, run.label_stats
     vocab = {label: stats["names"] for label, stats in (label_stats or {}).items()}
     split_sources = {split: sources.open_catalog(config, path, label_vocab=vocab) for split, path in files.items()}
-    if suite.reads_train_photos(config):
-        train_source = run_train_source(workdir, config, vocab)
-        if train_source is not None:
-            split_sources["train"] = train_source
+    # The run's own train split stays apart from this catalog's splits, one of which may be named train.
+    train_source = run_train_source(workdir, config, vocab) if suite.reads_train_split(config) else None
     sources.report_skipped({s: split_sources[s] for s in files}, workdir, name="catalog_eval_skipped_rows.jsonl")
     eval_config = copy.deepcopy(config)
     eval_config.data.eval_splits = tuple(files)
-    train_emb = image_cache.cached_train_embeddings(config, workdir, graphdef, params, split_sources.get("train"))
     results = suite.evaluate_all(graphdef, params, split_sources, tokenizer, eval_config, label_stats,
-                                 plot_dir=workdir / "catalog_eval_confusion", train_image_emb=train_emb)
+                                 plot_dir=workdir / "catalog_eval_confusion", train_source=train_source,
+                                 **cached_train_embeddings(config, workdir, run, train_source))
     for split in files:
         source = split_sources[split]
         for label in source.labels:

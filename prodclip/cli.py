@@ -87,15 +87,14 @@ def cmd_eval(args, overrides) -> int:
         results = catalog_eval.evaluate_on_catalog(config, args.workdir)
         print(suite.format_table(results))
         return 0
-    splits = [*config.data.eval_splits, *(["train"] if suite.reads_train_photos(config) else [])]
+    splits = [*config.data.eval_splits, *(["train"] if suite.reads_train_split(config) else [])]
     run = _load_run(args, config, splits)
     from prodclip.data import sources
     sources.report_skipped(run.sources, args.workdir, name="reeval_skipped_rows.jsonl")
-    from prodclip import image_cache
-    train_emb = image_cache.cached_train_embeddings(run.config, args.workdir, run.graphdef, run.params,
-                                                    run.sources.get("train"))
     results = suite.evaluate_all(run.graphdef, run.params, run.sources, run.tokenizer, run.config, run.label_stats,
-                                 plot_dir=pathlib.Path(args.workdir) / "confusion", train_image_emb=train_emb)
+                                 plot_dir=pathlib.Path(args.workdir) / "confusion",
+                                 **catalog_eval.cached_train_embeddings(run.config, args.workdir, run,
+                                                                        run.sources.get("train")))
     suite.write_results(args.workdir, results, step=run.meta.get("step"), name="reeval")
     print(suite.format_table(results))
     return 0
@@ -129,11 +128,14 @@ def cmd_embed(args, overrides) -> int:
 
     _maybe_initialize_distributed(args)
     run = _load_run(args, _config(args, overrides), [args.split])
+    from prodclip import search
+    bank_source = search.querybank_train_source(run, args.workdir) if run.config.embed.querybank_k > 0 else None
     header = store.embed_catalog(run.graphdef, run.params, run.sources[args.split], run.tokenizer, run.config,
                                  args.out, split=args.split, workdir=args.workdir,
                                  progress=run.config.train.progress_bar)
     from prodclip.data import sources
     sources.report_skipped(run.sources, args.out)
+    print(search.update_store_querybank(run, args.out, bank_source) or "", end="")
     from prodclip.data.builders.build import peak_rss_mb
     print(f"embedded {header['num_items']} items ({header['mode']}, dim {header['dim']}, "
           f"model {header['fingerprint']}) into {args.out}; peak RSS {peak_rss_mb():.0f} MB")
@@ -165,7 +167,8 @@ def cmd_search(args, overrides) -> int:
         k = max(args.k, config.eval.rerank_k)
         rerank = search.fusion_reranker(graphdef, params, tokenizer, store, config)
     hits = search.search(store, query_emb, k, chunk_size=config.embed.chunk_size, rerank=rerank,
-                         query=query, index=None if args.exact else "auto", rescore=args.rescore)[0][:args.k]
+                         query=query, index=None if args.exact else "auto", rescore=args.rescore,
+                         densities=search.text_query_densities(store, query))[0][:args.k]
     if args.html or args.png:
         images = search.store_images(store, [h["index"] for h in hits])
         if args.html:

@@ -349,6 +349,10 @@ def base_config() -> ml_collections.ConfigDict:
     # shares that EM estimates from the run's unlabelled train photos (needs the train split, like the
     # probe): the same correction without the transduction, for photos labelled one at a time.
     c.eval.zeroshot_train_prior = False
+    # k > 0: also 't2i_bank/R@K' and 'i2t_bank/R@K', retrieval with querybank normalisation: each photo's
+    # cosine lowered by half its mean top-k cosine to the run's train titles, each title's by its mean to
+    # the train photos (needs the train split, like the probe; evaluate/querybank.py). 0 = off.
+    c.eval.querybank_k = 0
     c.eval.linear_probe_labels = ()  # labels to fit a linear probe for (needs the train split)
     c.eval.min_class_count = 0  # zero-shot only over classes with at least this many train items  # write <workdir>/confusion/<split>_<label>.png
     # With model.fusion.enabled: re-score each query's two-tower top rerank_k with the fusion head
@@ -366,6 +370,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.embed.shard_size = 65536  # rows per .npy shard; a finished shard is skipped on resume
     c.embed.chunk_size = 8192  # gallery rows scored per step at search time (memory bound)
     c.embed.dtype = "float32"  # float32 | float16 | int8 (per-row scalar-quantised): bytes per stored component
+    # k > 0: `prodclip embed` also stores each item's mean top-k cosine to the run's train titles, and text
+    # queries rank the top search.QUERYBANK_POOL by cosine by cosine - 0.5 * that (evaluate/querybank.py).
+    c.embed.querybank_k = 0
 
     # `prodclip match` / `prodclip audit` (prodclip/evaluate/pairs.py, matching.py, prodclip/audit.py).
     c.match = ml_collections.ConfigDict()

@@ -95,6 +95,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.loss.hard_negatives and config.train.grad_accum_steps > 1:
         raise ConfigError(f"loss.hard_negatives={config.loss.hard_negatives} works with train.grad_accum_steps=1; "
                           "set it to 0 otherwise")
+    for key in ("eval.querybank_k", "embed.querybank_k"):
+        group, name = key.split(".")
+        if config[group][name] < 0:
+            raise ConfigError(f"'{key}' must be >= 0 (0 = off), got {config[group][name]}")
     if not 0.0 <= config.eval.short_query_keep_prob <= 1.0:
         raise ConfigError(f"'eval.short_query_keep_prob' must be in [0, 1] (0 = off), got "
                           f"{config.eval.short_query_keep_prob}")

@@ -37,6 +37,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -60,11 +61,17 @@ def catalog_digest(source) -> str:
     return h.hexdigest()
 
 
+# The towers' feature code: raise it when a tower computes other features from the same weights and config
+# (a pooling's arithmetic), so that caches written by the older code are not read as the new ones.
+FEATURES_VERSION = 2
+
+
 def preprocessing_description(config: ml_collections.ConfigDict) -> dict:
     """Everything besides the weights that decides what the tower sees and computes."""
     # test_time_flip acts at inference only, on whole photos: the cached features are the same either way.
     image = {k: v for k, v in config.model.image.to_dict().items() if k != "test_time_flip"}
-    description = {"image_size": config.data.image_size, "resize": config.data.resize,
+    description = {"features_version": FEATURES_VERSION, "image_size": config.data.image_size,
+                   "resize": config.data.resize,
                    "image": image, "embed_dim": config.model.embed_dim, "dtype": config.model.dtype}
     if config.model.fusion.enabled:
         description["fusion_tokens"] = {"grid": config.model.fusion.image_grid, "dtype": "float16"}
@@ -109,18 +116,20 @@ def compute_arrays(source, tokenizer, config: ml_collections.ConfigDict, encode:
 
 
 def build_or_load(directory: str | pathlib.Path, compute: Callable[[], dict[str, np.ndarray]], num_rows: int,
-                  names: Sequence[str] = ("features",)) -> dict[str, np.ndarray]:
-    """The arrays `names` ([num_rows, ...] each, `<name>.npy`) in `directory` if all are complete, else
-    `compute()` (a dict with those names) written there. Returns them memory-mapped."""
+                  names: Sequence[str] = ("features",), width: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays `names` ([num_rows, ...] each, `<name>.npy`) in `directory` if all are complete (and the
+    first is `width` wide, when given), else `compute()` (a dict with those names) written there. Returns
+    them memory-mapped."""
     directory = pathlib.Path(directory)
     paths = {name: directory / f"{name}.npy" for name in names}
     if all(path.is_file() for path in paths.values()):
         stored = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
-        if all(a.shape[0] == num_rows for a in stored.values()):
+        stored_width = stored[names[0]].shape[1]
+        if all(a.shape[0] == num_rows for a in stored.values()) and width in (None, stored_width):
             log.info("image cache: %d x %d features read from %s", *stored[names[0]].shape[:2], directory)
             return stored
-        log.warning("image cache %s has %s rows, expected %d; recomputing", directory,
-                    sorted({a.shape[0] for a in stored.values()}), num_rows)
+        log.warning("image cache %s has %s rows of width %d, expected %d of width %s; recomputing", directory,
+                    sorted({a.shape[0] for a in stored.values()}), stored_width, num_rows, width)
     t0 = time.time()
     arrays = compute()
     seconds = time.time() - t0
@@ -272,8 +281,21 @@ def cached_train_embeddings(config: ml_collections.ConfigDict, workdir: str | pa
         log.warning("image cache %s is incomplete (%d rows); the train photos go through the tower", path.parent,
                     features.shape[0])
         return None
+    width = feature_width(inference.feature_encoders(graphdef)[0], params, config)
+    if features.shape[1] != width:
+        log.warning("image cache %s holds features %d wide, the tower gives %d; the train photos go through the "
+                    "tower", path.parent, features.shape[1], width)
+        return None
     log.info("train photos: cached features read from %s", path.parent)
     return embed_features(graphdef, params, features[:len(train_source)], config.eval.batch_size)
+
+
+def feature_width(encode: Callable, params: Any, config: ml_collections.ConfigDict) -> int:
+    """F, the width of the features `encode(params, [B, S, S, 3] uint8)` gives (the first output when it gives
+    several), traced without running the tower."""
+    size = config.data.image_size
+    out = jax.eval_shape(lambda images: encode(params, images), jax.ShapeDtypeStruct((1, size, size, 3), np.uint8))
+    return (out[0] if isinstance(out, tuple) else out).shape[1]
 
 
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
@@ -302,5 +324,6 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
         parts = [compute_arrays(s, tokenizer, config, encode_batch) for s in sources]
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
 
-    arrays = build_or_load(root / key, compute, views * len(train_source), names)
+    arrays = build_or_load(root / key, compute, views * len(train_source), names,
+                           width=feature_width(encode, params, config))
     return {name: a.reshape(views, len(train_source), *a.shape[1:]) for name, a in arrays.items()}

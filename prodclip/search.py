@@ -5,7 +5,9 @@
 
 Scores are cosine similarities (store rows and queries are L2-normalised). The
 store is scanned shard by shard with `ranking.chunked_top_k`, so memory is
-bounded by one gallery chunk per step, never the whole store.
+bounded by one gallery chunk per step, never the whole store. A store embedded with
+embed.querybank_k > 0 answers text queries with querybank normalisation: the top
+k + QUERYBANK_POOL rows by cosine, ranked by cosine - 0.5 * density (evaluate/querybank.py).
 
 Behaviour on bad input:
   - a text query longer than the context length is truncated the way training
@@ -29,7 +31,7 @@ import numpy as np
 
 from prodclip import errors
 from prodclip.data.catalog import png_bytes
-from prodclip.evaluate import ranking
+from prodclip.evaluate import querybank, ranking
 from prodclip.evaluate.store import Store, StoreError
 from prodclip.models import inference
 
@@ -37,10 +39,84 @@ log = logging.getLogger("prodclip")
 
 # A re-ranker: (query, hits) -> hits in a new order with new scores, e.g. `fusion_reranker`.
 Reranker = Callable[[dict, list[dict]], list[dict]]
+# Rows beyond k by cosine that querybank normalisation re-orders: a density moves a score by at most 0.5 *
+# the spread of densities, which on Myntra val leaves the top 10 of every query inside the top 100
+# (docs/search.md).
+QUERYBANK_POOL = 100
 
 
 class SearchError(errors.QueryError):
     """A query that cannot be run; the message says why."""
+
+
+def querybank_train_source(run, workdir: str | pathlib.Path):
+    """The run's own train split, whose distinct titles are the querybank of `prodclip embed` (its saved data
+    config, `catalog_eval.run_train_source`). Raises StoreError when it cannot be read or holds fewer
+    distinct titles than embed.querybank_k; checked before anything is embedded."""
+    from prodclip import catalog_eval
+    from prodclip.data import pipeline
+
+    k = run.config.embed.querybank_k
+    vocab = {label: stats["names"] for label, stats in (run.label_stats or {}).items()}
+    train = catalog_eval.run_train_source(pathlib.Path(workdir), run.config, vocab)
+    if train is None or not len(train):
+        raise StoreError(f"embed.querybank_k={k} needs the run's own train split (its titles are the bank) and it "
+                         "cannot be read; make it readable or pass --config.embed.querybank_k=0")
+    distinct = len(querybank.bank_titles(pipeline.source_titles(train)))
+    if distinct < k:
+        raise StoreError(f"embed.querybank_k={k} is more than the {distinct} distinct titles of the run's train "
+                         f"split; pass a smaller --config.embed.querybank_k")
+    return train
+
+
+def embed_querybank(run, store_dir: str | pathlib.Path, train_source) -> dict:
+    """Writes the store's querybank densities (embed.querybank_k > 0): each store row's mean top-k cosine to
+    the distinct titles of `train_source` (`querybank_train_source`; evaluate/querybank.py). Skipped when
+    the store already holds them for this k, bank and rows. Returns the store's querybank record."""
+    import hashlib
+
+    from prodclip.data import pipeline
+    from prodclip.evaluate import store as store_lib
+    from prodclip.evaluate import suite
+
+    config, k = run.config, run.config.embed.querybank_k
+    titles = querybank.bank_titles(pipeline.source_titles(train_source))
+    bank_sha256 = hashlib.sha256("\n".join(titles).encode()).hexdigest()
+    old = store_lib.querybank_record(store_dir)
+    if old is not None and (old["k"], old["bank_sha256"]) == (k, bank_sha256):
+        try:
+            store_lib.open_store(store_dir)  # verifies the densities against the rows
+            return old
+        except StoreError as e:
+            log.info("querybank: computed again (%s)", e)
+    store_lib.remove_querybank(store_dir)
+    store = store_lib.open_store(store_dir)
+    bank = suite.title_bank(run.graphdef, run.params, train_source, run.tokenizer, config)
+    densities = np.concatenate([querybank.densities(rows, bank, k) for _, rows in store.iter_rows()])
+    store_lib.write_querybank(store_dir, densities, k=k, bank_sha256=bank_sha256, bank_titles=len(titles))
+    return store_lib.querybank_record(store_dir)
+
+
+def update_store_querybank(run, store_dir: str | pathlib.Path, train_source) -> str | None:
+    """After `prodclip embed` (process 0 only): the store's querybank densities computed (`embed_querybank`)
+    when `train_source` is given, else removed if it held some. Returns a line for the user, or None."""
+    import jax
+
+    from prodclip.evaluate import store as store_lib
+
+    if jax.process_index() != 0:
+        return None
+    if train_source is not None:
+        record = embed_querybank(run, store_dir, train_source)
+        return f"querybank: {record['rows']} densities against {record['bank_titles']} train titles (k {record['k']})\n"
+    if store_lib.remove_querybank(store_dir):
+        return "querybank: removed (embed.querybank_k=0); text queries rank by the cosine\n"
+    return None
+
+
+def text_query_densities(store: Store, query: dict) -> np.ndarray | None:
+    """The store's querybank densities when `query` is a text query ({"text": ...}) and it has them, else None."""
+    return store.densities if "text" in query else None
 
 
 def top_k(store_shards: Sequence[np.ndarray], queries: np.ndarray, k: int, *,
@@ -145,27 +221,39 @@ def store_index(store: Store):
 
 def search(store: Store, query_emb: np.ndarray, k: int, *, chunk_size: int = ranking.DEFAULT_CHUNK_SIZE,
            rerank: Reranker | None = None, query: dict | None = None, index="auto",
-           rescore: int | None = None) -> list[list[dict]]:
+           rescore: int | None = None, densities: np.ndarray | None = None) -> list[list[dict]]:
     """Per query, the top-k hits [{"rank", "index", "id", "title", "score"}], best first.
 
     query_emb: [Q, D] float32. `index`: "auto" uses the store's FAISS index when it has one
     (`prodclip index`) and the exact chunked scan otherwise; None forces the exact scan; or
     an opened `index.Index`. `rescore`: re-score rescore * k index candidates with the exact
     store vectors (None: the index's default). `rerank`, when given, re-orders each query's
-    hits (the hook for a fusion head); `query` is passed to it as is.
+    hits (the hook for a fusion head); `query` is passed to it as is. `densities`: [N] the store's
+    querybank densities (`text_query_densities`); the top k + QUERYBANK_POOL rows by cosine are then
+    ranked by cosine - 0.5 * density (evaluate/querybank.py), which is each hit's "score" (its cosine
+    is kept as "cosine").
     """
     dim = store.shards[0].shape[1]
     if query_emb.shape[1] != dim:
         raise StoreError(f"store rows have dim {dim}, the query embedding has dim {query_emb.shape[1]}")
     index = store_index(store) if isinstance(index, str) and index == "auto" else index
+    pool = k if densities is None else k + QUERYBANK_POOL
     if index is not None:
-        scores, index = index.search(np.asarray(query_emb, np.float32), k, rescore=rescore)
+        scores, index = index.search(np.asarray(query_emb, np.float32), pool, rescore=rescore)
     else:
-        scores, index = top_k(store.shards, query_emb, k, chunk_size=chunk_size)
+        scores, index = top_k(store.shards, query_emb, pool, chunk_size=chunk_size)
+    cosines = scores
+    if densities is not None:
+        scores = scores - querybank.DENSITY_WEIGHT * np.asarray(densities, np.float32)[index]
+        order = np.lexsort((index, -scores), axis=1)[:, :min(k, index.shape[1])]
+        scores, index, cosines = (np.take_along_axis(a, order, axis=1) for a in (scores, index, cosines))
     out = []
     for q in range(len(query_emb)):
         hits = [{"rank": r + 1, "index": int(i), "id": store.ids[i], "title": store.titles[i], "score": float(s)}
                 for r, (s, i) in enumerate(zip(scores[q], index[q]))]
+        if densities is not None:  # the fusion re-ranker's two-tower term reads the cosine
+            for hit, cosine in zip(hits, cosines[q]):
+                hit["cosine"] = float(cosine)
         out.append(rerank(query or {}, hits) if rerank is not None else hits)
     return out
 
@@ -206,7 +294,8 @@ def fusion_reranker(graphdef, params, tokenizer, store: Store, config) -> Rerank
             images = np.repeat(np.asarray(query["image"])[None], n, axis=0)
             token_ids = tokenizer([str(h["title"]) for h in hits])
         scores = rerank_lib.rerank_scores(itm_fn(images, token_ids).astype(np.float64),
-                                          np.asarray([h["score"] for h in hits]), mode=config.eval.rerank_mode,
+                                          np.asarray([h.get("cosine", h["score"]) for h in hits]),
+                                          mode=config.eval.rerank_mode,
                                           itc_scale=itc_scale, itc_weight=config.eval.rerank_itc_weight)
         order = np.lexsort((np.arange(n), -scores))
         return [{**hits[i], "rank": r + 1, "score": float(scores[i]), "two_tower_rank": hits[i]["rank"],

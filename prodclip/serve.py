@@ -18,8 +18,10 @@ Endpoints (all JSON except the page and the images):
     GET  /audit                    the catalog audit report (audit.html), when one was found
 
 A search answers {"query", "k", "rerank", "search", "took_ms", "hits": [{"rank", "index",
-"id", "title", "score", "thumbnail"}]}, best first; scores are cosines, or the fusion
-head's scores when re-ranked (then each hit also keeps "two_tower_rank"/"two_tower_score").
+"id", "title", "score", "thumbnail"}]}, best first; scores are cosines, for text queries on a store
+with querybank densities the normalised scores (each hit then also keeps its "cosine"; "search" says
+so), or the fusion head's scores when re-ranked (then each hit also keeps
+"two_tower_rank"/"two_tower_score").
 
 A bad request gets a 4xx and {"error": "<one line>"}, and the server carries on: an
 empty query or one of only unknown tokens (400), k <= 0 or larger than the store or
@@ -69,7 +71,7 @@ THUMBNAIL_CACHE = 256  # PNGs kept in memory (a few MB at catalog image sizes)
 
 # (query embeddings [Q, D] float32, k) -> per query, the top-k hits
 # [{"rank", "index", "id", "title", "score"}], best first.
-Searcher = Callable[[np.ndarray, int], list[list[dict]]]
+Searcher = Callable[..., list[list[dict]]]  # (query_emb [Q, D], k, *, text: bool) -> hits per query
 
 
 @dataclasses.dataclass
@@ -95,13 +97,18 @@ class RequestError(errors.QueryError):
 def make_searcher(store: store_lib.Store, config) -> tuple[Searcher, str]:
     """How the server searches `store`, and a name for it: the store's FAISS index when it has
     one (`prodclip index`; opened and checked against the store here, at startup), else the exact
-    scan. Raises StoreError for an index that does not fit the store."""
+    scan. Text queries use the store's querybank densities when it has them (search.search).
+    Raises StoreError for an index that does not fit the store."""
     index = search.store_index(store)
 
-    def searcher(query_emb: np.ndarray, k: int) -> list[list[dict]]:
-        return search.search(store, query_emb, k, chunk_size=config.embed.chunk_size, index=index)
+    def searcher(query_emb: np.ndarray, k: int, *, text: bool = False) -> list[list[dict]]:
+        return search.search(store, query_emb, k, chunk_size=config.embed.chunk_size, index=index,
+                             densities=store.densities if text else None)
 
-    return searcher, ("exact scan" if index is None else f"faiss {index.kind}")
+    kind = "exact scan" if index is None else f"faiss {index.kind}"
+    if store.densities is not None:
+        kind += f", querybank k={store_lib.querybank_record(store.path)['k']} for text"
+    return searcher, kind
 
 
 def find_audit_report(store_dir: pathlib.Path, audit_dir: str | pathlib.Path | None) -> pathlib.Path | None:
@@ -225,7 +232,7 @@ class SearchService:
                 query_emb = encode([r.text for r in valid])
                 # A fixed query count: the exact scan compiles once per (queries, k), not per batch size.
                 query_emb = np.concatenate([query_emb, np.repeat(query_emb[-1:], MAX_TEXT_BATCH - len(valid), 0)])
-                hits = self.searcher(query_emb, self.k_bucket(max(r.fetch for r in valid)))
+                hits = self.searcher(query_emb, self.k_bucket(max(r.fetch for r in valid)), text=True)
                 for request, found in zip(valid, hits):
                     found = found[:request.fetch]
                     request.hits = self.reranker({"text": request.text}, found) if request.rerank else found
@@ -281,7 +288,7 @@ class SearchService:
         query_emb = search.encode_text_queries(self.graphdef, self.params, self.tokenizer, [probe])
         for k in sorted({self.k_bucket(k) for k in (*K_BUCKETS, MAX_K)}):
             self.searcher(query_emb, k)  # image queries
-            self.searcher(np.repeat(query_emb, MAX_TEXT_BATCH, axis=0), k)  # text batches
+            self.searcher(np.repeat(query_emb, MAX_TEXT_BATCH, axis=0), k, text=True)  # text batches
 
     def _thumbnail_png(self, index: int) -> bytes | None:
         if self.catalog is None:

@@ -35,6 +35,7 @@ import numpy as np
 
 from prodclip import config as config_lib, files, trees
 from prodclip.data import pipeline
+from prodclip.evaluate import querybank
 from prodclip.models import inference
 
 log = logging.getLogger("prodclip")
@@ -230,3 +231,38 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
     token_ids = tokenizer(list(titles) if titles is not None else pipeline.source_titles(train_source))
     return build_or_load(root / key, token_ids, lambda t: encode(params, t), config.eval.batch_size,
                          pad_id=tokenizer.pad_id, names=names)
+
+
+def cached_title_embeddings(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, graphdef, params: Any,
+                            tokenizer, titles: Sequence[str]) -> np.ndarray | None:
+    """[N, D] float32 embeddings of `titles` through the text head from the run's text cache, when it holds
+    the locked tower's features of every one of them for these weights; else None. Reads only: evaluation
+    uses it instead of running the locked tower over the train titles (the querybank)."""
+    if not config_lib.text_cache_on(config) or config_lib.first_unlocked_text_block(config) is not None:
+        return None
+    key = cache_key(params["text_tower"], tokenizer, config)
+    root = pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else pathlib.Path(workdir) / "text_cache"
+    if not ((root / key / "token_ids.npy").is_file() and (root / key / "text_emb.npy").is_file()):
+        return None
+    cache = load(root / key)
+    if len(cache.arrays["text_emb"]) != len(cache.token_ids):  # an interrupted extension: rows would not line up
+        return None
+    try:
+        features = cache.lookup(tokenizer(list(titles)))
+    except TextCacheMiss:
+        return None
+    embed = inference.feature_encoders(graphdef)[3]
+    blocks = inference.batched(lambda f: embed(params, f), (features,), config.eval.batch_size)
+    log.info("querybank: %d train titles' features read from %s", len(titles), root / key)
+    return np.concatenate([np.asarray(b[0], np.float32) for b in blocks])
+
+
+def cached_train_titles(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, graphdef, params: Any,
+                        tokenizer, train_source) -> np.ndarray | None:
+    """The querybank of eval.querybank_k from the run's text cache: `cached_title_embeddings` of the train
+    split's distinct titles (querybank.bank_titles); None when the bank is off, there is no train split,
+    or the cache lacks them (evaluation then runs the text tower)."""
+    if config.eval.querybank_k <= 0 or train_source is None:
+        return None
+    titles = querybank.bank_titles(pipeline.source_titles(train_source))
+    return cached_title_embeddings(config, workdir, graphdef, params, tokenizer, titles)

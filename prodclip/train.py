@@ -311,9 +311,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # --- Final evaluation.
     train_image_emb = (image_cache_lib.embed_features(graphdef, state["params"], train_features[0], config.eval.batch_size)
-                       if train_features is not None and suite.reads_train_photos(config) else None)
+                       if train_features is not None and suite.reads_train_split(config) else None)
+    train_title_emb = text_cache_lib.cached_train_titles(config, workdir, graphdef, state["params"], tokenizer,
+                                                         split_sources.get("train"))
     results = suite.evaluate_all(graphdef, state["params"], split_sources, tokenizer, config, label_stats,
-                                 plot_dir=workdir / "confusion", train_image_emb=train_image_emb)
+                                 plot_dir=workdir / "confusion", train_image_emb=train_image_emb,
+                                 train_title_emb=train_title_emb)
     results["train_seconds"] = train_seconds
     results["num_params"] = int(num_params)
     results["train_steps"] = int(jax.device_get(state["step"]))

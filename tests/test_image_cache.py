@@ -107,6 +107,29 @@ def test_key_changes_with_weights_preprocessing_and_catalog():
     assert image_cache.cache_key(params["image_tower"], tiny_config(**{"data.image_size": 32}), digest) != key
 
 
+def test_key_changes_with_the_feature_code_version(monkeypatch):
+    config = tiny_config()
+    _, params = init(config)
+    digest = image_cache.catalog_digest(synthetic.make_catalog("train", 6, seed=0, image_size=32))
+    key = image_cache.cache_key(params["image_tower"], config, digest)
+    monkeypatch.setattr(image_cache, "FEATURES_VERSION", image_cache.FEATURES_VERSION + 1)
+    assert image_cache.cache_key(params["image_tower"], config, digest) != key
+
+
+def test_build_or_load_recomputes_a_cache_of_another_width(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"features": np.ones((4, 3 + len(calls)), np.float32)}
+
+    assert image_cache.build_or_load(tmp_path, compute, 4)["features"].shape == (4, 4)
+    assert image_cache.build_or_load(tmp_path, compute, 4, width=4)["features"].shape == (4, 4)
+    assert len(calls) == 1
+    assert image_cache.build_or_load(tmp_path, compute, 4, width=5)["features"].shape == (4, 5)
+    assert len(calls) == 2
+
+
 def test_applies_only_with_a_locked_unaugmented_image_tower():
     assert config_lib.image_cache_on(tiny_config())
     assert not config_lib.image_cache_on(tiny_config(**{"optim.lock_image": False}))

@@ -74,11 +74,24 @@ def test_pretrained_config_trains_and_evaluates_through_the_cli(tmp_path, capsys
     distinct_titles = len(set(pq.read_table(data / "train.parquet").column("title").to_pylist()))
     assert np.load(text_emb).shape[0] > distinct_titles  # the titles plus their shortened views
     assert 0.0 <= results["val"]["t2i_short/R@1"] <= results["val"]["t2i_short/R@10"] <= 1.0
+    assert 0.0 <= results["val"]["t2i_bank/R@1"] <= results["val"]["t2i_bank/R@10"] <= 1.0  # eval.querybank_k
+    assert 0.0 <= results["val"]["i2t_bank/R@1"] <= 1.0
 
     # The locked towers are still the imported weights: the backbone equals a fresh conversion, bitwise.
     from prodclip import convert_efficientnet
     c = config_loading.load(ROOT / "configs" / "myntra_pretrained.py", [f"--config.data.path={data}", *TINY])
-    params = run_lib.load_run(workdir, c).params
+    loaded = run_lib.load_run(workdir, c, splits=("train",))
+    params = loaded.params
+    # The querybank read from the text cache equals the titles through the whole text tower and head.
+    from prodclip import text_cache
+    from prodclip.data import pipeline
+    from prodclip.evaluate import querybank
+    from prodclip.models import inference
+    cached = text_cache.cached_train_titles(c, workdir, loaded.graphdef, params, loaded.tokenizer, loaded.sources["train"])
+    titles = querybank.bank_titles(pipeline.source_titles(loaded.sources["train"]))
+    direct = inference.title_encoder(loaded.graphdef, params, loaded.tokenizer, 16)(titles)
+    assert cached is not None and cached.shape == direct.shape
+    np.testing.assert_allclose(cached, direct, rtol=0, atol=1e-4)
     imported, _ = convert_efficientnet.load_efficientnet_params(workdir / "pretrained" / "efficientnet_lite0")
     stem = params["image_tower"]["backbone"]["stem"]
     np.testing.assert_array_equal(np.asarray(stem["kernel"]), np.asarray(imported["stem"]["kernel"]))
@@ -92,3 +105,4 @@ def test_pretrained_config_trains_and_evaluates_through_the_cli(tmp_path, capsys
     assert other_eval["other"]["num_items"] == 16
     # eval.zeroshot_train_prior (configs/myntra.py) reads the run's own train photos, without the probe too.
     assert 0.0 <= other_eval["other"]["zeroshot/articleType/train_prior/top1"] <= 1.0
+    assert "t2i_bank/R@1" in other_eval["other"]  # its bank: the run's own train split (catalog_eval.run_train_source)

@@ -136,6 +136,47 @@ def test_train_embed_search_through_cli(trained_run, tmp_path, capsys, caplog):
     assert 0.0 <= again["test"]["zeroshot/colour/top1"] <= 1.0
 
 
+def test_embed_with_querybank_stores_densities_that_text_search_subtracts(trained_run, tmp_path, capsys):
+    from prodclip.data import pipeline
+    from prodclip.evaluate import querybank
+
+    workdir, out = trained_run, tmp_path / "qb_store"
+    embed = ["embed", "--workdir", str(workdir), "--out", str(out), "--split", "val", "--config.embed.querybank_k=5"]
+    assert cli.main(embed) == 0
+    assert "querybank: 32 densities against" in capsys.readouterr().out
+    store = store_lib.open_store(out)
+    # The densities are the store rows' mean top-5 cosine to the run's own distinct train titles.
+    run = run_lib.load_run(workdir, splits=["train"])
+    bank = search.encode_text_queries(run.graphdef, run.params, run.tokenizer,
+                                      querybank.bank_titles(pipeline.source_titles(run.sources["train"])))
+    rows = np.concatenate([r for _, r in store.iter_rows()])
+    want = np.sort(rows @ bank.T, axis=1)[:, -5:].mean(axis=1)
+    np.testing.assert_allclose(store.densities, want, rtol=0, atol=1e-5)
+
+    # A text query ranks by cosine - 0.5 * density; an image query by the cosine alone.
+    title = store.titles[3]
+    capsys.readouterr()
+    assert cli.main(["search", title, "--store", str(out), "--workdir", str(workdir), "-k", "32", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    query = search.encode_text_queries(run.graphdef, run.params, run.tokenizer, [title])[0]
+    normalised = rows @ query - 0.5 * want
+    assert [h["index"] for h in hits] == list(np.argsort(-normalised, kind="stable"))
+    np.testing.assert_allclose([h["score"] for h in hits], np.sort(normalised)[::-1], atol=1e-5)
+    plain = search.search(store, query[None], 32, chunk_size=64)[0]
+    assert [h["index"] for h in plain] == list(np.argsort(-(rows @ query), kind="stable"))
+    assert [h["index"] for h in plain] != [h["index"] for h in hits]  # the densities change the order
+
+    # Unchanged: the densities are not recomputed; damaged: a one-line error naming the file.
+    mtime = (out / store_lib.QUERYBANK).stat().st_mtime_ns
+    assert cli.main(embed) == 0
+    assert (out / store_lib.QUERYBANK).stat().st_mtime_ns == mtime
+    np.save(out / store_lib.QUERYBANK, np.zeros(32, np.float32))
+    capsys.readouterr()
+    assert cli.main(["search", title, "--store", str(out), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert store_lib.QUERYBANK in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------- units
 
 

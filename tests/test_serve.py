@@ -351,3 +351,27 @@ def test_serves_through_the_store_index(run_and_store, service, tmp_path):
         got = client.get("/api/search", params={"q": title, "k": K}).json()
         assert got["search"] == "faiss flat"
         _same_hits(got["hits"], _reference_hits(service, title, K))
+
+
+def test_text_queries_use_the_store_querybank_and_image_queries_do_not(run_and_store, service, tmp_path):
+    from prodclip.evaluate import store as store_lib
+
+    workdir, store_dir, config = run_and_store
+    banked = tmp_path / "banked_store"
+    shutil.copytree(store_dir, banked)
+    # Densities that reverse the plain order of a query's hits make the difference visible.
+    densities = np.linspace(0.0, 1.5, len(service.store), dtype=np.float32)
+    store_lib.write_querybank(banked, densities, k=3, bank_sha256="0" * 64, bank_titles=10)
+    with_bank = serve.load_service(config, workdir, banked, warm_up=False)
+    client = fastapi_testclient.TestClient(serve.create_app(with_bank))
+    title = service.store.titles[40]
+    emb = search.encode_text_queries(service.graphdef, service.params, service.tokenizer, [title])
+    want = search.search(with_bank.store, emb, K, densities=densities)[0]
+    got = client.get("/api/search", params={"q": title, "k": K}).json()["hits"]
+    _same_hits(got, want)
+    assert [h["index"] for h in want] != [h["index"] for h in _reference_hits(service, title, K)]
+    photo = _png(search.store_images(service.store, [7])[0])
+    upload = client.post("/api/search/image", files={"file": ("q.png", photo, "image/png")}, data={"k": K}).json()
+    plain = search.search(service.store, search.encode_image_queries(
+        service.graphdef, service.params, search.decode_query_image(photo, service.config)[None], service.config), K)[0]
+    _same_hits(upload["hits"], plain)

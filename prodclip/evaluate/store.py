@@ -10,6 +10,11 @@ Layout of a store directory:
                         header's dtype: float32, float16 or int8 (see store_codec.py)
     shards/scale_00000.npy  int8 stores only: [<= shard_size] float32 per-row scales
     shards/emb_00000.json {"rows", "dim", "bytes", "sha256"[, "scale_sha256"]} of that shard's files
+    querybank.npy       optional (embed.querybank_k > 0): [num_items] float32, each item's mean top-k
+                        cosine to the run's train titles, which text queries subtract half of
+                        (evaluate/querybank.py); querybank.json {"k", "bank_titles", "bank_sha256",
+                        "rows", "sha256", "store"} is written after it, "store" being `content_digest`
+                        of the rows it was computed from (a re-embedded store no longer matches it)
 
 Shards are written to a temporary name and renamed, then their record is written. A shard
 counts as done only when its record exists and the file's size and SHA-256 match it: re-running
@@ -39,6 +44,8 @@ from prodclip.models import inference
 STORE_VERSION = 2
 HEADER = "store.json"
 ITEMS = "items.jsonl"
+QUERYBANK = "querybank.npy"
+QUERYBANK_RECORD = "querybank.json"
 
 log = logging.getLogger("prodclip")
 
@@ -130,7 +137,7 @@ def shard_problem(store: pathlib.Path, index: int, rows: int | None = None) -> s
 
 
 # Files a store directory may hold before its header exists (an embed killed while starting).
-_STORE_FILES = {HEADER, ITEMS, "shards", "skipped_rows.jsonl"}
+_STORE_FILES = {HEADER, ITEMS, "shards", "skipped_rows.jsonl", QUERYBANK, QUERYBANK_RECORD}
 
 
 def check_store_dir(store: str | pathlib.Path) -> None:
@@ -179,6 +186,7 @@ def _open_or_create(store: pathlib.Path, header: dict, source) -> None:
         _check_same_settings(store / HEADER, json.loads((store / HEADER).read_text()), header)
         return
     (store / "shards").mkdir(parents=True, exist_ok=True)
+    remove_querybank(store)  # left by an earlier store in this folder: computed from other rows
     titles = source.titles if hasattr(source, "titles") else [source[i]["title"] for i in range(len(source))]
     files.write_text(store / ITEMS, (json.dumps({"id": item_id, "title": title}) + "\n"
                                      for item_id, title in zip(_source_ids(source), titles)))
@@ -311,6 +319,7 @@ class Store:
     ids: list
     titles: list[str]
     shards: list[np.ndarray]
+    densities: np.ndarray | None = None  # [N] float32 querybank densities for text queries, when embedded
 
     def __len__(self) -> int:
         return len(self.titles)
@@ -371,7 +380,60 @@ def open_store(store_dir: str | pathlib.Path) -> Store:
     if sum(len(s) for s in shards) != num_items or len(items) != num_items:
         raise StoreError(f"store {store}: {sum(len(s) for s in shards)} rows in shards and {len(items)} items, "
                          f"header says {num_items}")
-    return Store(store, header, [it["id"] for it in items], [it["title"] for it in items], shards)
+    return Store(store, header, [it["id"] for it in items], [it["title"] for it in items], shards,
+                 read_querybank(store, header))
+
+
+def content_digest(store: pathlib.Path, header: dict) -> str:
+    """16 hex chars naming a store's rows: its model, mode, weight, dtype and every shard's checksums."""
+    h = hashlib.sha256(json.dumps({k: header.get(k) for k in ("fingerprint", "mode", "image_weight", "dtype",
+                                                             "num_items", "shard_size")}, sort_keys=True).encode())
+    for index in range(-(-header["num_items"] // header["shard_size"])):
+        record = _record_path(store, index)
+        h.update(record.read_bytes() if record.exists() else b"missing")
+    return h.hexdigest()[:16]
+
+
+def querybank_record(store_dir: str | pathlib.Path) -> dict | None:
+    """The store's querybank record ({"k", "bank_titles", "bank_sha256", "rows", "sha256", "store"}), or None."""
+    path = pathlib.Path(store_dir) / QUERYBANK_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_querybank(store_dir: str | pathlib.Path, densities: np.ndarray, *, k: int, bank_sha256: str,
+                    bank_titles: int) -> None:
+    """Writes each item's querybank density ([N] float32, store order) of the finished store, then its record."""
+    store = pathlib.Path(store_dir)
+    header = json.loads((store / HEADER).read_text())
+    files.save_npy(store / QUERYBANK, np.asarray(densities, np.float32))
+    files.write_text(store / QUERYBANK_RECORD, json.dumps(
+        {"k": int(k), "bank_titles": int(bank_titles), "bank_sha256": bank_sha256, "rows": int(len(densities)),
+         "sha256": trees.file_sha256(store / QUERYBANK), "store": content_digest(store, header)}))
+
+
+def remove_querybank(store_dir: str | pathlib.Path) -> bool:
+    """Deletes the store's querybank files (record first); True when there were any."""
+    store = pathlib.Path(store_dir)
+    found = False
+    for name in (QUERYBANK_RECORD, QUERYBANK):
+        if (store / name).exists():
+            (store / name).unlink()
+            found = True
+    return found
+
+
+def read_querybank(store: pathlib.Path, header: dict) -> np.ndarray | None:
+    """[num_items] float32 densities when the store has them (verified against their record and the store's
+    rows), else None. Raises StoreError for densities that are damaged or belong to other rows."""
+    record = querybank_record(store)
+    if record is None:
+        return None
+    path = store / QUERYBANK
+    if (not path.exists() or record["rows"] != header["num_items"] or trees.file_sha256(path) != record["sha256"]
+            or record.get("store") != content_digest(store, header)):
+        raise StoreError(f"store {store}: {QUERYBANK} is missing, damaged or was computed for other rows; re-run "
+                         f"`prodclip embed` with the same --out to compute it again")
+    return np.load(path)
 
 
 def check_fingerprint(store: Store, fingerprint: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from prodclip import files, losses
 from prodclip.data import pipeline, view_augment
-from prodclip.evaluate import baselines, rerank, retrieval, zeroshot
+from prodclip.evaluate import baselines, querybank, rerank, retrieval, zeroshot
 from prodclip.models import inference
 
 log = logging.getLogger("prodclip")
@@ -62,7 +62,8 @@ def zeroshot_classes(label: str, source, config: ml_collections.ConfigDict,
 def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections.ConfigDict, *,
                    label_stats: dict | None = None, plot_dir: str | pathlib.Path | None = None,
                    split: str = "", logit_scale: float | None = None,
-                   train_image_emb: np.ndarray | None = None) -> dict[str, float]:
+                   train_image_emb: np.ndarray | None = None,
+                   photo_bank: np.ndarray | None = None) -> dict[str, float]:
     """'zeroshot/<label>/top1|top5|mean_per_class|weighted_f1|num_classes|class/<name>' per configured label.
 
     With eval.zeroshot_adapt_prior and the model's `logit_scale`, also
@@ -71,6 +72,9 @@ def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections
     With eval.zeroshot_train_prior, `logit_scale` and `train_image_emb` ([N_train, D], the run's
     train photos), also 'zeroshot/<label>/train_prior/...': each photo classified on its own, with
     the class shares that EM estimates from the unlabelled train photos.
+    With eval.querybank_k > 0 and `photo_bank` ([B, D] the run's train photos, `querybank_banks`), also
+    'zeroshot/<label>/bank/...': each class prompt's score lowered by half its mean top-k cosine to the
+    bank (querybank.normalised_scores), a per-class offset that reads no label and no eval photo.
     With `plot_dir` (and eval.confusion_png), a confusion-matrix PNG per label is written there.
     """
     metrics: dict[str, float] = {}
@@ -96,6 +100,11 @@ def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections
         if config.eval.zeroshot_train_prior and logit_scale is not None and train_image_emb is not None:
             inductive = zeroshot.classify_adapted(scores, labels, logit_scale, prior_scores=train_image_emb @ class_emb.T)
             metrics.update({f"zeroshot/{label}/train_prior/{name}": value for name, value in inductive.items()
+                            if not name.startswith("class/")})
+        if config.eval.querybank_k > 0 and photo_bank is not None:
+            normalised = querybank.normalised_scores(image_emb, class_emb, photo_bank, config.eval.querybank_k)
+            metrics.update({f"zeroshot/{label}/bank/{name}": value
+                            for name, value in zeroshot.classify_scores(normalised, labels).items()
                             if not name.startswith("class/")})
         if plot_dir is not None and config.eval.confusion_png:
             counts = zeroshot.confusion_matrix(image_emb, class_emb, labels)
@@ -142,16 +151,30 @@ def train_photo_embeddings(graphdef, params, train_source, tokenizer, config: ml
     return inference.embed_images(graphdef, params, train_source, tokenizer, config, test_time_flip=False)
 
 
-def reads_train_photos(config: ml_collections.ConfigDict) -> bool:
-    """True when evaluation needs the run's train photos: a linear probe, or the train class shares."""
-    return bool(config.eval.linear_probe_labels) or bool(config.eval.zeroshot_train_prior)
+def reads_train_split(config: ml_collections.ConfigDict) -> bool:
+    """True when evaluation needs the run's train split: a linear probe, the train class shares, or the
+    query banks of querybank normalisation."""
+    return (bool(config.eval.linear_probe_labels) or bool(config.eval.zeroshot_train_prior)
+            or config.eval.querybank_k > 0)
+
+
+def title_bank(graphdef, params, train_source, tokenizer, config: ml_collections.ConfigDict,
+               cached: np.ndarray | None = None) -> np.ndarray:
+    """[B, D] float32 the train split's distinct titles (`querybank.bank_titles`) through the model: the bank
+    that normalises a photo gallery's scores (querybank.py). `cached`: the same rows when the caller has
+    them (text_cache.cached_title_embeddings), else the titles go through the text tower here."""
+    if cached is not None:
+        return cached
+    encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
+    return encode(querybank.bank_titles(pipeline.source_titles(train_source)))
 
 
 def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.ConfigDict, *,
                    with_zeroshot: bool = True, label_stats: dict | None = None,
                    plot_dir: str | pathlib.Path | None = None, split: str = "",
                    embedded: dict[str, np.ndarray] | None = None,
-                   train_image_emb: np.ndarray | None = None) -> dict[str, float]:
+                   train_image_emb: np.ndarray | None = None,
+                   banks: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> dict[str, float]:
     """Flat metrics: 'i2t/R@1', ..., 't2i/R@10', and 'zeroshot/<label>/top1', ... for one split.
 
     Retrieval matches by product id when a product has several rows, else by identical
@@ -159,6 +182,9 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
     'i2t/rerank/R@1', ... for the fusion-re-ranked top-k (see rerank.py). `embedded`: the
     split's `embed_split` output when the caller has it (else it is computed here).
     train_image_emb: [N_train, D] the train photos, for eval.zeroshot_train_prior (`zeroshot_split`).
+    banks: (title bank [B, D], photo bank [B', D]) of querybank normalisation (`querybank_banks`): with
+    eval.querybank_k > 0, 't2i_bank/...' for the first, 'i2t_bank/...' and 'zeroshot/<label>/bank/...'
+    for the second when given.
     """
     if len(source) == 0:
         raise ValueError(f"split {split!r} has no items to evaluate")
@@ -167,6 +193,10 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
     image_emb, text_emb = embedded["image_emb"], embedded["text_emb"]
     keys, rule = retrieval_keys(source)
     metrics = retrieval.two_way_retrieval(image_emb, text_emb, keys, keys, ks=tuple(config.eval.ks))
+    if config.eval.querybank_k > 0:
+        metrics.update(querybank.normalised_retrieval(image_emb, text_emb, keys, title_bank=banks[0],
+                                                      photo_bank=banks[1], k=config.eval.querybank_k,
+                                                      ks=tuple(config.eval.ks)))
     if rerank.enabled(config):
         metrics.update(rerank.two_way_reranked(graphdef, params, embedded, keys, config))
     if config.eval.short_query_keep_prob > 0:
@@ -178,31 +208,64 @@ def evaluate_split(graphdef, params, source, tokenizer, config: ml_collections.C
         encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
         metrics.update(zeroshot_split(image_emb, source, encode, config, label_stats=label_stats,
                                       plot_dir=plot_dir, split=split, train_image_emb=train_image_emb,
+                                      photo_bank=banks[1],
                                       logit_scale=losses.trained_logit_scale(params, config.model.logit_scale_max)))
     return metrics
 
 
+def querybank_banks(split: str, source, train_source, title_bank_emb: np.ndarray | None,
+                    photo_bank_emb: np.ndarray | None, k: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The (title, photo) banks that normalise `split`'s retrieval, or (None, None) with a logged reason: the
+    split read from the same file as the train split (the bank would hold the split itself), or a bank
+    of fewer than k rows."""
+    if title_bank_emb is None and photo_bank_emb is None:
+        return None, None
+    path = getattr(source, "path", None)
+    if path is not None and path == getattr(train_source, "path", None):
+        log.warning("querybank metrics not reported for %s: it is read from %s, the train split's file, which "
+                    "would put its own titles and photos in the bank", split, path)
+        return None, None
+    if min(len(b) for b in (title_bank_emb, photo_bank_emb) if b is not None) < k:
+        log.warning("querybank metrics not reported for %s: the train split has fewer than eval.querybank_k=%d "
+                    "distinct titles or photos", split, k)
+        return None, None
+    return title_bank_emb, photo_bank_emb
+
+
 def evaluate_all(graphdef, params, split_sources: dict, tokenizer, config, label_stats: dict | None = None, *,
-                 plot_dir: str | pathlib.Path | None = None, train_image_emb: np.ndarray | None = None) -> dict[str, Any]:
+                 plot_dir: str | pathlib.Path | None = None, train_image_emb: np.ndarray | None = None,
+                 train_title_emb: np.ndarray | None = None, train_source=None) -> dict[str, Any]:
     """Metrics per eval split; with eval.linear_probe_labels and a train split, the baselines too.
 
     Each split goes through the model once: retrieval, re-ranking, zero-shot and the probes
     all read the same embeddings. train_image_emb: [N_train, D] image embeddings of the train
     split when already known (e.g. from the image feature cache), so the probe and the train
-    class shares (eval.zeroshot_train_prior) do not embed the train images again.
+    class shares (eval.zeroshot_train_prior) do not embed the train images again; train_title_emb:
+    [B, D] the train split's distinct titles (`title_bank`) when already known, for eval.querybank_k.
+    train_source: the run's train split when it is not split_sources["train"] (another catalog, whose
+    own file may be named train); default split_sources.get("train").
     """
     embedded = {split: embed_split(graphdef, params, split_sources[split], tokenizer, config)
                 for split in config.data.eval_splits if len(split_sources[split])}
+    train_source = train_source if train_source is not None else split_sources.get("train")
     probe_labels = [l for l in config.eval.linear_probe_labels
-                    if l in getattr(split_sources.get("train"), "labels", {})
+                    if l in getattr(train_source, "labels", {})
                     and all(l in getattr(split_sources[s], "labels", {}) for s in config.data.eval_splits)]
-    train_source = split_sources.get("train")
     train_emb = None
-    if train_source is not None and len(train_source) and (probe_labels or config.eval.zeroshot_train_prior):
-        train_emb = train_photo_embeddings(graphdef, params, train_source, tokenizer, config, train_image_emb)
+    train_titles = None
+    if train_source is not None and len(train_source):
+        if probe_labels or config.eval.zeroshot_train_prior or config.eval.querybank_k > 0:
+            train_emb = train_photo_embeddings(graphdef, params, train_source, tokenizer, config, train_image_emb)
+        if config.eval.querybank_k > 0:
+            train_titles = title_bank(graphdef, params, train_source, tokenizer, config, train_title_emb)
+    elif config.eval.querybank_k > 0:
+        log.warning("querybank metrics (eval.querybank_k) not reported: no train split to take the bank from")
     results = {split: evaluate_split(graphdef, params, split_sources[split], tokenizer, config,
                                      label_stats=label_stats, plot_dir=plot_dir, split=split,
-                                     embedded=embedded.get(split), train_image_emb=train_emb)
+                                     embedded=embedded.get(split), train_image_emb=train_emb,
+                                     banks=querybank_banks(split, split_sources[split], train_source, train_titles,
+                                                           train_emb if config.eval.querybank_k > 0 else None,
+                                                           config.eval.querybank_k))
                for split in config.data.eval_splits}
     if probe_labels:
         for split in config.data.eval_splits:

@@ -64,15 +64,17 @@ def encoders(graphdef, test_time_flip: bool = False):
 
 @functools.lru_cache(maxsize=8)
 def feature_encoders(graphdef):
-    """The towers without their heads, and the image head alone, jitted and cached (LiT feature caches):
+    """The towers without their heads, and each head alone, jitted and cached (LiT feature caches):
 
     (image_features(params, [B, S, S, 3] uint8) -> [B, F], text_features(params, [B, L] int32) -> [B, F_t],
-     embed_image_features(params, [B, F] float32) -> [B, D] L2-normalised).
+     embed_image_features(params, [B, F] float32) -> [B, D] L2-normalised,
+     embed_text_features(params, [B, F_t] float32) -> [B, D] L2-normalised).
     """
     image_features = jax.jit(lambda p, x: merge_model(graphdef, p).image_features(x))
     text_features = jax.jit(lambda p, t: merge_model(graphdef, p).text_features(t))
     embed_image_features = jax.jit(lambda p, f: merge_model(graphdef, p).embed_image_features(f))
-    return image_features, text_features, embed_image_features
+    embed_text_features = jax.jit(lambda p, f: merge_model(graphdef, p).embed_text_features(f))
+    return image_features, text_features, embed_image_features, embed_text_features
 
 
 @functools.lru_cache(maxsize=8)
