@@ -19,7 +19,10 @@ image->text). Rows:
                  eval.json's zeroshot/<label>/bank/ for eval.querybank_k)
 
 and, for search's candidate pool (search.QUERYBANK_POOL rows by cosine re-ordered by the normalised
-score), the share of queries whose top 10 equals the exact normalised top 10.
+score), the share of queries whose top 10 equals the exact normalised top 10: full titles against the
+photos (pool_top10_exact) and against the mix store, full and short (pool_top10_exact_mix, _mix_short);
+and for search itself (search.querybank_candidates, which widens that pool until the order is exact),
+the share of short queries against the mix store that get the exact top 10 and the share it widened for.
 """
 
 from __future__ import annotations
@@ -62,6 +65,28 @@ def pool_agreement(queries: np.ndarray, gallery: np.ndarray, density: np.ndarray
     rescored = np.take_along_axis(cos, candidates, 1) - querybank.DENSITY_WEIGHT * density[candidates]
     from_pool = np.take_along_axis(candidates, np.argsort(-rescored, axis=1, kind="stable")[:, :k], 1)
     return float(np.mean(np.all(np.sort(exact, 1) == np.sort(from_pool, 1), axis=1)))
+
+
+def widened_agreement(queries: np.ndarray, gallery: np.ndarray, density: np.ndarray, k: int = 10
+                      ) -> tuple[float, float]:
+    """(share of queries whose top k from search.querybank_candidates equals the exact normalised top k,
+    share of queries for which it widened the first pool), one query at a time as serve searches."""
+    cos = queries @ gallery.T
+    exact = np.argsort(-(cos - querybank.DENSITY_WEIGHT * density[None, :]), axis=1, kind="stable")[:, :k]
+    same = widened = 0
+    for q in range(len(queries)):
+        asked = []
+
+        def find(_, n, q=q):
+            asked.append(n)
+            rows = np.argsort(-cos[q], kind="stable")[:n][None, :]
+            return np.take_along_axis(cos[q:q + 1], rows, 1), rows
+
+        found_cos, rows = search.querybank_candidates(find, queries[q:q + 1], k, density, len(gallery))
+        normalised = found_cos[0] - querybank.DENSITY_WEIGHT * density[rows[0]]
+        same += set(rows[0][np.argsort(-normalised, kind="stable")[:k]]) == set(exact[q])
+        widened += len(asked) > 1
+    return same / len(queries), widened / len(queries)
 
 
 def main(argv=None) -> int:
@@ -107,12 +132,17 @@ def main(argv=None) -> int:
                         "zeroshot": {label: zeroshot_rates(image_emb @ c.T, labels) for label, (c, labels) in classes.items()}}}
     for k in (int(x) for x in args.ks.split(",")):
         photo_density = querybank.densities(image_emb, title_bank, k)
+        mix_density = querybank.densities(mix, title_bank, k)
         result[f"k={k}"] = {
             "t2i": normalised(text_emb, image_emb, photo_density, keys),
             "i2t": normalised(image_emb, text_emb, querybank.densities(text_emb, photo_bank, k), keys),
             "t2i_short": normalised(short, image_emb, photo_density, keys),
-            "mix_short": normalised(short, mix, querybank.densities(mix, title_bank, k), keys),
+            "mix_short": normalised(short, mix, mix_density, keys),
             "pool_top10_exact": pool_agreement(text_emb, image_emb, photo_density, search.QUERYBANK_POOL),
+            "pool_top10_exact_mix": pool_agreement(text_emb, mix, mix_density, search.QUERYBANK_POOL),
+            "pool_top10_exact_mix_short": pool_agreement(short, mix, mix_density, search.QUERYBANK_POOL),
+            **dict(zip(("search_top10_exact_mix_short", "search_widened_mix_short"),
+                       widened_agreement(short, mix, mix_density))),
             "zeroshot": {label: zeroshot_rates(querybank.normalised_scores(image_emb, c, photo_bank, k), labels)
                          for label, (c, labels) in classes.items()}}
     result["seconds"] = round(time.time() - start, 1)

@@ -39,10 +39,13 @@ log = logging.getLogger("prodclip")
 
 # A re-ranker: (query, hits) -> hits in a new order with new scores, e.g. `fusion_reranker`.
 Reranker = Callable[[dict, list[dict]], list[dict]]
-# Rows beyond k by cosine that querybank normalisation re-orders: a density moves a score by at most 0.5 *
-# the spread of densities, which on Myntra val leaves the top 10 of every query inside the top 100
-# (docs/search.md).
+# Rows beyond k by cosine that querybank normalisation first re-orders (`querybank_candidates` widens the
+# pool until the order is exact): on Myntra val 100 already holds the exact top 10 of nearly every full
+# title and of 96-98% of the short queries against a mix store (docs/search.md).
 QUERYBANK_POOL = 100
+# The widest pool `querybank_candidates` asks for: each widening is another search of the store, and a
+# store with one outlier of very low density could otherwise widen towards a full sort.
+QUERYBANK_MAX_POOL = 3200
 
 
 class SearchError(errors.QueryError):
@@ -219,6 +222,36 @@ def store_index(store: Store):
     return _OPEN_INDEXES[key]
 
 
+def querybank_candidates(find: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], queries: np.ndarray,
+                         k: int, densities: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cosines [Q, P], rows [Q, P]) by cosine, best first, from `find(queries, pool)`, with a pool wide enough
+    that the top k of them by cos - 0.5 * density are the top k of all `num_rows` rows.
+
+    The pool starts at k + QUERYBANK_POOL and doubles until every query's k-th normalised score beats the
+    best one a row outside the pool could have: a cosine no higher than the pool's last and the store's
+    smallest density. With the exact scan the result is then exact; with an approximate index, exact over
+    what the index returns. A pool stops growing at max(QUERYBANK_MAX_POOL, k + QUERYBANK_POOL) rows,
+    where the order is the pool's (logged). densities: [num_rows] the store's (`text_query_densities`).
+    """
+    densities = np.asarray(densities, np.float32)
+    lowest = querybank.DENSITY_WEIGHT * float(densities.min())
+    pool = min(num_rows, k + QUERYBANK_POOL)
+    widest = min(num_rows, max(QUERYBANK_MAX_POOL, pool))
+    while True:
+        cosines, rows = find(queries, pool)
+        if pool >= num_rows or cosines.shape[1] < pool:
+            return cosines, rows
+        normalised = cosines - querybank.DENSITY_WEIGHT * densities[rows]
+        kth_best = -np.partition(-normalised, k - 1, axis=1)[:, k - 1]
+        if np.all(kth_best > cosines[:, -1] - lowest):
+            return cosines, rows
+        if pool >= widest:
+            log.info("querybank: the top %d by the normalised score are taken from the top %d rows by cosine "
+                     "(search.QUERYBANK_MAX_POOL); a row beyond them could rank higher", k, pool)
+            return cosines, rows
+        pool = min(widest, 2 * pool)
+
+
 def search(store: Store, query_emb: np.ndarray, k: int, *, chunk_size: int = ranking.DEFAULT_CHUNK_SIZE,
            rerank: Reranker | None = None, query: dict | None = None, index="auto",
            rescore: int | None = None, densities: np.ndarray | None = None) -> list[list[dict]]:
@@ -229,19 +262,26 @@ def search(store: Store, query_emb: np.ndarray, k: int, *, chunk_size: int = ran
     an opened `index.Index`. `rescore`: re-score rescore * k index candidates with the exact
     store vectors (None: the index's default). `rerank`, when given, re-orders each query's
     hits (the hook for a fusion head); `query` is passed to it as is. `densities`: [N] the store's
-    querybank densities (`text_query_densities`); the top k + QUERYBANK_POOL rows by cosine are then
-    ranked by cosine - 0.5 * density (evaluate/querybank.py), which is each hit's "score" (its cosine
-    is kept as "cosine").
+    querybank densities (`text_query_densities`); the rows are then ranked by cosine - 0.5 * density
+    (evaluate/querybank.py) over a pool of rows by cosine that `querybank_candidates` widens until that
+    order is exact, and it is each hit's "score" (its cosine is kept as "cosine").
     """
     dim = store.shards[0].shape[1]
     if query_emb.shape[1] != dim:
         raise StoreError(f"store rows have dim {dim}, the query embedding has dim {query_emb.shape[1]}")
     index = store_index(store) if isinstance(index, str) and index == "auto" else index
-    pool = k if densities is None else k + QUERYBANK_POOL
     if index is not None:
-        scores, index = index.search(np.asarray(query_emb, np.float32), pool, rescore=rescore)
+        opened = index
+
+        def find(queries, n):
+            return opened.search(np.asarray(queries, np.float32), n, rescore=rescore)
     else:
-        scores, index = top_k(store.shards, query_emb, pool, chunk_size=chunk_size)
+        def find(queries, n):
+            return top_k(store.shards, queries, n, chunk_size=chunk_size)
+    if densities is None:
+        scores, index = find(query_emb, k)
+    else:
+        scores, index = querybank_candidates(find, query_emb, k, densities, len(store))
     cosines = scores
     if densities is not None:
         scores = scores - querybank.DENSITY_WEIGHT * np.asarray(densities, np.float32)[index]

@@ -101,6 +101,55 @@ def test_search_pool_covers_k_beyond_the_pool_size(tmp_path):
                                atol=1e-6)
 
 
+def test_search_widens_the_pool_until_a_low_density_row_beyond_it_is_found(tmp_path):
+    from prodclip import search
+
+    rng = np.random.default_rng(6)
+    gallery, query = unit(rng.normal(size=(400, 8))), unit(rng.normal(size=(1, 8)))
+    store = _store(tmp_path / "s", gallery)
+    by_cosine = np.argsort(-(query @ gallery.T)[0], kind="stable")
+    far = int(by_cosine[search.QUERYBANK_POOL + 40])  # outside the first pool of k + QUERYBANK_POOL rows
+    density = np.full(400, 1.6, np.float32)
+    density[far] = 0.0
+    normalised = (query @ gallery.T)[0] - 0.5 * density
+    assert int(np.argmax(normalised)) == far
+    from prodclip import index as index_lib
+
+    index_lib.build_index(store.path, "flat")
+    for index in (None, index_lib.open_index(store.path)):  # the exact scan, and a FAISS index
+        hits = search.search(store, query, 10, chunk_size=64, index=index, densities=density)[0]
+        assert [h["index"] for h in hits] == list(np.argsort(-normalised, kind="stable")[:10])
+    # The first pool alone misses it: this is what the widening is for.
+    cosines, rows = search.top_k(store.shards, query, 10 + search.QUERYBANK_POOL)
+    assert far not in set(rows[0].tolist())
+
+
+def test_the_pool_stops_widening_at_its_cap(monkeypatch):
+    from prodclip import search
+
+    rng = np.random.default_rng(7)
+    gallery, query = unit(rng.normal(size=(1000, 8))), unit(rng.normal(size=(1, 8)))
+    density = np.full(1000, 1.9, np.float32)
+    density[0] = 0.0  # one outlier keeps the bound loose: without a cap the pool would grow to the store
+    cos = (query @ gallery.T)[0]
+    asked = []
+
+    def find(_, n):
+        asked.append(n)
+        rows = np.argsort(-cos, kind="stable")[:n][None, :]
+        return cos[rows], rows
+
+    monkeypatch.setattr(search, "QUERYBANK_MAX_POOL", 300)
+    cosines, rows = search.querybank_candidates(find, query, 5, density, len(gallery))
+    assert asked == [105, 210, 300] and rows.shape == (1, 300)
+    monkeypatch.setattr(search, "QUERYBANK_MAX_POOL", 5000)
+    asked.clear()
+    cosines, rows = search.querybank_candidates(find, query, 5, density, len(gallery))
+    assert asked[-1] > 300  # uncapped, it widens past 300 rows, to the exact order
+    normalised = cosines[0] - 0.5 * density[rows[0]]
+    assert set(rows[0][np.argsort(-normalised)[:5]]) == set(np.argsort(-(cos - 0.5 * density))[:5])
+
+
 def test_normalised_scores_lower_a_class_prompt_that_lies_close_to_many_bank_photos():
     rng = np.random.default_rng(3)
     prompts = np.stack([unit([1.0, 0.0, 0.0]), unit([0.6, 0.8, 0.0])])  # prompt 0 is the hub class
