@@ -351,7 +351,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.zeroshot_train_prior = False
     # k > 0: also 't2i_bank/R@K' and 'i2t_bank/R@K', retrieval with querybank normalisation: each photo's
     # cosine lowered by half its mean top-k cosine to the run's train titles, each title's by its mean to
-    # the train photos (needs the train split, like the probe; evaluate/querybank.py). 0 = off.
+    # the train photos; and 'zeroshot/<label>/bank/...', each class prompt lowered by its mean to the train
+    # photos (needs the train split, like the probe; evaluate/querybank.py). 0 = off.
     c.eval.querybank_k = 0
     c.eval.linear_probe_labels = ()  # labels to fit a linear probe for (needs the train split)
     c.eval.min_class_count = 0  # zero-shot only over classes with at least this many train items  # write <workdir>/confusion/<split>_<label>.png
@@ -371,7 +372,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.embed.chunk_size = 8192  # gallery rows scored per step at search time (memory bound)
     c.embed.dtype = "float32"  # float32 | float16 | int8 (per-row scalar-quantised): bytes per stored component
     # k > 0: `prodclip embed` also stores each item's mean top-k cosine to the run's train titles, and text
-    # queries rank the top search.QUERYBANK_POOL by cosine by cosine - 0.5 * that (evaluate/querybank.py).
+    # queries rank by cosine - 0.5 * that (evaluate/querybank.py; search.querybank_candidates).
     c.embed.querybank_k = 0
 
     # `prodclip match` / `prodclip audit` (prodclip/evaluate/pairs.py, matching.py, prodclip/audit.py).

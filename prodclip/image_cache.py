@@ -254,9 +254,7 @@ def train_iterator(rows: FeatureRows, tokenizer, config: ml_collections.ConfigDi
 
 def embed_features(graphdef, params: Any, features: np.ndarray, batch_size: int) -> np.ndarray:
     """[N, F] cached features -> [N, D] float32 image embeddings through the model's image head."""
-    embed = inference.feature_encoders(graphdef)[2]
-    blocks = inference.batched(lambda f: embed(params, f), (np.asarray(features, np.float32),), batch_size)
-    return np.concatenate([b[0] for b in blocks])
+    return inference.embed_cached_features(graphdef, params, features, batch_size)
 
 
 def cache_root(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:

@@ -6,8 +6,9 @@
 Scores are cosine similarities (store rows and queries are L2-normalised). The
 store is scanned shard by shard with `ranking.chunked_top_k`, so memory is
 bounded by one gallery chunk per step, never the whole store. A store embedded with
-embed.querybank_k > 0 answers text queries with querybank normalisation: the top
-k + QUERYBANK_POOL rows by cosine, ranked by cosine - 0.5 * density (evaluate/querybank.py).
+embed.querybank_k > 0 answers text queries with querybank normalisation: rows ranked by
+cosine - 0.5 * density (evaluate/querybank.py) over a pool of rows by cosine that
+`querybank_candidates` widens until that order is exact.
 
 Behaviour on bad input:
   - a text query longer than the context length is truncated the way training
@@ -269,22 +270,17 @@ def search(store: Store, query_emb: np.ndarray, k: int, *, chunk_size: int = ran
     dim = store.shards[0].shape[1]
     if query_emb.shape[1] != dim:
         raise StoreError(f"store rows have dim {dim}, the query embedding has dim {query_emb.shape[1]}")
-    index = store_index(store) if isinstance(index, str) and index == "auto" else index
-    if index is not None:
-        opened = index
+    opened = store_index(store) if isinstance(index, str) and index == "auto" else index
 
-        def find(queries, n):
+    def find(queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if opened is not None:
             return opened.search(np.asarray(queries, np.float32), n, rescore=rescore)
-    else:
-        def find(queries, n):
-            return top_k(store.shards, queries, n, chunk_size=chunk_size)
+        return top_k(store.shards, queries, n, chunk_size=chunk_size)
     if densities is None:
         scores, index = find(query_emb, k)
     else:
-        scores, index = querybank_candidates(find, query_emb, k, densities, len(store))
-    cosines = scores
-    if densities is not None:
-        scores = scores - querybank.DENSITY_WEIGHT * np.asarray(densities, np.float32)[index]
+        cosines, index = querybank_candidates(find, query_emb, k, densities, len(store))
+        scores = cosines - querybank.DENSITY_WEIGHT * np.asarray(densities, np.float32)[index]
         order = np.lexsort((index, -scores), axis=1)[:, :min(k, index.shape[1])]
         scores, index, cosines = (np.take_along_axis(a, order, axis=1) for a in (scores, index, cosines))
     out = []

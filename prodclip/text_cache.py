@@ -210,6 +210,11 @@ def load(directory: pathlib.Path, names: Sequence[str] = ("text_emb",)) -> TextC
                      {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in names}, directory)
 
 
+def cache_root(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+    """The folder that holds the run's text caches: train.text_cache_dir, else <workdir>/text_cache."""
+    return pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else pathlib.Path(workdir) / "text_cache"
+
+
 def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, params: Any, tokenizer,
             train_source, titles: Sequence[str] | None = None) -> TextCache | None:
     """The run's text cache, built from `titles` (default: the train split's), or None when
@@ -227,7 +232,7 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
         names = ("text_emb",)
         encode = inference.feature_encoders(graphdef)[1]
     key = cache_key(params["text_tower"], tokenizer, config, first_unlocked)
-    root = pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else workdir / "text_cache"
+    root = cache_root(config, workdir)
     token_ids = tokenizer(list(titles) if titles is not None else pipeline.source_titles(train_source))
     return build_or_load(root / key, token_ids, lambda t: encode(params, t), config.eval.batch_size,
                          pad_id=tokenizer.pad_id, names=names)
@@ -241,7 +246,7 @@ def cached_title_embeddings(config: ml_collections.ConfigDict, workdir: str | pa
     if not config_lib.text_cache_on(config) or config_lib.first_unlocked_text_block(config) is not None:
         return None
     key = cache_key(params["text_tower"], tokenizer, config)
-    root = pathlib.Path(config.train.text_cache_dir) if config.train.text_cache_dir else pathlib.Path(workdir) / "text_cache"
+    root = cache_root(config, workdir)
     if not ((root / key / "token_ids.npy").is_file() and (root / key / "text_emb.npy").is_file()):
         return None
     cache = load(root / key)
@@ -251,10 +256,8 @@ def cached_title_embeddings(config: ml_collections.ConfigDict, workdir: str | pa
         features = cache.lookup(tokenizer(list(titles)))
     except TextCacheMiss:
         return None
-    embed = inference.feature_encoders(graphdef)[3]
-    blocks = inference.batched(lambda f: embed(params, f), (features,), config.eval.batch_size)
     log.info("querybank: %d train titles' features read from %s", len(titles), root / key)
-    return np.concatenate([np.asarray(b[0], np.float32) for b in blocks])
+    return inference.embed_cached_features(graphdef, params, features, config.eval.batch_size, text=True)
 
 
 def cached_train_titles(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, graphdef, params: Any,

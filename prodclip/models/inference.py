@@ -77,6 +77,15 @@ def feature_encoders(graphdef):
     return image_features, text_features, embed_image_features, embed_text_features
 
 
+def embed_cached_features(graphdef, params, features: np.ndarray, batch_size: int, *, text: bool = False
+                          ) -> np.ndarray:
+    """[N, F] a locked tower's cached features -> [N, D] float32 L2-normalised embeddings through the model's
+    image head (text=False) or text head (text=True), `batch_size` rows per call."""
+    embed = feature_encoders(graphdef)[3 if text else 2]
+    blocks = batched(lambda f: embed(params, f), (np.asarray(features, np.float32),), batch_size)
+    return np.concatenate([np.asarray(b[0], np.float32) for b in blocks])
+
+
 @functools.lru_cache(maxsize=8)
 def token_state_encoders(graphdef):
     """The towers without their heads, with the states a fusion encoder reads, jitted and cached (feature
