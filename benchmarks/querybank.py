@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     for label in config.eval.zeroshot_labels:
         if label in getattr(source, "labels", {}):
             _, names, labels = suite.zeroshot_classes(label, source, config, run.label_stats)
-            class_emb = zeroshot.class_embeddings(encode, names, suite.label_templates(label, config))
+            class_emb = zeroshot.class_embeddings(encode, names, zeroshot.label_templates(label, config))
             classes[label] = (class_emb, labels)
 
     mix = store.product_vectors(image_emb, text_emb, "mix", config.embed.image_weight)

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         image_cache.cached_train_embeddings(config, args.workdir, run.graphdef, run.params, train))
     encode = inference.title_encoder(run.graphdef, run.params, run.tokenizer, config.eval.batch_size)
 
-    prompt_emb = zeroshot.class_embeddings(encode, names, suite.label_templates(args.label, config))
+    prompt_emb = zeroshot.class_embeddings(encode, names, zeroshot.label_templates(args.label, config))
     titles = pipeline.source_titles(train)
     rng = np.random.default_rng(args.seed)
     title_emb = []

@@ -6,7 +6,8 @@ Every listing's own (photo, title) pair is scored with the run's match calibrati
 (prodclip/evaluate/matching.py) and the listings are ranked from the likeliest mismatch. A
 calibration fit with match.hubness_k = k > 0 scores the cosine corrected for hubness against the
 catalog itself: two more exact top-k passes, every photo against all titles and every title
-against all photos.
+against all photos. A calibration fit with match.attribute_labels also reads the colour and gender
+words of each title against its photo's zero-shot posterior (evaluate/attribute_check.py).
 For each flagged one the report shows the catalog titles its photo matches best ("looks like")
 and the catalog photos its title matches best.
 
@@ -53,7 +54,7 @@ import numpy as np
 
 from prodclip import search
 from prodclip.data.catalog import png_bytes
-from prodclip.evaluate import hubness, matching
+from prodclip.evaluate import attribute_check, hubness, matching
 from prodclip.evaluate import store as store_lib
 
 log = logging.getLogger("prodclip")
@@ -91,6 +92,27 @@ def store_density(queries: store_lib.Store, reference: store_lib.Store, k: int, 
     """[N] float64 mean of the k best cosines of every row of `queries` over all rows of `reference`."""
     out = [search.top_k(reference.shards, rows, k, chunk_size=chunk_size)[0].astype(np.float64).mean(axis=1)
            for _, rows in queries.iter_rows(4096)]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def listing_attributes(graphdef, params, tokenizer, config: ml_collections.ConfigDict, labels: tuple[str, ...],
+                       image_store: store_lib.Store, title_store: store_lib.Store,
+                       workdir: str | pathlib.Path) -> np.ndarray:
+    """[N] float64 attribute log-likelihood (evaluate/attribute_check.py) of each listing's photo and own
+    title, over the run's label vocabulary (labels.json), read one shard at a time."""
+    from prodclip.data import sources
+    from prodclip.models import inference
+
+    vocabulary = sources.load_label_vocabulary(pathlib.Path(workdir)) or {}
+    encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
+    logit_scale, _ = matching.model_logit_scale_bias(params, config.model.logit_scale_max)
+    classes = attribute_check.attribute_classes(labels, {k: v["names"] for k, v in vocabulary.items()}, config,
+                                                encode, logit_scale)
+    out, start = [], 0
+    for shard in image_store.shards:
+        out.append(attribute_check.log_likelihood(np.asarray(shard), title_store.titles[start:start + len(shard)],
+                                                  classes))
+        start += len(shard)
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -176,8 +198,12 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     if calibration.hubness_k:
         pair_score = hubness.corrected(cos, store_density(image_store, title_store, calibration.hubness_k, chunk),
                                        store_density(title_store, image_store, calibration.hubness_k, chunk))
+    attribute = None
+    if calibration.attribute_labels:
+        attribute = listing_attributes(graphdef, params, tokenizer, config, calibration.attribute_labels,
+                                       image_store, title_store, workdir)
     score = calibration.best_score()
-    prob = calibration.probabilities(pair_score, itm)[score]
+    prob = calibration.probabilities(pair_score, itm, attribute)[score]
     m = config.match
     if calibration.fit_scores and score in calibration.fit_scores:
         flags = flag_threshold(calibration.fit_scores[score], m.audit_error_rate, m.audit_target_precision)

@@ -388,6 +388,9 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: score a pair by its cosine corrected for hubness (CSLS): minus half the mean of the photo's k best
     # cosines to the split's (or audited catalog's) titles and half the title's k best to its photos.
     c.match.hubness_k = 0
+    # Labels (e.g. ("baseColour", "gender")) whose values a title names are checked against the photo's
+    # zero-shot posterior, a second feature of the Platt calibration (evaluate/attribute_check.py); () = off.
+    c.match.attribute_labels = ()
     c.match.ece_bins = 15  # equal-width bins of the expected calibration error and reliability diagram
     # audit: flag a listing when p(match) is below the threshold whose predicted precision, at this
     # expected fraction of mismatched listings in the audited catalog, is audit_target_precision.

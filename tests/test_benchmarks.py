@@ -195,3 +195,19 @@ def test_vs_open_clip_reports_ratio_of_median_step_times(tmp_path):
     assert r["ratio_per_round_min"] <= r["ratio_per_round_max"]
     assert r["prodclip"]["step_time_s"]["n"] == 6 and r["warmup"]["prodclip"]["steps"] >= 1
     assert len(r["load_average_before"]) == 3 and r["cpu_model"]
+
+
+def test_audit_injection_ranking_metrics_and_their_mean_over_seeds():
+    """precision@k per injected kind from a ranking, by hand; the mean and sd over injection draws."""
+    audit_injection = importlib.import_module("audit_injection")
+    ranked = ["attribute_swap", "", "random", "attribute_swap", "", "", "random", ""]
+    m = audit_injection.ranking_metrics(ranked)
+    assert m["all"]["k"] == 4 and m["all"]["precision_at_k"] == 0.75  # 3 of the first 4 are injected
+    # swaps against the clean rows only: [swap, "", swap, "", "", ""] -> 1 of the first 2
+    assert m["attribute_swap"]["k"] == 2 and m["attribute_swap"]["precision_at_k"] == 0.5
+    assert m["attribute_swap"]["recall_in_top_k_all"] == 1.0  # both swaps are in the first 4 of all
+    other = audit_injection.ranking_metrics(["attribute_swap", "attribute_swap", "random", "", "", "", "random", ""])
+    mean = audit_injection.mean_and_sd([m, other])
+    assert mean["attribute_swap"]["precision_at_k"] == pytest.approx(0.75)
+    assert mean["attribute_swap"]["precision_at_k_sd"] == pytest.approx(0.25)
+    assert mean["all"]["k"] == 4 and "k_sd" not in mean["all"]

@@ -17,7 +17,7 @@ from prodclip import cli
 from prodclip import config_loading
 from prodclip import run as run_lib
 from prodclip.data import pipeline, synthetic
-from prodclip.evaluate import matching, pairs
+from prodclip.evaluate import match_metrics, matching, pairs
 from test_search import TINY as SEARCH_TINY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_ece_against_a_loop_and_sklearn_bins():
             total += inside.sum() / len(prob) * abs(labels[inside].mean() - prob[inside].mean())
             observed.append(labels[inside].mean())
             predicted.append(prob[inside].mean())
-    assert matching.expected_calibration_error(prob, labels, num_bins) == pytest.approx(total, abs=1e-12)
+    assert match_metrics.expected_calibration_error(prob, labels, num_bins) == pytest.approx(total, abs=1e-12)
     # the loop's bins are scikit-learn's reliability-curve bins
     sk_observed, sk_predicted = calibration_curve(labels, prob, n_bins=num_bins)
     np.testing.assert_allclose(sk_observed, observed, atol=1e-12)
@@ -174,7 +174,7 @@ def test_native_and_platt_calibration():
         return -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
     best = nll(platt.scale, platt.bias)
     assert best <= min(nll(platt.scale * f, platt.bias * f) for f in (0.9, 1.1)) + 1e-9
-    ece = matching.expected_calibration_error
+    ece = match_metrics.expected_calibration_error
     assert ece(platt.two_tower(cos), labels) < 0.5 * ece(matching.raw_cosine_probability(cos), labels)
 
 
@@ -286,16 +286,13 @@ def test_audit_ranks_injected_mismatches_first(trained_run, tmp_path, capsys):
     assert shard.stat().st_mtime_ns == mtime
 
 
-def test_audit_with_hubness_corrects_against_the_catalog_itself(trained_run, tmp_path):
-    """match.hubness_k: `prodclip match` fits the calibration on CSLS scores, and `prodclip audit` scores each
-    listing with the same correction, the audited catalog as the reference (numpy reference, atol 1e-5)."""
+def _fit_then_audit(trained_run, tmp_path, override: str):
+    """`prodclip match` on val with one config override, then `prodclip audit` of a 64-listing synthetic catalog
+    with that calibration. Returns (calibration, catalog, report dir, [64, D] photo and title store rows)."""
     from prodclip.evaluate import store as store_lib
 
     match_out = tmp_path / "match"
-    assert cli.main(["match", "--workdir", str(trained_run), "--split", "val", "--out", str(match_out),
-                     "--config.match.hubness_k=2"]) == 0
-    calibration = matching.Calibration.load(match_out / matching.CALIBRATION_FILE)
-    assert calibration.hubness_k == 2 and calibration.method == "platt"
+    assert cli.main(["match", "--workdir", str(trained_run), "--split", "val", "--out", str(match_out), override]) == 0
     catalog = synthetic.make_catalog("train", 64, seed=3, image_size=32)
     rows = [{"id": int(catalog.ids[i]), "title": catalog.titles[i], "image": _jpeg(catalog.images[i])}
             for i in range(len(catalog))]
@@ -303,10 +300,18 @@ def test_audit_with_hubness_corrects_against_the_catalog_itself(trained_run, tmp
     pq.write_table(pa.Table.from_pylist(rows), path)
     out = tmp_path / "report"
     assert cli.main(["audit", "--workdir", str(trained_run), "--catalog", str(path), "--out", str(out),
-                     "--calibration", str(match_out / matching.CALIBRATION_FILE),
-                     "--config.embed.shard_size=20"]) == 0
-    images = np.concatenate([v for _, v in store_lib.open_store(out / "stores" / "images").iter_rows()]).astype(float)
-    titles = np.concatenate([v for _, v in store_lib.open_store(out / "stores" / "titles").iter_rows()]).astype(float)
+                     "--calibration", str(match_out / matching.CALIBRATION_FILE), "--config.embed.shard_size=20"]) == 0
+    rows = {name: np.concatenate([v for _, v in store_lib.open_store(out / "stores" / name).iter_rows()]).astype(float)
+            for name in ("images", "titles")}
+    return (matching.Calibration.load(match_out / matching.CALIBRATION_FILE), catalog, out, rows["images"],
+            rows["titles"])
+
+
+def test_audit_with_hubness_corrects_against_the_catalog_itself(trained_run, tmp_path):
+    """match.hubness_k: `prodclip match` fits the calibration on CSLS scores, and `prodclip audit` scores each
+    listing with the same correction, the audited catalog as the reference (numpy reference, atol 1e-5)."""
+    calibration, _, out, images, titles = _fit_then_audit(trained_run, tmp_path, "--config.match.hubness_k=2")
+    assert calibration.hubness_k == 2 and calibration.method == "platt"
     cos = images @ titles.T
     density = lambda s: np.sort(s, axis=1)[:, -2:].mean(axis=1)  # noqa: E731
     csls = np.diag(cos) - 0.5 * (density(cos) + density(cos.T))
@@ -315,6 +320,44 @@ def test_audit_with_hubness_corrects_against_the_catalog_itself(trained_run, tmp
     got = np.asarray([float(r["match_probability"]) for r in report])
     expected = calibration.two_tower(csls[[int(r["row"]) for r in report]])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
-    raw = matching.Calibration.load(match_out / matching.CALIBRATION_FILE)
+    raw = matching.Calibration.load(tmp_path / "match" / matching.CALIBRATION_FILE)
     raw.hubness_k = 0  # the same fit applied to raw cosines ranks differently: the correction is in effect
     assert np.abs(raw.two_tower(np.diag(cos)[[int(r["row"]) for r in report]]) - got).max() > 1e-3
+
+
+def test_audit_reads_the_attribute_words_its_calibration_was_fit_with(trained_run, tmp_path):
+    """match.attribute_labels: `prodclip match` fits the colour words' weight and `prodclip audit` scores each
+    listing with its own title's named colour under its photo's zero-shot posterior (numpy reference, atol 1e-5)."""
+    import re
+
+    from prodclip.evaluate import zeroshot
+    from prodclip.models import inference
+
+    calibration, catalog, out, images, titles = _fit_then_audit(trained_run, tmp_path,
+                                                                "--config.match.attribute_labels=('colour',)")
+    assert calibration.attribute_labels == ("colour",) and calibration.attribute_weight != 0
+
+    config = config_loading.load_config_json(trained_run / "config.json")
+    run = run_lib.load_run(trained_run, config)
+    names = list(json.loads((trained_run / "labels.json").read_text())["colour"]["names"])
+    encode = inference.title_encoder(run.graphdef, run.params, run.tokenizer, 16)
+    prompts = zeroshot.prompt_names(names, zeroshot.parse_class_names(config.eval.class_names).get("colour", {}),
+                                    "colour")  # the zero-shot eval's prompts
+    class_emb = zeroshot.class_embeddings(encode, prompts, zeroshot.label_templates("colour", config))
+    scale, _ = matching.model_logit_scale_bias(run.params, config.model.logit_scale_max)
+    logits = scale * images @ class_emb.astype(np.float64).T
+    top = logits.max(1, keepdims=True)
+    log_p = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    words = [set(re.findall(r"[a-z]+", t.lower())) for t in catalog.titles]
+    attribute = np.asarray([max((log_p[i, c] for c, name in enumerate(names) if name in words[i]), default=0.0)
+                            for i in range(len(words))])
+    assert (attribute < 0).sum() > 50  # most synthetic titles name a colour
+    with open(out / "audit.csv", newline="") as f:
+        report = [r for r in csv.DictReader(f) if r["status"] == "scored"]
+    order = [int(r["row"]) for r in report]
+    got = np.asarray([float(r["match_probability"]) for r in report])
+    np.testing.assert_allclose(got, calibration.two_tower(np.sum(images * titles, axis=1)[order], attribute[order]),
+                               rtol=0, atol=1e-5)
+    plain = matching.Calibration.load(tmp_path / "match" / matching.CALIBRATION_FILE)
+    plain.attribute_labels = ()  # the same fit without the attribute term scores differently: the term is in effect
+    assert np.abs(plain.two_tower(np.sum(images * titles, axis=1)[order]) - got).max() > 1e-3

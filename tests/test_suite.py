@@ -89,7 +89,7 @@ def test_querybank_metrics_read_the_run_s_train_split_and_never_the_split_itself
     photos = inference.embed_images(graphdef, params, sources["train"], tokenizer, config, test_time_flip=False)
     _, names, labels = suite.zeroshot_classes("category", sources["test"], config, None)
     class_emb = zeroshot.class_embeddings(inference.title_encoder(graphdef, params, tokenizer, 16), names,
-                                          suite.label_templates("category", config))
+                                          zeroshot.label_templates("category", config))
     offset = 0.5 * np.sort(class_emb @ photos.T, axis=1)[:, -3:].mean(axis=1)
     want = zeroshot.classify_scores(image_emb @ class_emb.T - offset[None, :], labels)
     assert results["train"]["zeroshot/category/bank/top1"] == pytest.approx(want["top1"], abs=1e-9)

@@ -9,12 +9,16 @@ Scores, one per pair:
              cos - (mean top-k cosine of the photo to the reference titles
              + mean top-k cosine of the title to the reference photos) / 2, the reference
              being the scored split (or the audited catalog), and the calibration is Platt.
+             With match.attribute_labels (e.g. colour, gender), the Platt fit also weighs the
+             attribute log-likelihood of the colour and gender words the title names under the
+             photo's zero-shot posterior (evaluate/attribute_check.py):
+             p = sigmoid(scale * score + attribute_weight * attribute + bias).
   fusion     the ITM probability of a fusion head, where the caller passes `itm_fn`.
-  combined   sigmoid(w_cos * cos + w_itm * logit(p_itm) + b), a logistic regression over both
-             scores fit on the fit split, as retrieval re-ranking mixes ITC and ITM.
+  combined   sigmoid(w_cos * cos + w_itm * logit(p_itm) (+ w_attr * attribute) + b), a logistic
+             regression over the scores fit on the fit split, as retrieval re-ranking mixes ITC and ITM.
 
 A threshold on each probability is chosen on the fit split (max F1, or the lowest threshold
-that reaches a target precision); the metrics (scikit-learn) are reported per negative kind.
+that reaches a target precision); the metrics (match_metrics.py) are reported per negative kind.
 Everything fitted (scales, weights, thresholds) is a `Calibration`, saved as JSON so that
 `prodclip audit` applies the same verdicts.
 """
@@ -31,8 +35,8 @@ import numpy as np
 from sklearn import metrics as sk_metrics
 from sklearn.linear_model import LogisticRegression
 
+from prodclip.evaluate import attribute_check, hubness, match_metrics
 from prodclip.evaluate import pairs as pairs_lib
-from prodclip.evaluate import hubness
 from prodclip.models import inference
 
 log = logging.getLogger("prodclip")
@@ -96,9 +100,12 @@ def choose_threshold(prob: np.ndarray, labels: np.ndarray, rule: str = "max_f1",
 class Calibration:
     """What turns pair scores into verdicts, fit on one split.
 
-    method: "native" | "platt"; p_two_tower = sigmoid(scale * score + bias), score the cosine
-      corrected for hubness with hubness_k > 0 (evaluate/hubness.py), else the cosine itself.
-    combined: (w_cos, w_itm, bias) of the combined score, or None without a fusion head.
+    method: "native" | "platt"; p_two_tower = sigmoid(scale * score + attribute_weight * attribute + bias),
+      score the cosine corrected for hubness with hubness_k > 0 (evaluate/hubness.py), else the cosine
+      itself; attribute the attribute log-likelihood of `attribute_labels` (evaluate/attribute_check.py),
+      read only when attribute_labels is not empty.
+    combined: (w_cos, w_itm, bias) of the combined score, or None without a fusion head; it adds
+      combined_attribute_weight * attribute with attribute_labels.
     thresholds: score name -> probability threshold; reached: score name -> target precision reached.
     fit_scores: score name -> {"matched": [...], "mismatched": [...]}: up to FIT_QUANTILES quantiles of
       the fit split's probabilities per class, from which `prodclip audit` predicts the precision
@@ -116,25 +123,43 @@ class Calibration:
     combined: tuple[float, float, float] | None = None
     fit_scores: dict | None = None
     hubness_k: int = 0
+    attribute_labels: tuple[str, ...] = ()
+    attribute_weight: float = 0.0
+    combined_attribute_weight: float = 0.0
 
-    def two_tower(self, cos: np.ndarray) -> np.ndarray:
-        """[P] scores (cosines, or hubness-corrected with hubness_k > 0) -> [P] match probabilities."""
-        return sigmoid(self.scale * np.asarray(cos, np.float64) + self.bias)
+    def attribute_term(self, attribute: np.ndarray | None, weight: float, n: int) -> np.ndarray | float:
+        """weight * attribute ([P]); 0 without attribute_labels. Raises ValueError when they need one not given."""
+        if not self.attribute_labels:
+            return 0.0
+        if attribute is None or len(attribute) != n:
+            raise ValueError(f"this calibration weighs the attribute words of {list(self.attribute_labels)}; "
+                             "pass their log-likelihood (evaluate/attribute_check.py) for every pair")
+        return weight * np.asarray(attribute, np.float64)
 
-    def combine(self, cos: np.ndarray, itm_prob: np.ndarray) -> np.ndarray:
-        """[P] scores (as in `two_tower`) and ITM probabilities -> [P] combined match probabilities."""
+    def two_tower(self, cos: np.ndarray, attribute: np.ndarray | None = None) -> np.ndarray:
+        """[P] scores (cosines, or hubness-corrected with hubness_k > 0) and, with attribute_labels, [P]
+        attribute log-likelihoods -> [P] match probabilities."""
+        cos = np.asarray(cos, np.float64)
+        return sigmoid(self.scale * cos + self.attribute_term(attribute, self.attribute_weight, len(cos)) + self.bias)
+
+    def combine(self, cos: np.ndarray, itm_prob: np.ndarray, attribute: np.ndarray | None = None) -> np.ndarray:
+        """[P] scores (as in `two_tower`), ITM probabilities (and attribute log-likelihoods) -> [P] combined
+        match probabilities."""
         if self.combined is None:
             raise ValueError("this calibration was fit without a fusion head; it has no combined score")
         w_cos, w_itm, bias = self.combined
-        return sigmoid(w_cos * np.asarray(cos, np.float64) + w_itm * logit(itm_prob) + bias)
+        cos = np.asarray(cos, np.float64)
+        return sigmoid(w_cos * cos + w_itm * logit(itm_prob)
+                       + self.attribute_term(attribute, self.combined_attribute_weight, len(cos)) + bias)
 
-    def probabilities(self, cos: np.ndarray, itm_prob: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def probabilities(self, cos: np.ndarray, itm_prob: np.ndarray | None = None,
+                      attribute: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Score name -> [P] probabilities (fusion and combined only with ITM probabilities)."""
-        out = {"two_tower": self.two_tower(cos)}
+        out = {"two_tower": self.two_tower(cos, attribute)}
         if itm_prob is not None:
             out["fusion"] = np.asarray(itm_prob, np.float64)
             if self.combined is not None:
-                out["combined"] = self.combine(cos, itm_prob)
+                out["combined"] = self.combine(cos, itm_prob, attribute)
         return out
 
     def best_score(self) -> str:
@@ -153,40 +178,51 @@ class Calibration:
             raise ValueError(f"{path} is not a match calibration ({e})") from e
         if calibration.combined is not None:
             calibration.combined = tuple(calibration.combined)
+        calibration.attribute_labels = tuple(calibration.attribute_labels)
         return calibration
 
 
 def fit_calibration(cos: np.ndarray, labels: np.ndarray, *, loss_name: str, method: str = "auto",
                     logit_scale: float | None = None, logit_bias: float | None = None,
                     itm_prob: np.ndarray | None = None, rule: str = "max_f1", target_precision: float = 0.9,
-                    fit_split: str = "val", hubness_k: int = 0) -> Calibration:
+                    fit_split: str = "val", hubness_k: int = 0, attribute: np.ndarray | None = None,
+                    attribute_labels: tuple[str, ...] = ()) -> Calibration:
     """Fits the two-tower calibration (and the combined score and thresholds) on [P] pair scores and labels.
 
     cos: the cosines, or with hubness_k > 0 the hubness-corrected cosines (evaluate/hubness.py).
-    method: auto (native for loss_name 'sigmoid' without hubness_k, else platt) | native | platt.
-    native needs the model's logit_scale (exp'd, clamped) and logit_bias.
+    method: auto (native for loss_name 'sigmoid' without hubness_k or attribute_labels, else platt) |
+    native | platt. native needs the model's logit_scale (exp'd, clamped) and logit_bias.
+    attribute: [P] attribute log-likelihoods of `attribute_labels` (evaluate/attribute_check.py), a second
+    feature of the Platt fit (and a third of the combined one).
     """
+    attribute_labels = tuple(attribute_labels)
+    if attribute_labels and attribute is None:
+        raise ValueError(f"attribute_labels {list(attribute_labels)} need the pairs' attribute log-likelihoods")
     if method == "auto":
-        method = "native" if loss_name == "sigmoid" and not hubness_k else "platt"
-    if method == "native" and hubness_k:
+        method = "native" if loss_name == "sigmoid" and not hubness_k and not attribute_labels else "platt"
+    if method == "native" and (hubness_k or attribute_labels):
         raise ValueError("native calibration applies the model's scale to raw cosines; with match.hubness_k > 0 "
-                         "use match.calibration='platt' (or 'auto')")
+                         "or match.attribute_labels use match.calibration='platt' (or 'auto')")
+    extra = [np.asarray(attribute, np.float64)] if attribute_labels else []
     if method == "native":
         if logit_scale is None or logit_bias is None:
             raise ValueError("native calibration needs the model's logit_scale and logit_bias")
-        scale, bias = float(logit_scale), float(logit_bias)
+        scale, bias, attribute_weight = float(logit_scale), float(logit_bias), 0.0
     elif method == "platt":
-        weights, bias = fit_logistic(np.asarray(cos)[:, None], labels)
-        scale = float(weights[0])
+        weights, bias = fit_logistic(np.stack([np.asarray(cos, np.float64), *extra], axis=1), labels)
+        scale, attribute_weight = float(weights[0]), float(weights[1]) if extra else 0.0
     else:
         raise ValueError(f"calibration method {method!r} is not one of auto, native, platt")
     calibration = Calibration(method, scale, bias, {}, {}, rule, float(target_precision), fit_split,
-                              hubness_k=int(hubness_k))
+                              hubness_k=int(hubness_k), attribute_labels=attribute_labels,
+                              attribute_weight=attribute_weight)
     if itm_prob is not None:
-        weights, bias = fit_logistic(np.stack([np.asarray(cos, np.float64), logit(itm_prob)], axis=1), labels)
+        weights, bias = fit_logistic(np.stack([np.asarray(cos, np.float64), logit(itm_prob), *extra], axis=1),
+                                     labels)
         calibration.combined = (float(weights[0]), float(weights[1]), bias)
+        calibration.combined_attribute_weight = float(weights[2]) if extra else 0.0
     calibration.fit_scores = {}
-    for name, prob in calibration.probabilities(cos, itm_prob).items():
+    for name, prob in calibration.probabilities(cos, itm_prob, attribute).items():
         calibration.thresholds[name], calibration.reached[name] = choose_threshold(prob, labels, rule,
                                                                                    target_precision)
         calibration.fit_scores[name] = {kind: class_quantiles(prob[np.asarray(labels) == value])
@@ -200,84 +236,6 @@ def class_quantiles(prob: np.ndarray, num: int = FIT_QUANTILES) -> list[float]:
     if len(prob) > num:
         prob = np.quantile(prob, np.linspace(0.0, 1.0, num))
     return [float(p) for p in prob]
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def expected_calibration_error(prob: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
-    """Sum over equal-width probability bins of (bin share) * |mean label - mean probability|.
-
-    Bins are those of sklearn.calibration.calibration_curve(strategy='uniform').
-    """
-    prob, labels = np.asarray(prob, np.float64), np.asarray(labels, np.float64)
-    edges = np.linspace(0.0, 1.0, num_bins + 1)
-    bins = np.searchsorted(edges[1:-1], prob)
-    counts = np.bincount(bins, minlength=num_bins)
-    gap = np.abs(np.bincount(bins, labels, num_bins) - np.bincount(bins, prob, num_bins))
-    return float(gap.sum() / max(counts.sum(), 1))
-
-
-def classification_metrics(prob: np.ndarray, labels: np.ndarray, threshold: float,
-                           num_bins: int = 15) -> dict[str, float]:
-    """ROC-AUC, PR-AUC, and accuracy / precision / recall / F1 / Cohen's kappa at prob >= threshold, plus ECE."""
-    predicted = (np.asarray(prob) >= threshold).astype(np.int32)
-    both = len(np.unique(labels)) == 2
-    return {
-        "roc_auc": float(sk_metrics.roc_auc_score(labels, prob)) if both else float("nan"),
-        "pr_auc": float(sk_metrics.average_precision_score(labels, prob)) if both else float("nan"),
-        "accuracy": float(sk_metrics.accuracy_score(labels, predicted)),
-        "precision": float(sk_metrics.precision_score(labels, predicted, zero_division=0)),
-        "recall": float(sk_metrics.recall_score(labels, predicted, zero_division=0)),
-        "f1": float(sk_metrics.f1_score(labels, predicted, zero_division=0)),
-        "kappa": float(sk_metrics.cohen_kappa_score(labels, predicted)),
-        "ece": expected_calibration_error(prob, labels, num_bins),
-        "num_pairs": int(len(labels)),
-        "num_positive": int(np.sum(labels)),
-    }
-
-
-def metrics_by_kind(prob: np.ndarray, pair_set: pairs_lib.PairSet, threshold: float,
-                    num_bins: int = 15) -> dict[str, dict[str, float]]:
-    """Metrics on all pairs ("all") and on the positives against each negative kind alone,
-    and against each swapped attribute ("attribute_swap:<label>")."""
-    kinds = np.asarray(pair_set.kinds)
-    groups = {"all": np.ones(len(kinds), bool)}
-    for kind in dict.fromkeys(pair_set.kinds):
-        if kind != pairs_lib.POSITIVE:
-            groups[kind] = (kinds == kind) | (kinds == pairs_lib.POSITIVE)
-    attributes = np.asarray(pair_set.attributes)
-    for attribute in sorted(set(pair_set.attributes) - {""}):
-        groups[f"attribute_swap:{attribute}"] = (attributes == attribute) | (kinds == pairs_lib.POSITIVE)
-    return {name: classification_metrics(prob[mask], pair_set.labels[mask], threshold, num_bins)
-            for name, mask in groups.items()}
-
-
-def reliability_diagram(curves: dict[str, np.ndarray], labels: np.ndarray, path: str | pathlib.Path, *,
-                        num_bins: int = 15, title: str = "") -> None:
-    """A PNG: observed match rate against mean predicted probability per bin, one line per curve
-    (name -> [P] probabilities), with each curve's ECE in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.calibration import calibration_curve
-
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect")
-    for name, prob in curves.items():
-        observed, predicted = calibration_curve(labels, prob, n_bins=num_bins, strategy="uniform")
-        ece = expected_calibration_error(prob, labels, num_bins)
-        ax.plot(predicted, observed, marker="o", markersize=3, label=f"{name} (ECE {ece:.3f})")
-    ax.set_xlabel("predicted match probability")
-    ax.set_ylabel("observed match rate")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- scoring a pair set
@@ -328,13 +286,15 @@ def itm_probabilities(itm_fn: ItmFn, source, pair_set: pairs_lib.PairSet, tokeni
 @dataclasses.dataclass
 class ScoredPairs:
     """A split's pair set with its cosines [P], the scores calibrated ([P]: the cosines, or corrected for
-    hubness) and, with a fusion head, ITM probabilities [P]."""
+    hubness), with a fusion head ITM probabilities [P], and with match.attribute_labels the attribute
+    log-likelihoods [P] (evaluate/attribute_check.py)."""
 
     split: str
     pair_set: pairs_lib.PairSet
     cos: np.ndarray
     itm_prob: np.ndarray | None = None
     score: np.ndarray | None = None
+    attribute: np.ndarray | None = None
 
     def __post_init__(self):
         if self.score is None:
@@ -351,7 +311,13 @@ def score_split(graphdef, params, source, tokenizer, config, split: str, *, itm_
     encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
     cos, score = pair_cosines(image_emb, title_emb, pair_set, encode, config.match.hubness_k)
     itm = itm_probabilities(itm_fn, source, pair_set, tokenizer, config) if itm_fn is not None else None
-    return ScoredPairs(split, pair_set, cos, itm, score)
+    attribute = None
+    if config.match.attribute_labels:
+        logit_scale, _ = model_logit_scale_bias(params, config.model.logit_scale_max)
+        classes = attribute_check.attribute_classes(tuple(config.match.attribute_labels),
+                                                    getattr(source, "label_names", {}), config, encode, logit_scale)
+        attribute = attribute_check.log_likelihood(image_emb[pair_set.image_index], pair_set.titles, classes)
+    return ScoredPairs(split, pair_set, cos, itm, score, attribute)
 
 
 def benchmark_labels(config, source) -> tuple[str, tuple[str, ...]]:
@@ -378,7 +344,8 @@ def calibrate(scored: ScoredPairs, params, config) -> Calibration:
     return fit_calibration(scored.score, scored.pair_set.labels, loss_name=config.loss.name, method=m.calibration,
                            logit_scale=scale, logit_bias=bias,
                            itm_prob=scored.itm_prob, rule=m.threshold_rule, target_precision=m.target_precision,
-                           fit_split=scored.split, hubness_k=m.hubness_k)
+                           fit_split=scored.split, hubness_k=m.hubness_k, attribute=scored.attribute,
+                           attribute_labels=tuple(m.attribute_labels))
 
 
 def evaluate(scored: ScoredPairs, calibration: Calibration, *, num_bins: int = 15,
@@ -386,18 +353,19 @@ def evaluate(scored: ScoredPairs, calibration: Calibration, *, num_bins: int = 1
     """Per score name and negative kind, the metrics at the calibration's threshold; the raw cosine's ECE
     beside the calibrated one; the pair counts. With plot_path, the reliability diagram PNG."""
     labels = scored.pair_set.labels
-    probabilities = calibration.probabilities(scored.score, scored.itm_prob)
+    probabilities = calibration.probabilities(scored.score, scored.itm_prob, scored.attribute)
     results = {"split": scored.split, "calibration": dataclasses.asdict(calibration),
                "missing_negatives": scored.pair_set.missing, "edited_titles": int(scored.pair_set.edited.sum()),
-               "ece_raw_cosine": expected_calibration_error(raw_cosine_probability(scored.cos), labels, num_bins)}
+               "ece_raw_cosine": match_metrics.expected_calibration_error(raw_cosine_probability(scored.cos), labels,
+                                                                          num_bins)}
     for name, prob in probabilities.items():
-        results[name] = metrics_by_kind(prob, scored.pair_set, calibration.thresholds[name], num_bins)
+        results[name] = match_metrics.metrics_by_kind(prob, scored.pair_set, calibration.thresholds[name], num_bins)
     if plot_path is not None:
         curves = {"raw cosine": raw_cosine_probability(scored.cos)}
         curves.update({f"{name} (calibrated)" if name == "two_tower" else name: prob
                        for name, prob in probabilities.items()})
-        reliability_diagram(curves, labels, plot_path, num_bins=num_bins,
-                            title=f"{scored.split}: calibration fit on {calibration.fit_split}")
+        match_metrics.reliability_diagram(curves, labels, plot_path, num_bins=num_bins,
+                                          title=f"{scored.split}: calibration fit on {calibration.fit_split}")
     return results
 
 

@@ -76,14 +76,15 @@ class Negative:
     edited: bool = False
 
 
-def _word_pattern(value: str) -> re.Pattern:
+def word_pattern(value: str) -> re.Pattern:
+    """`value` as whole words, case-insensitive (a word inside a longer word or an apostrophe form does not match)."""
     return re.compile(r"(?<![\w'])" + re.escape(value) + r"(?![\w'])", re.IGNORECASE)
 
 
 def edit_attribute(title: str, value: str, replacement: str) -> str | None:
     """`title` with the word(s) `value` replaced by `replacement` (case-insensitive, whole words,
     capitalised like the original); None when `value` does not occur in it."""
-    pattern = _word_pattern(value)
+    pattern = word_pattern(value)
     if not value.strip() or not pattern.search(title):
         return None
 

@@ -31,13 +31,6 @@ def retrieval_keys(source) -> tuple[np.ndarray, str]:
     return retrieval.keys_from_strings(pipeline.source_titles(source)), "title"
 
 
-def label_templates(label: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """Prompt templates for one label: its eval.label_templates entries ("label:template"), else
-    eval.prompt_templates."""
-    own = [entry.partition(":")[2] for entry in config.eval.label_templates if entry.partition(":")[0] == label]
-    return tuple(own) if own else tuple(config.eval.prompt_templates)
-
-
 def zeroshot_classes(label: str, source, config: ml_collections.ConfigDict,
                      label_stats: dict | None) -> tuple[list[str], list[str], np.ndarray]:
     """(raw class names, prompt names, [N] labels re-indexed to them; -1 = not evaluated) for one label.
@@ -86,7 +79,7 @@ def zeroshot_split(image_emb: np.ndarray, source, encode, config: ml_collections
             log.warning("zero-shot %s skipped on %s: no row has a %s value the run knows", label, split or "split",
                         label)
             continue
-        class_emb = zeroshot.class_embeddings(encode, names, label_templates(label, config))
+        class_emb = zeroshot.class_embeddings(encode, names, zeroshot.label_templates(label, config))
         scores = image_emb @ class_emb.T
         for name, value in zeroshot.classify_scores(scores, labels).items():
             if name.startswith("class/"):

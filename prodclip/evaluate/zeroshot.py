@@ -52,6 +52,13 @@ def prompt_names(raw_names: Sequence[str], renames: dict[str, str], label: str) 
     return [renames.get(name, name) for name in raw_names]
 
 
+def label_templates(label: str, config) -> tuple[str, ...]:
+    """Prompt templates for one label: its eval.label_templates entries ("label:template"), else
+    eval.prompt_templates."""
+    own = [entry.partition(":")[2] for entry in config.eval.label_templates if entry.partition(":")[0] == label]
+    return tuple(own) if own else tuple(config.eval.prompt_templates)
+
+
 def class_embeddings(encode_titles: Callable[[Sequence[str]], np.ndarray], class_names: Sequence[str],
                      templates: Sequence[str]) -> np.ndarray:
     """encode_titles: N strings -> [N, D] L2-normalised. Returns [C, D] float32, L2-normalised.
