@@ -33,7 +33,8 @@ do for text queries): t→i R@1 0.487 / R@10 0.893, and zero-shot articleType 0.
 prompts lowered the same way (zeroshot/<label>/bank/ in eval.json). configs/myntra_pretrained_unlock.py trains
 MiniLM's last block instead of the layer means: 2.6x the time, no better.
 
-Match verdicts and audits score hubness-corrected cosines (match.hubness_k = 3, below). For a run
+Match verdicts and audits score hubness-corrected cosines (match.hubness_k = 3, below) and the colour and
+gender words of each title against its photo (match.attribute_labels, below). For a run
 meant only for verdicts, `--config.loss.hard_negatives=4 --config.loss.hard_negative_weight=4`
 trains against attribute-swapped titles (another colour or gender of the same type) too: raw
 attribute_swap ROC-AUC 0.924 -> 0.935 (0.950 corrected) at 1.8 points of t→i R@1, measured before
@@ -103,6 +104,10 @@ def get_config():
     # ROC-AUC 0.924 -> 0.945 and audit precision@k 0.52 -> 0.61 on val before the layer means; 0.954 and 0.62
     # with them (docs/pretrained.md).
     c.match.hubness_k = 3
+    # Verdicts and audits also read the colour and gender words a title names against the photo's zero-shot
+    # posterior, weighed by the Platt fit (evaluate/attribute_check.py): audit precision@k for swapped colours
+    # or genders 0.701 -> 0.731 over 10 injection draws on Myntra val (docs/pretrained.md).
+    c.match.attribute_labels = ("baseColour", "gender")
     # Each photo embedded at inference (eval, embed, search, match, audit) as the mean of itself and its
     # mirror image: t→i R@10 +1.1 points, zero-shot +0.7 on Myntra val (3 seeds, docs/pretrained.md), at
     # twice the tower's inference cost. Training reads the cache and is unchanged.
