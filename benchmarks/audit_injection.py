@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     parser.add_argument("--attribute-swap", type=float, default=0.05, help="share of listings (default 0.05)")
     parser.add_argument("--random", type=float, default=0.05, help="share of listings (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="the injection draw (default 0)")
+    parser.add_argument("--calibration", default=None,
+                        help="a match_calibration.json to audit with (default: the run's, else one fit on "
+                             "match.fit_split by the first draw), e.g. for a catalog file without that split")
     parser.add_argument("--seeds", default=None,
                         help="comma-separated injection draws, e.g. 0,1,2: mean and sd over them (overrides --seed)")
     args, overrides = parser.parse_known_args(argv)
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     fractions = {"attribute_swap": args.attribute_swap, "random": args.random}
-    per_seed, calibration = [], []
+    per_seed = []
+    calibration = ["--calibration", args.calibration] if args.calibration else []
     for seed in seeds:
         seed_out = out / f"seed{seed}" if len(seeds) > 1 else out
         seed_out.mkdir(parents=True, exist_ok=True)
