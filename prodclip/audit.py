@@ -30,7 +30,9 @@ read shard by shard, and the look-ups run as chunked top-k over the stores.
 
 Written into REPORT:
   audit.csv    one row per listing, likeliest mismatch first: rank, row, id, title, cosine,
-               match_probability, flagged, looks_like (a JSON list of titles), looks_like_ids and
+               match_probability, attribute_evidence (with match.attribute_labels: per label the
+               title names a value of, that value, the photo's likeliest and their probabilities,
+               as JSON; shown in the HTML too), flagged, looks_like (a JSON list of titles), looks_like_ids and
                title_matches_ids (space-separated ids; flagged listings only);
                unscorable listings (unreadable image, empty title, ...) follow with status
                "unscorable" and the reason: none is dropped.
@@ -60,8 +62,8 @@ from prodclip.evaluate import store as store_lib
 log = logging.getLogger("prodclip")
 
 AUDIT_SPLIT = "audit"
-CSV_FIELDS = ("rank", "row", "id", "title", "cosine", "match_probability", "flagged", "looks_like",
-              "looks_like_ids", "title_matches_ids", "status", "reason")
+CSV_FIELDS = ("rank", "row", "id", "title", "cosine", "match_probability", "attribute_evidence", "flagged",
+              "looks_like", "looks_like_ids", "title_matches_ids", "status", "reason")
 
 
 def catalog_config(config: ml_collections.ConfigDict, catalog: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -97,9 +99,9 @@ def store_density(queries: store_lib.Store, reference: store_lib.Store, k: int, 
 
 def listing_attributes(graphdef, params, tokenizer, config: ml_collections.ConfigDict, labels: tuple[str, ...],
                        image_store: store_lib.Store, title_store: store_lib.Store,
-                       workdir: str | pathlib.Path) -> np.ndarray:
-    """[N] float64 attribute log-likelihood (evaluate/attribute_check.py) of each listing's photo and own
-    title, over the run's label vocabulary (labels.json), read one shard at a time."""
+                       workdir: str | pathlib.Path) -> tuple[np.ndarray, list[dict]]:
+    """([N] float64 attribute log-likelihood, N evidence dicts) of each listing's photo and own title
+    (attribute_check.check), over the run's label vocabulary (labels.json), read one shard at a time."""
     from prodclip.data import sources
     from prodclip.models import inference
 
@@ -108,12 +110,13 @@ def listing_attributes(graphdef, params, tokenizer, config: ml_collections.Confi
     logit_scale, _ = matching.model_logit_scale_bias(params, config.model.logit_scale_max)
     classes = attribute_check.attribute_classes(labels, {k: v["names"] for k, v in vocabulary.items()}, config,
                                                 encode, logit_scale)
-    out, start = [], 0
+    out, evidence, start = [], [], 0
     for shard in image_store.shards:
-        out.append(attribute_check.log_likelihood(np.asarray(shard), title_store.titles[start:start + len(shard)],
-                                                  classes))
+        scores, found = attribute_check.check(np.asarray(shard), title_store.titles[start:start + len(shard)], classes)
+        out.append(scores)
+        evidence.extend(found)
         start += len(shard)
-    return np.concatenate(out) if out else np.zeros(0)
+    return (np.concatenate(out) if out else np.zeros(0)), evidence
 
 
 def nearest_others(queries: np.ndarray, store: store_lib.Store, own_rows: np.ndarray, k: int, chunk_size: int,
@@ -198,9 +201,9 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     if calibration.hubness_k:
         pair_score = hubness.corrected(cos, store_density(image_store, title_store, calibration.hubness_k, chunk),
                                        store_density(title_store, image_store, calibration.hubness_k, chunk))
-    attribute = None
+    attribute, evidence = None, None
     if calibration.attribute_labels:
-        attribute = listing_attributes(graphdef, params, tokenizer, config, calibration.attribute_labels,
+        attribute, evidence = listing_attributes(graphdef, params, tokenizer, config, calibration.attribute_labels,
                                        image_store, title_store, workdir)
     score = calibration.best_score()
     prob = calibration.probabilities(pair_score, itm, attribute)[score]
@@ -234,7 +237,7 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     bar.close()
     neighbours = {int(r): (looks_like[i], title_matches[i]) for i, r in enumerate(flagged)}
 
-    _write_csv(out / "audit.csv", order, cos, prob, neighbours, title_store, unscorable)
+    _write_csv(out / "audit.csv", order, cos, prob, neighbours, title_store, unscorable, evidence)
     summary = {
         "catalog": str(catalog), "num_listings": int(len(cos) + len(unscorable)), "num_scored": int(len(cos)),
         "num_unscorable": len(unscorable), "num_flagged": int(len(flagged)), "score": score,
@@ -247,7 +250,7 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     shown = flagged[:config.match.report_rows]
     thumbs = [int(r) for r in shown] + [int(i) for r in shown for i in neighbours[int(r)][1] if i >= 0]
     images = dict(zip(thumbs, search.store_images(image_store, thumbs))) if thumbs else {}
-    _write_html(out / "audit.html", summary, shown, cos, prob, neighbours, title_store, images, unscorable)
+    _write_html(out / "audit.html", summary, shown, cos, prob, neighbours, title_store, images, unscorable, evidence)
     (out / "audit.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -261,8 +264,14 @@ def expected_flags_line(summary: dict) -> str:
             f"mismatched (match.audit_error_rate; target precision {summary['target_precision']:.2f}).")
 
 
+def evidence_line(evidence: dict) -> str:
+    """'baseColour: title says Blue (p 0.03), photo looks Red (0.71); ...' from attribute_check.check's evidence."""
+    return "; ".join(f"{label}: title says {e['named']} (p {e['p_named']:.2f}), photo looks {e['photo']} "
+                     f"({e['p_photo']:.2f})" for label, e in evidence.items())
+
+
 def _write_csv(path: pathlib.Path, order: np.ndarray, cos: np.ndarray, prob: np.ndarray, neighbours: dict,
-               titles: store_lib.Store, unscorable: list[dict]) -> None:
+               titles: store_lib.Store, unscorable: list[dict], evidence: list[dict] | None) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
@@ -272,6 +281,7 @@ def _write_csv(path: pathlib.Path, order: np.ndarray, cos: np.ndarray, prob: np.
             writer.writerow({
                 "rank": rank, "row": row, "id": titles.ids[row], "title": titles.titles[row],
                 "cosine": f"{cos[row]:.6f}", "match_probability": f"{prob[row]:.6f}",
+                "attribute_evidence": json.dumps(evidence[row], ensure_ascii=False) if evidence else "",
                 "flagged": int(row in neighbours),
                 "looks_like": json.dumps([titles.titles[i] for i in looks if i >= 0], ensure_ascii=False),
                 "looks_like_ids": " ".join(str(titles.ids[i]) for i in looks if i >= 0),
@@ -291,7 +301,8 @@ def _thumbnail(image: np.ndarray | None, width: int) -> str:
 
 
 def _write_html(path: pathlib.Path, summary: dict, shown: np.ndarray, cos: np.ndarray, prob: np.ndarray,
-                neighbours: dict, titles: store_lib.Store, images: dict, unscorable: list[dict]) -> None:
+                neighbours: dict, titles: store_lib.Store, images: dict, unscorable: list[dict],
+                evidence: list[dict] | None) -> None:
     esc = lambda text: html.escape(str(text))  # noqa: E731
     rows = []
     for rank, row in enumerate(shown, start=1):
@@ -302,7 +313,9 @@ def _write_html(path: pathlib.Path, summary: dict, shown: np.ndarray, cos: np.nd
                           "</figcaption></figure>" for i in matches if i >= 0)
         rows.append(f"<tr><td>{rank}</td><td>{_thumbnail(images.get(row), 96)}</td>"
                     f"<td><b>{esc(titles.titles[row])}</b><br><small>id {esc(titles.ids[row])} &middot; "
-                    f"p(match) {prob[row]:.3f} &middot; cos {cos[row]:.3f}</small></td>"
+                    f"p(match) {prob[row]:.3f} &middot; cos {cos[row]:.3f}"
+                    + (f"<br>{esc(evidence_line(evidence[row]))}" if evidence and evidence[row] else "")
+                    + "</small></td>"
                     f"<td>looks like:<ol>{looks_like}</ol></td><td><div class='grid'>{matched}</div></td></tr>")
     bad = "".join(f"<tr><td>{esc(b['row'])}</td><td>{esc(b['id'])}</td><td>{esc(b['reason'])}</td>"
                   f"<td>{esc(b['detail'])}</td></tr>" for b in unscorable)

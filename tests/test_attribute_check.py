@@ -44,6 +44,15 @@ def test_log_likelihood_is_the_log_posterior_of_the_named_value():
                 0.0,  # names no value of either label
                 log_p(colour_emb, 4)[1] + log_p(gender_emb, 4)[0]]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+    scores, evidence = attribute_check.check(images, titles, classes)
+    np.testing.assert_allclose(scores, got, rtol=0, atol=0)
+    bag = evidence[2]["colour"]  # "Black and Red Bag": the named value that fits best, and the photo's own best
+    best = int(np.argmax(log_p(colour_emb, 2)))
+    assert bag["named"] == ("black" if log_p(colour_emb, 2)[3] > log_p(colour_emb, 2)[0] else "red")
+    assert bag["p_named"] == pytest.approx(np.exp(expected[2]), abs=1e-4)
+    assert bag["photo"] == classes.names["colour"][best]
+    assert bag["p_photo"] == pytest.approx(np.exp(log_p(colour_emb, 2)[best]), abs=1e-4)
+    assert "gender" not in evidence[2] and evidence[3] == {} and set(evidence[0]) == {"colour", "gender"}
 
 
 def test_calibration_weighs_the_attribute_words(tmp_path):

@@ -358,6 +358,13 @@ def test_audit_reads_the_attribute_words_its_calibration_was_fit_with(trained_ru
     got = np.asarray([float(r["match_probability"]) for r in report])
     np.testing.assert_allclose(got, calibration.two_tower(np.sum(images * titles, axis=1)[order], attribute[order]),
                                rtol=0, atol=1e-5)
+    for r in report:  # the evidence column: the title's best-fitting named colour and its probability
+        shown = json.loads(r["attribute_evidence"])
+        if attribute[int(r["row"])] < 0:
+            assert shown["colour"]["named"] in words[int(r["row"])]
+            assert shown["colour"]["p_named"] == pytest.approx(np.exp(attribute[int(r["row"])]), abs=2e-4)
+        else:
+            assert shown == {}
     plain = matching.Calibration.load(tmp_path / "match" / matching.CALIBRATION_FILE)
     plain.attribute_labels = ()  # the same fit without the attribute term scores differently: the term is in effect
     assert np.abs(plain.two_tower(np.sum(images * titles, axis=1)[order]) - got).max() > 1e-3

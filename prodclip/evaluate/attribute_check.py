@@ -87,16 +87,37 @@ def named_values(title: str, patterns: Sequence[tuple[int, re.Pattern]]) -> list
     return found
 
 
+def log_posteriors(image_emb: np.ndarray, classes: AttributeClasses, label: str) -> np.ndarray:
+    """[P, C] float64 log p(value | photo) over one label's values: the zero-shot softmax at the logit scale."""
+    logits = classes.logit_scale * (np.asarray(image_emb, np.float64) @ classes.embeddings[label].astype(np.float64).T)
+    return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+
+
 def log_likelihood(image_emb: np.ndarray, titles: Sequence[str], classes: AttributeClasses) -> np.ndarray:
     """[P] float64 attribute log-likelihood (module docstring) of P pairs: photo embeddings [P, D]
     (L2-normalised) and their titles."""
-    image_emb = np.asarray(image_emb, np.float64)
+    return check(image_emb, titles, classes)[0]
+
+
+def check(image_emb: np.ndarray, titles: Sequence[str], classes: AttributeClasses) -> tuple[np.ndarray, list[dict]]:
+    """([P] attribute log-likelihood, P evidence dicts) of P pairs (photo embeddings [P, D], titles).
+
+    A pair's evidence has, per label its title names a value of, {"named": the best named value,
+    "p_named": its probability, "photo": the photo's likeliest value, "p_photo": its probability}:
+    what an audit shows beside a flagged listing ("title says Blue, photo looks Red").
+    """
     out = np.zeros(len(titles), np.float64)
+    evidence: list[dict] = [{} for _ in titles]
     for label in classes.labels:
-        logits = classes.logit_scale * (image_emb @ classes.embeddings[label].astype(np.float64).T)
-        log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+        log_p = log_posteriors(image_emb, classes, label)
+        likeliest = np.argmax(log_p, axis=1)
+        names = classes.names[label]
         for p, title in enumerate(titles):
             found = named_values(str(title), classes.patterns[label])
             if found:
-                out[p] += log_p[p, found].max()
-    return out
+                best = found[int(np.argmax(log_p[p, found]))]
+                out[p] += log_p[p, best]
+                evidence[p][label] = {"named": names[best], "p_named": round(float(np.exp(log_p[p, best])), 4),
+                                      "photo": names[likeliest[p]],
+                                      "p_photo": round(float(np.exp(log_p[p, likeliest[p]])), 4)}
+    return out, evidence
