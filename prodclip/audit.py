@@ -107,9 +107,8 @@ def listing_attributes(graphdef, params, tokenizer, config: ml_collections.Confi
 
     vocabulary = sources.load_label_vocabulary(pathlib.Path(workdir)) or {}
     encode = inference.title_encoder(graphdef, params, tokenizer, config.eval.batch_size)
-    logit_scale, _ = matching.model_logit_scale_bias(params, config.model.logit_scale_max)
-    classes = attribute_check.attribute_classes(labels, {k: v["names"] for k, v in vocabulary.items()}, config,
-                                                encode, logit_scale)
+    classes = matching.attribute_classes(params, config, encode, labels,
+                                         {k: v["names"] for k, v in vocabulary.items()})
     out, evidence, start = [], [], 0
     for shard in image_store.shards:
         scores, found = attribute_check.check(np.asarray(shard), title_store.titles[start:start + len(shard)], classes)
@@ -204,7 +203,7 @@ def audit_catalog(graphdef, params, tokenizer, config: ml_collections.ConfigDict
     attribute, evidence = None, None
     if calibration.attribute_labels:
         attribute, evidence = listing_attributes(graphdef, params, tokenizer, config, calibration.attribute_labels,
-                                       image_store, title_store, workdir)
+                                                 image_store, title_store, workdir)
     score = calibration.best_score()
     prob = calibration.probabilities(pair_score, itm, attribute)[score]
     m = config.match

@@ -284,15 +284,13 @@ def _validate_match(config: ml_collections.ConfigDict) -> None:
                           f"match.audit_target_precision in (0, 1] (got {m.audit_target_precision})")
     if m.hubness_k < 0:
         raise ConfigError(f"match.hubness_k must be >= 0 (0 = raw cosines), got {m.hubness_k}")
-    if m.hubness_k and m.calibration == "native":
+    if m.calibration == "native" and (m.hubness_k or m.attribute_labels):
         raise ConfigError("match.calibration='native' applies the model's logit scale to raw cosines; with "
-                          f"match.hubness_k={m.hubness_k} use 'platt' or 'auto'")
+                          f"match.hubness_k={m.hubness_k} or match.attribute_labels={tuple(m.attribute_labels)} "
+                          "use 'platt' or 'auto'")
     unknown = [label for label in m.attribute_labels if label not in config.data.label_columns]
     if unknown:
         raise ConfigError(f"match.attribute_labels {unknown} are not data.label_columns "
                           f"{tuple(config.data.label_columns)}; name label columns (e.g. colour, gender) or ()")
-    if m.attribute_labels and m.calibration == "native":
-        raise ConfigError("match.calibration='native' reads the cosine alone; with match.attribute_labels use "
-                          "'platt' or 'auto'")
     if m.ece_bins < 2 or m.looks_like_k < 1 or m.report_rows < 0:
         raise ConfigError("match.ece_bins must be >= 2, match.looks_like_k >= 1 and match.report_rows >= 0")

@@ -40,7 +40,7 @@ class AttributeClasses:
     names: dict[str, list[str]]
     embeddings: dict[str, np.ndarray]
     logit_scale: float
-    patterns: dict[str, list[tuple[int, re.Pattern]]] = dataclasses.field(default_factory=dict)
+    patterns: dict[str, list[tuple[int, re.Pattern]]] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         self.patterns = {label: value_patterns(self.names[label]) for label in self.labels}

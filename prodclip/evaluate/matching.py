@@ -313,9 +313,8 @@ def score_split(graphdef, params, source, tokenizer, config, split: str, *, itm_
     itm = itm_probabilities(itm_fn, source, pair_set, tokenizer, config) if itm_fn is not None else None
     attribute = None
     if config.match.attribute_labels:
-        logit_scale, _ = model_logit_scale_bias(params, config.model.logit_scale_max)
-        classes = attribute_check.attribute_classes(tuple(config.match.attribute_labels),
-                                                    getattr(source, "label_names", {}), config, encode, logit_scale)
+        classes = attribute_classes(params, config, encode, tuple(config.match.attribute_labels),
+                                    getattr(source, "label_names", {}))
         attribute = attribute_check.log_likelihood(image_emb[pair_set.image_index], pair_set.titles, classes)
     return ScoredPairs(split, pair_set, cos, itm, score, attribute)
 
@@ -335,6 +334,14 @@ def model_logit_scale_bias(params, logit_scale_max: float) -> tuple[float, float
     """The model's (logit_scale, logit_bias) as the sigmoid loss uses them (scale exp'd, clamped)."""
     scale = float(np.exp(np.asarray(params["log_logit_scale"], np.float64)))
     return min(scale, float(logit_scale_max)), float(np.asarray(params["logit_bias"]))
+
+
+def attribute_classes(params, config, encode, labels: tuple[str, ...],
+                      label_names: dict) -> attribute_check.AttributeClasses:
+    """The classes `labels` are checked against (attribute_check.attribute_classes) at the model's logit scale;
+    encode: N strings -> [N, D] text embeddings; label_names: label -> the run's values."""
+    logit_scale, _ = model_logit_scale_bias(params, config.model.logit_scale_max)
+    return attribute_check.attribute_classes(labels, label_names, config, encode, logit_scale)
 
 
 def calibrate(scored: ScoredPairs, params, config) -> Calibration:
