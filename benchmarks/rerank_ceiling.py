@@ -235,25 +235,23 @@ def locked_features(run, workdir: pathlib.Path) -> dict[str, np.ndarray]:
     config, params, graphdef, train, val = run.config, run.params, run.graphdef, run.sources["train"], run.sources["val"]
     if not (config.optim.lock_image and config.optim.lock_text and config.train.image_cache_views):
         raise SystemExit(f"{workdir}: both towers must be locked with an image cache (configs/myntra_pretrained.py)")
-    key = image_cache.cache_key(params["image_tower"], config, image_cache.catalog_digest(train))
-    path = image_cache.cache_root(config, workdir) / key / "features.npy"
+    path = image_cache.train_features_path(config, workdir, params, train)
     if not path.is_file():
         raise SystemExit(f"{path}: no image cache for this run; train it with its cache or pass its image_cache_dir")
     views = np.load(path, mmap_mode="r")
     views = np.asarray(views[:config.train.image_cache_views * len(train)], np.float32).reshape(
         config.train.image_cache_views, len(train), -1)
-    text_key = text_cache.cache_key(params["text_tower"], run.tokenizer, config)
-    cache = text_cache.load(text_cache.cache_root(config, workdir) / text_key)
-    text = np.asarray(cache.lookup(run.tokenizer(pipeline.source_titles(train))), np.float32)
+    text = text_cache.cached_title_features(config, workdir, params, run.tokenizer, pipeline.source_titles(train))
+    if text is None:
+        raise SystemExit(f"{workdir}: the text cache lacks the train titles for these weights")
     image_emb, text_emb = inference.embed_source(graphdef, params, val, run.tokenizer, config)
     image_features, text_features = inference.feature_encoders(graphdef)[:2]
-    val_image, val_text = [], []
-    for batch in pipeline.eval_batches(val, run.tokenizer, config, config.eval.batch_size):
-        n = len(batch["ids"])
-        val_image.append(np.asarray(image_features(params, inference.pad_to_batch(batch["images"], config.eval.batch_size)))[:n])
-        val_text.append(np.asarray(text_features(params, inference.pad_to_batch(batch["token_ids"], config.eval.batch_size)))[:n])
-    return {"image_views": views, "text": text, "val_image": np.concatenate(val_image).astype(np.float32),
-            "val_text": np.concatenate(val_text).astype(np.float32), "image_emb": image_emb, "text_emb": text_emb}
+    val_image = image_cache.compute_features(val, run.tokenizer, config, lambda x: image_features(params, x))
+    val_ids = run.tokenizer(pipeline.source_titles(val))
+    val_text = np.concatenate([b[0] for b in inference.batched(lambda t: text_features(params, t), (val_ids,),
+                                                                config.eval.batch_size)])
+    return {"image_views": views, "text": np.asarray(text, np.float32), "val_image": val_image,
+            "val_text": val_text.astype(np.float32), "image_emb": image_emb, "text_emb": text_emb}
 
 
 def measure(workdir: pathlib.Path, *, k: int, labels: tuple[str, ...], epochs: int, fold_steps: int) -> dict:

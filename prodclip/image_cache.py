@@ -262,6 +262,14 @@ def cache_root(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -
     return pathlib.Path(config.train.image_cache_dir) if config.train.image_cache_dir else pathlib.Path(workdir) / "image_cache"
 
 
+def train_features_path(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, params: Any,
+                        train_source) -> pathlib.Path:
+    """Where the run's cache of `train_source`'s features for these weights and preprocessing lives
+    (features.npy, [views * N, F]); it may not exist."""
+    key = cache_key(params["image_tower"], config, catalog_digest(train_source))
+    return cache_root(config, workdir) / key / "features.npy"
+
+
 def cached_train_embeddings(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, graphdef, params: Any,
                             train_source) -> np.ndarray | None:
     """[N, D] float32 image embeddings of the train photos as they are (view 0 of the cache, through the
@@ -270,8 +278,7 @@ def cached_train_embeddings(config: ml_collections.ConfigDict, workdir: str | pa
     locked tower over the train photos."""
     if train_source is None or not config_lib.image_cache_on(config):
         return None
-    key = cache_key(params["image_tower"], config, catalog_digest(train_source))
-    path = cache_root(config, workdir) / key / "features.npy"
+    path = train_features_path(config, workdir, params, train_source)
     if not path.is_file():
         return None
     features = np.load(path, mmap_mode="r")

@@ -238,11 +238,10 @@ def for_run(config: ml_collections.ConfigDict, workdir: pathlib.Path, graphdef, 
                          pad_id=tokenizer.pad_id, names=names)
 
 
-def cached_title_embeddings(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, graphdef, params: Any,
-                            tokenizer, titles: Sequence[str]) -> np.ndarray | None:
-    """[N, D] float32 embeddings of `titles` through the text head from the run's text cache, when it holds
-    the locked tower's features of every one of them for these weights; else None. Reads only: evaluation
-    uses it instead of running the locked tower over the train titles (the querybank)."""
+def cached_title_features(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, params: Any,
+                          tokenizer, titles: Sequence[str]) -> np.ndarray | None:
+    """[N, F_t] float32 locked text-tower features of `titles` from the run's text cache, when it holds every one
+    of them for these weights; else None. Reads only."""
     if not config_lib.text_cache_on(config) or config_lib.first_unlocked_text_block(config) is not None:
         return None
     key = cache_key(params["text_tower"], tokenizer, config)
@@ -256,7 +255,18 @@ def cached_title_embeddings(config: ml_collections.ConfigDict, workdir: str | pa
         features = cache.lookup(tokenizer(list(titles)))
     except TextCacheMiss:
         return None
-    log.info("querybank: %d train titles' features read from %s", len(titles), root / key)
+    log.info("%d titles' features read from %s", len(titles), root / key)
+    return features
+
+
+def cached_title_embeddings(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, graphdef, params: Any,
+                            tokenizer, titles: Sequence[str]) -> np.ndarray | None:
+    """[N, D] float32 embeddings of `titles` through the text head from the run's text cache
+    (`cached_title_features`), or None. Evaluation uses it instead of running the locked tower over the
+    train titles (the querybank)."""
+    features = cached_title_features(config, workdir, params, tokenizer, titles)
+    if features is None:
+        return None
     return inference.embed_cached_features(graphdef, params, features, config.eval.batch_size, text=True)
 
 
